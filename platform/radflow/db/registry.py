@@ -1,0 +1,57 @@
+"""Trained models: versions in the registry and the runs that produced them."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Enum, ForeignKey, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from radflow.db.base import Base, utcnow
+
+
+class ModelStatus(enum.StrEnum):
+    CHAMPION = "champion"
+    CHALLENGER = "challenger"
+    RETIRED = "retired"
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_run"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    label_ids: Mapped[list[str]] = mapped_column(default=list)
+    history: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(String(1024))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("task", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int]
+    status: Mapped[ModelStatus] = mapped_column(
+        Enum(ModelStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=ModelStatus.CHALLENGER,
+    )
+    weights_key: Mapped[str] = mapped_column(String(255))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    threshold: Mapped[float] = mapped_column(default=0.5)
+    training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_run.id"))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))
+    code_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}:v{self.version}"

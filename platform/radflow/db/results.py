@@ -1,0 +1,51 @@
+"""What the platform concluded and what radiologists said: predictions and labels."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from radflow.db.base import Base, utcnow
+from radflow.db.imaging import Study
+from radflow.db.registry import ModelVersion
+
+
+class Prediction(Base):
+    """One model version's output for one study; re-scoring adds a row, history is kept."""
+
+    __tablename__ = "prediction"
+    __table_args__ = (UniqueConstraint("study_id", "model_version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"), index=True)
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    score: Mapped[float] = mapped_column(index=True)
+    scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    derived_keys: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    latency_ms: Mapped[float]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship()
+    model_version: Mapped[ModelVersion] = relationship()
+
+
+class Label(Base):
+    """Ground truth for a study and task, from an import, a review or a report."""
+
+    __tablename__ = "label"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    value: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))
+    author: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str | None] = mapped_column(String(16))
+    comment: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    study: Mapped[Study] = relationship()

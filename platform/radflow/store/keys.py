@@ -1,0 +1,43 @@
+"""Where things live in the object store. Every key is built here and nowhere else.
+
+originals/<study UID>/<series UID>/<SOP instance UID>.dcm   the received DICOM, untouched
+derived/<study UID>/<task>/v<version>/<name>                 heat maps, masks, reports
+models/<task>/v<version>/<name>                              weights and bundles
+"""
+
+from __future__ import annotations
+
+import re
+
+# DICOM UIDs are digits and dots (PS3.5 9.1); checking here keeps a hostile UID such as
+# "../../etc" from ever becoming a path or key.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_uid(uid: str, what: str = "UID") -> str:
+    if len(uid) > 64 or not _UID.match(uid):
+        raise ValueError(f"{what} {uid[:80]!r} is not a valid DICOM UID (digits and dots, <= 64 chars)")
+    return uid
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"object name {name!r} must be letters, digits, '.', '_' or '-'")
+    return name
+
+
+def original(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+    return "originals/{}/{}/{}.dcm".format(
+        check_uid(study_uid, "StudyInstanceUID"),
+        check_uid(series_uid, "SeriesInstanceUID"),
+        check_uid(sop_instance_uid, "SOPInstanceUID"),
+    )
+
+
+def derived(study_uid: str, task: str, version: int, name: str) -> str:
+    return f"derived/{check_uid(study_uid)}/{_check_name(task)}/v{version}/{_check_name(name)}"
+
+
+def model(task: str, version: int, name: str) -> str:
+    return f"models/{_check_name(task)}/v{version}/{_check_name(name)}"
