@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     )
     store_url: str = Field(
         default="",
-        description="Object store: empty or a path means a local folder (default <data_dir>/objects); "
-        "s3://bucket selects MinIO/S3 with the s3_* settings.",
+        description="Object store: empty or a path means a local folder (default "
+        "<data_dir>/objects); s3://bucket selects MinIO/S3 with the s3_* settings.",
     )
     s3_endpoint: str = Field(default="localhost:9000", description="host:port of the S3 server")
     s3_access_key: str = ""

@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from radflow.db.base import Base, utcnow
 from sqlalchemy import String
 from sqlalchemy.orm import Mapped, mapped_column
-
-from radflow.db.base import Base, utcnow
 
 
 class AuditEvent(Base):
@@ -23,8 +22,14 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-def record(actor: str, action: str, object_type: str, object_id: object, **details: Any) -> AuditEvent:
+def record(
+    actor: str, action: str, object_type: str, object_id: object, **details: Any
+) -> AuditEvent:
     """Build an audit event; the caller adds it to its session so it commits with the action."""
     return AuditEvent(
-        actor=actor, action=action, object_type=object_type, object_id=str(object_id), details=details
+        actor=actor,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id),
+        details=details,
     )

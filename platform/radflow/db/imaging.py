@@ -5,10 +5,9 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
+from radflow.db.base import Base, utcnow
 from sqlalchemy import BigInteger, Enum, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
-
-from radflow.db.base import Base, utcnow
 
 UID = String(64)
 
@@ -46,7 +45,12 @@ class Study(Base):
     description: Mapped[str | None] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(16), index=True)
     status: Mapped[StudyStatus] = mapped_column(
-        Enum(StudyStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        Enum(
+            StudyStatus,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
         default=StudyStatus.RECEIVING,
         index=True,
     )

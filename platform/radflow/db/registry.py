@@ -6,10 +6,9 @@ import enum
 from datetime import datetime
 from typing import Any
 
+from radflow.db.base import Base, utcnow
 from sqlalchemy import Enum, ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
-
-from radflow.db.base import Base, utcnow
 
 
 class ModelStatus(enum.StrEnum):
@@ -40,7 +39,12 @@ class ModelVersion(Base):
     task: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int]
     status: Mapped[ModelStatus] = mapped_column(
-        Enum(ModelStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        Enum(
+            ModelStatus,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
         default=ModelStatus.CHALLENGER,
     )
     weights_key: Mapped[str] = mapped_column(String(255))

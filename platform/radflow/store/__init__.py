@@ -32,5 +32,7 @@ def open_store(settings: Settings) -> ObjectStore:
         )
         return S3Store(client, bucket)
     if "://" in url and not url.startswith("file://"):
-        raise ValueError(f"RADFLOW_STORE_URL={url!r}: use a folder path, file://PATH or s3://BUCKET")
+        raise ValueError(
+            f"RADFLOW_STORE_URL={url!r}: use a folder path, file://PATH or s3://BUCKET"
+        )
     return LocalStore(Path(url.removeprefix("file://")))

@@ -14,10 +14,14 @@ class ObjectNotFound(KeyError):
 class ObjectStore(Protocol):
     """Flat keys ('originals/1.2.3/4.5.6/7.8.9.dcm') to immutable bytes."""
 
-    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+    def put_file(
+        self, key: str, path: Path, content_type: str = "application/octet-stream"
+    ) -> None:
         """Store the file at ``path`` under ``key``, replacing what was there."""
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         """Store ``data`` under ``key``."""
 
     def get_bytes(self, key: str) -> bytes:

@@ -16,13 +16,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_uid(uid: str, what: str = "UID") -> str:
-    if len(uid) > 64 or not _UID.match(uid):
-        raise ValueError(f"{what} {uid[:80]!r} is not a valid DICOM UID (digits and dots, <= 64 chars)")
+    if len(uid) > 64 or not _UID.fullmatch(uid):
+        raise ValueError(
+            f"{what} {uid[:80]!r} is not a valid DICOM UID (digits and dots, <= 64 chars)"
+        )
     return uid
 
 
 def _check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"object name {name!r} must be letters, digits, '.', '_' or '-'")
     return name
 

@@ -28,11 +28,15 @@ class LocalStore:
             raise ValueError(f"object key {key!r} escapes the store root")
         return path
 
-    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+    def put_file(
+        self, key: str, path: Path, content_type: str = "application/octet-stream"
+    ) -> None:
         with path.open("rb") as src:
             self._write(key, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         self._write(key, lambda dst: dst.write(data))
 
     def _write(self, key: str, fill: object) -> None:

@@ -10,7 +10,6 @@ from typing import BinaryIO
 
 from minio import Minio
 from minio.error import S3Error
-
 from radflow.store.base import ObjectNotFound
 
 logger = logging.getLogger(__name__)
@@ -27,12 +26,16 @@ class S3Store:
     def __repr__(self) -> str:
         return f"S3Store(bucket={self.bucket!r})"
 
-    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+    def put_file(
+        self, key: str, path: Path, content_type: str = "application/octet-stream"
+    ) -> None:
         self.client.fput_object(
             bucket_name=self.bucket, object_name=key, file_path=str(path), content_type=content_type
         )
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         self.client.put_object(
             bucket_name=self.bucket,
             object_name=key,

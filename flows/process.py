@@ -1,0 +1,29 @@
+"""Process flow: stable studies -> preprocessing -> champion model -> predictions."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from radflow import scoring
+from radflow.runtime import Runtime
+from radflow.settings import Settings
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
+    return scoring.score_stable(rt.session_factory, rt.store, task_name, rt.settings.batch_size)
+
+
+@flow(name="process")
+def process_flow(task_name: str = "pneumonia-cxr") -> dict[str, object]:
+    logger = get_run_logger()
+    with Runtime.open(Settings()) as rt:
+        report = score_stable(rt, task_name)
+    logger.info(report.summary())
+    return {
+        "model": report.model,
+        "scored": report.scored,
+        "no_model": report.no_model,
+        "failed": report.failed,
+    }

@@ -1,0 +1,207 @@
+"""The ``radflow`` command: a thin caller of flows and library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from importlib.resources import files
+from pathlib import Path
+
+from radflow.errors import RadflowError
+from radflow.settings import Settings
+
+logger = logging.getLogger("radflow")
+
+DEFAULT_TASK = "pneumonia-cxr"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    command: Callable[[argparse.Namespace, Settings], int] = args.command
+    try:
+        return command(args, Settings())
+    except (RadflowError, LookupError, ValueError, FileNotFoundError) as exc:
+        print(f"radflow {args.command_name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def configure_logging(verbose: bool) -> None:
+    """Radflow's own messages at INFO; libraries (httpx, alembic, ...) only when they warn."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radflow", description="Radflow imaging AI platform")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(command=func, command_name=name)
+        return p
+
+    p = add("ingest", cmd_ingest, "ingest every DICOM file under a folder")
+    p.add_argument("folder", type=Path)
+    p = add("train", cmd_train, "train a new model version on the labelled studies")
+    p.add_argument("--task", default=DEFAULT_TASK)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("process", cmd_process, "score stable studies with the task's champion")
+    p.add_argument("--task", default=DEFAULT_TASK)
+    p = add("label", cmd_label, "record a label for a study")
+    p.add_argument("study_uid")
+    p.add_argument("value")
+    p.add_argument("--task", default=DEFAULT_TASK)
+    p.add_argument("--author", default=os.environ.get("USER", "cli"))
+    p = add("status", cmd_status, "counts of studies by status, and the champion models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("demo", cmd_demo, "synthetic studies through the whole platform, then the dashboard")
+    p.add_argument("--studies", type=int, default=300)
+    p.add_argument("--label-fraction", type=float, default=0.6)
+    p.add_argument("--no-serve", action="store_true", help="stop after scoring")
+    p = add("dashboard", cmd_dashboard, "serve the review dashboard")
+    p.add_argument("--port", type=int, default=None)
+    add("migrate", cmd_migrate, "bring the database schema to the latest revision")
+    add("worker", cmd_worker, "serve the flows as Prefect deployments (needs a Prefect server)")
+    add("settings", cmd_settings, "print the effective settings (secrets masked)")
+    return parser
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.ingest import ingest_flow
+
+    result = ingest_flow(str(args.folder))
+    rejected: dict[str, str] = result["rejected"]
+    print(
+        f"stored {result['stored']}, duplicates {result['duplicates']}, "
+        f"rejected {len(rejected)}, stable studies {result['stable_studies']}"
+    )
+    for path, reason in rejected.items():
+        print(f"  rejected {path}: {reason}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.train import train_flow
+
+    result = train_flow(args.task, progress=not args.no_progress)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.process import process_flow
+
+    result = process_flow(args.task)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import unit_of_work
+    from radflow.labels import add_label
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        add_label(session, args.study_uid, args.task, args.value, source="cli", author=args.author)
+    print(f"labelled {args.study_uid} {args.task}={args.value}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.runtime import Runtime
+    from radflow.services.status import platform_status
+
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        status = platform_status(session)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        for key, value in status.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.ingest import ingest_flow
+    from flows.process import process_flow
+    from flows.train import train_flow
+    from radflow import demo
+    from radflow.runtime import Runtime
+
+    folder = settings.data_dir / "demo-studies"
+    print(f"Generating {args.studies} synthetic chest radiograph studies in {folder}")
+    studies = demo.generate(folder, args.studies, settings.seed)
+    ingest_flow(str(folder))
+    with Runtime.open(settings) as rt:
+        n = demo.label_training_subset(rt, studies, args.label_fraction, settings.seed)
+        trained_before = demo.has_champion(rt)
+    print(f"Labelled {n} studies as a radiologist would")
+    if trained_before:
+        print(f"{demo.TASK} already has a champion model; not training again")
+    else:
+        trained = train_flow(demo.TASK)
+        print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
+    scored = process_flow(demo.TASK)
+    print(f"Scored {scored['scored']} studies with {scored['model']}")
+    if args.no_serve:
+        return 0
+    return cmd_dashboard(argparse.Namespace(port=None), settings)
+
+
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    port = args.port or settings.dashboard_port
+    app = Path(str(files("dashboard").joinpath("app.py")))
+    print(f"Radflow dashboard: http://localhost:{port}", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import upgrade
+
+    upgrade(settings.database_url)
+    print("database schema is at the latest revision")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.deployments import serve_all
+
+    serve_all()
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,18 @@
+"""The task registry: every task the platform knows, by name."""
+
+from __future__ import annotations
+
+from radflow.errors import UnknownTask
+from radflow.tasks import pneumonia_cxr
+from radflow.tasks.base import Route, Task, TrainingPlan
+
+TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK,)}
+
+__all__ = ["TASKS", "Route", "Task", "TrainingPlan", "get_task"]
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UnknownTask(name, sorted(TASKS)) from None
