@@ -33,9 +33,14 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if connectable is None:
-        connectable = make_engine(config.get_main_option("sqlalchemy.url") or "")
-        with connectable.connect() as connection:
-            _run(connection)
+        engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
+        try:
+            with engine.connect() as connection:
+                _run(connection)
+        finally:
+            # An idle pooled connection would block CREATE DATABASE ... TEMPLATE and hold a
+            # PostgreSQL slot for the life of the process.
+            engine.dispose()
     else:
         _run(connectable)
 

@@ -1,0 +1,1 @@
+"""DICOM reading, validation, pixel decoding and synthetic data."""

@@ -1,0 +1,48 @@
+"""Flows read their settings from the environment, as deployed flows do; and need a Prefect API."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from radflow import tasks
+from radflow.settings import Settings
+from radflow.tasks import TrainingPlan
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """One temporary Prefect server for the whole test session (it takes ~10 s to start)."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def flow_env(settings: Settings, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """``settings`` exported as RADFLOW_* variables, the way a worker receives them."""
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    assert Settings().database_url == settings.database_url
+    return settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        secret = getattr(value, "get_secret_value", None)
+        env[f"RADFLOW_{name.upper()}"] = str(secret() if secret else value)
+    return env
+
+
+@pytest.fixture
+def quick_task(monkeypatch: pytest.MonkeyPatch) -> str:
+    """pneumonia-cxr with a two-epoch plan, so flow tests exercise training without waiting."""
+    task = tasks.get_task("pneumonia-cxr")
+    quick = dataclasses.replace(task, plan=TrainingPlan(epochs=2, batch_size=8, min_labels=8))
+    monkeypatch.setitem(tasks.TASKS, task.name, quick)
+    return task.name

@@ -1,0 +1,93 @@
+"""docker-compose.yml configures Radflow only through settings that exist.
+
+Docker cannot run in the test environment, so these check the file itself: a misspelt
+RADFLOW_* variable would otherwise be silently ignored by pydantic-settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from radflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+
+# The third-party images read their own variables.
+IMAGE_PREFIXES = {"postgres": ("POSTGRES_",), "minio": ("MINIO_",)}
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the "- KEY=value" form
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(key): str(value) for key, value in env.items()}
+
+
+SERVICES = _compose()["services"]
+
+
+def test_the_platform_services_are_all_there() -> None:
+    expected = {"postgres", "minio", "prefect-server", "worker", "receiver", "dashboard"}
+    assert expected <= set(SERVICES)
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_environment_uses_only_radflow_and_prefect_variables(name: str) -> None:
+    allowed = ("RADFLOW_", "PREFECT_", *IMAGE_PREFIXES.get(name, ()))
+    stray = sorted(key for key in _environment(SERVICES[name]) if not key.startswith(allowed))
+    assert stray == [], f"service {name!r} sets {stray}; configure it with {allowed} only"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_radflow_variable_is_a_settings_field(name: str) -> None:
+    fields = {f"RADFLOW_{field.upper()}" for field in Settings.model_fields}
+    unknown = sorted(
+        key
+        for key in _environment(SERVICES[name])
+        if key.startswith("RADFLOW_") and key not in fields
+    )
+    assert unknown == [], (
+        f"service {name!r} sets {unknown}, which radflow.settings.Settings ignores"
+    )
+
+
+def test_radflow_services_share_one_configuration() -> None:
+    for name in ("worker", "receiver", "dashboard"):
+        env = _environment(SERVICES[name])
+        assert env["RADFLOW_DATABASE_URL"].startswith("postgresql+psycopg://"), name
+        assert env["RADFLOW_STORE_URL"].startswith("s3://"), name
+        assert env["RADFLOW_S3_ENDPOINT"] == "minio:9000", name
+        assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api", name
+
+
+def test_dependencies_exist_and_wait_for_health() -> None:
+    for name, service in SERVICES.items():
+        depends_on = service.get("depends_on") or {}
+        assert isinstance(depends_on, dict), f"{name}: use depends_on with conditions"
+        for dependency, spec in depends_on.items():
+            assert dependency in SERVICES, f"{name} depends on unknown service {dependency!r}"
+            condition = spec.get("condition")
+            if condition == "service_healthy":
+                assert "healthcheck" in SERVICES[dependency], f"{dependency} has no healthcheck"
+            else:
+                assert condition == "service_completed_successfully", (name, dependency, condition)
+
+
+def test_named_volumes_are_declared() -> None:
+    declared = set(_compose().get("volumes") or {})
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes") or []:
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name} uses undeclared volume {source!r}"
