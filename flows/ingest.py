@@ -7,13 +7,19 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import transient_only
 from radflow import ingest
 from radflow.db import unit_of_work
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
 def ingest_folder(rt: Runtime, folder: Path) -> ingest.IngestReport:
     # Retrying is safe: an instance already indexed is recognised and skipped.
     return ingest.ingest_files(
@@ -24,7 +30,12 @@ def ingest_folder(rt: Runtime, folder: Path) -> ingest.IngestReport:
     )
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
 def mark_stable(rt: Runtime, study_uids: set[str]) -> int:
     with unit_of_work(rt.session_factory) as session:
         return ingest.mark_stable(session, study_uids)

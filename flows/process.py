@@ -5,12 +5,18 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import transient_only
 from radflow import scoring
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+@task(
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient_only,
+)
 def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
     return scoring.score_stable(rt.session_factory, rt.store, task_name, rt.settings.batch_size)
 

@@ -20,7 +20,14 @@ logger = logging.getLogger("radflow")
 DEFAULT_TASK = "pneumonia-cxr"
 
 
+# Defaults for the embedded Prefect server; an operator's own PREFECT_* variables win. Telemetry
+# would only log an ERROR on a closed hospital network.
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = _parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)

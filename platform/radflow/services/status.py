@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from radflow.db import Instance, Label, ModelStatus, ModelVersion, Prediction, Study
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from radflow.db import Instance, Label, ModelStatus, ModelVersion, Prediction, Study
 
 
 def platform_status(session: Session) -> dict[str, Any]:

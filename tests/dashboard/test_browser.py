@@ -1,0 +1,205 @@
+"""The dashboard as a user sees it: a real ``streamlit run`` server driven by headless Chromium.
+
+Uses Debian's ``/usr/bin/chromium`` through the Python ``playwright`` package (never
+``playwright install``). Screenshots go to ``artifacts/screenshots/`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from factories import make_study
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from radflow.db import StudyStatus, unit_of_work
+from radflow.runtime import Runtime
+from radflow.settings import Settings
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / "dashboard" / "app.py"
+SCREENSHOTS = REPO / "artifacts" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCORED = {"ACC-HIGH": 0.91, "ACC-MID": 0.55, "ACC-LOW": 0.12}
+STARTUP_TIMEOUT_S = 60.0
+
+
+def _require_chromium() -> None:
+    if CHROMIUM.is_file():
+        return
+    reason = f"{CHROMIUM} is missing: `apt-get install chromium` to run the browser tests"
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI is set, so the browser tests must run, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite data dir with three scored studies, one waiting and one failed."""
+    path = tmp_path_factory.mktemp("dashboard") / "data"
+    settings = Settings(data_dir=path, database_url="", store_url="")
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        for accession, score in SCORED.items():
+            make_study(session, rt.store, accession=accession, score=score)
+        make_study(session, rt.store, accession="ACC-WAIT")
+        make_study(
+            session,
+            rt.store,
+            accession="ACC-FAIL",
+            status=StudyStatus.FAILED,
+            status_reason="missing pixel data",
+        )
+    return path
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(
+        f"streamlit not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}"
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    # The server runs in its own session, so this reaches it and anything it started.
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``streamlit run dashboard/app.py`` on a free port; yields its base URL."""
+    _require_chromium()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RADFLOW_")}
+    env["RADFLOW_DATA_DIR"] = str(data_dir)
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(process, url, log)
+        yield url
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def browser(server: str) -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    # The first run of a page opens the database and store, slower than expect's 5 s default.
+    expect.set_options(timeout=30_000)
+    context = browser.new_context(viewport={"width": 1400, "height": 1300})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def _screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def test_worklist_lists_studies_and_opens_one(server: str, page: Page) -> None:
+    page.goto(server)
+    table = page.get_by_test_id("stDataFrame")
+    expect(table).to_be_visible()
+    # Glide grid draws on a canvas; its accessible table mirrors the visible cells as text.
+    cells = table.locator("[role=gridcell]")
+    for accession, score in SCORED.items():
+        expect(cells.filter(has_text=accession)).to_have_count(1)
+        expect(cells.filter(has_text=f"{score:g}").first).to_be_attached()
+    first_column = table.locator('[role="gridcell"][aria-colindex="1"]')
+    expect(first_column.first).to_have_text("ACC-HIGH")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Scored")).to_contain_text("3")
+    _screenshot(page, "worklist")
+
+    # Click the selection checkbox of the first row (highest score): it sits in the leftmost
+    # column of the canvas, one header row down.
+    box = table.bounding_box()
+    assert box is not None
+    page.mouse.click(box["x"] + 15, box["y"] + 35 + 17)
+    page.wait_for_url("**/study?study=*")
+
+    expect(page.get_by_role("heading", name="Study ACC-HIGH")).to_be_visible()
+    image = page.get_by_test_id("stImage").locator("img")
+    expect(image).to_be_visible()
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 64
+    metrics = page.get_by_test_id("stMetric")
+    expect(metrics.filter(has_text="Score")).to_contain_text("0.910")
+    expect(metrics.filter(has_text="Threshold")).to_contain_text("0.500")
+    expect(metrics.filter(has_text="Model")).to_contain_text("pneumonia-cxr:v1")
+    expect(page.get_by_text("Above threshold")).to_be_visible()
+    _screenshot(page, "study")
+
+    page.get_by_text("Back to the worklist").click()
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+
+
+def test_unknown_study_link_explains_itself(server: str, page: Page) -> None:
+    page.goto(f"{server}/study?study=1.2.3.4.5")
+    expect(page.get_by_test_id("stAlertContentError")).to_contain_text("1.2.3.4.5")
+    _screenshot(page, "study-unknown")

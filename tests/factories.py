@@ -1,0 +1,204 @@
+"""Factories for test rows: real, tiny DICOM files in the store plus the rows that index them.
+
+They add to the session and flush (so ids exist) but never commit: the test owns the transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import UTC, datetime, timedelta
+from itertools import count
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from radflow.db import Instance, ModelVersion, Patient, Prediction, Series, Study, StudyStatus
+from radflow.store import ObjectStore, keys
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+BASE_TIME = datetime(2024, 1, 1, 8, 0, tzinfo=UTC)
+
+_sequence = count(1)
+
+
+def gradient(rows: int = 64, columns: int = 64, high: int = 4095) -> NDArray[np.uint16]:
+    """A left-to-right ramp from 0 to ``high``: windowing results are easy to predict on it."""
+    ramp = np.linspace(0, high, columns).round().astype(np.uint16)
+    return np.tile(ramp, (rows, 1))
+
+
+def dicom_bytes(
+    pixels: NDArray[np.integer] | None = None,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    modality: str = "CR",
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    accession: str = "",
+    patient_id: str = "TEST-PATIENT",
+) -> bytes:
+    """A valid Part 10 file; ``pixels`` (rows, cols) or (frames, rows, cols), default a gradient.
+
+    ``window`` writes WindowCenter/WindowWidth, ``rescale`` writes (slope, intercept).
+    """
+    arr = gradient() if pixels is None else pixels
+    ds = Dataset()
+    ds.SOPClassUID = CR_IMAGE_STORAGE if arr.ndim == 2 else SECONDARY_CAPTURE
+    ds.SOPInstanceUID = sop_instance_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID = patient_id
+    ds.PatientName = "Test^Patient"
+    ds.AccessionNumber = accession
+    ds.Modality = modality
+    ds.StudyDate = "20240101"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.set_pixel_data(
+        arr.astype(np.uint16),
+        photometric_interpretation=photometric,
+        bits_stored=12,
+        generate_instance_uid=False,
+    )
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def make_model_version(
+    session: Session, *, task: str = "pneumonia-cxr", version: int = 1, threshold: float = 0.5
+) -> ModelVersion:
+    """The (task, version) model, created on first use."""
+    found = session.scalar(
+        select(ModelVersion).where(ModelVersion.task == task, ModelVersion.version == version)
+    )
+    if found is not None:
+        return found
+    model = ModelVersion(
+        task=task,
+        version=version,
+        threshold=threshold,
+        weights_key=keys.model(task, version, "weights.pt"),
+        code_version="test",
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def add_prediction(
+    session: Session,
+    study: Study,
+    model: ModelVersion,
+    score: float,
+    *,
+    created_at: datetime | None = None,
+) -> Prediction:
+    prediction = Prediction(
+        study_id=study.id,
+        model_version_id=model.id,
+        task=model.task,
+        score=score,
+        scores={"positive": score},
+        latency_ms=12.5,
+        created_at=created_at or study.received_at + timedelta(minutes=1),
+    )
+    session.add(prediction)
+    session.flush()
+    return prediction
+
+
+def make_study(
+    session: Session,
+    store: ObjectStore,
+    *,
+    score: float | None = None,
+    status: StudyStatus | None = None,
+    status_reason: str | None = None,
+    accession: str | None = None,
+    patient: str | None = None,
+    modality: str = "CR",
+    received_at: datetime | None = None,
+    model: ModelVersion | None = None,
+    pixels: NDArray[np.integer] | None = None,
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> Study:
+    """A study with one series of one stored instance; scored by ``model`` if ``score`` is set.
+
+    Status defaults to SCORED with a score and STABLE without one. Received times default to
+    one minute apart in creation order, so "newest first" is predictable.
+    """
+    n = next(_sequence)
+    study_uid, series_uid, sop_uid = generate_uid(), generate_uid(), generate_uid()
+    accession = accession if accession is not None else f"ACC{n:05d}"
+    data = dicom_bytes(
+        pixels,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        modality=modality,
+        photometric=photometric,
+        window=window,
+        rescale=rescale,
+        accession=accession,
+    )
+    object_key = keys.original(study_uid, series_uid, sop_uid)
+    store.put_bytes(object_key, data, content_type="application/dicom")
+
+    study = Study(
+        study_uid=study_uid,
+        patient=_patient(session, patient or f"PSN{n:05d}"),
+        accession_number=accession,
+        study_date="20240101",
+        modality=modality,
+        status=status or (StudyStatus.SCORED if score is not None else StudyStatus.STABLE),
+        status_reason=status_reason,
+        received_at=received_at or BASE_TIME + timedelta(minutes=n),
+    )
+    frames = 1 if pixels is None or pixels.ndim == 2 else pixels.shape[0]
+    rows, columns = (64, 64) if pixels is None else pixels.shape[-2:]
+    series = Series(series_uid=series_uid, modality=modality, number=1, description="test series")
+    series.instances.append(
+        Instance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=CR_IMAGE_STORAGE if frames == 1 else SECONDARY_CAPTURE,
+            number=1,
+            object_key=object_key,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            rows=rows,
+            columns=columns,
+            frames=frames,
+        )
+    )
+    study.series.append(series)
+    session.add(study)
+    session.flush()
+    if score is not None:
+        add_prediction(session, study, model or make_model_version(session), score)
+    return study
+
+
+def _patient(session: Session, pseudonym: str) -> Patient:
+    found = session.scalar(select(Patient).where(Patient.pseudonym == pseudonym))
+    return found or Patient(pseudonym=pseudonym)
