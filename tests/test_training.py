@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from sqlalchemy.orm import Session, sessionmaker
+
 from radflow import tasks
 from radflow.db import ModelStatus, unit_of_work
 from radflow.device import autocast, select_device
@@ -18,7 +20,6 @@ from radflow.registry import champion, load_network, register
 from radflow.store import ObjectStore
 from radflow.tasks import TrainingPlan
 from radflow.training import Example, _check_enough, fit, predict, split_by_patient
-from sqlalchemy.orm import Session, sessionmaker
 
 TASK = tasks.get_task("pneumonia-cxr")
 
@@ -68,7 +69,9 @@ def _phantoms(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_fit_learns_to_find_opacities() -> None:
-    task = dataclasses.replace(TASK, plan=TrainingPlan(epochs=15, batch_size=16, learning_rate=2e-3))
+    task = dataclasses.replace(
+        TASK, plan=TrainingPlan(epochs=15, batch_size=16, learning_rate=2e-3)
+    )
     train, val = _phantoms(160, seed=1), _phantoms(100, seed=2)
 
     result = fit(task, train, val, seed=0, device=select_device(), progress=False)

@@ -13,14 +13,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
 from radflow.db import Instance, Patient, Series, Study, StudyStatus, unit_of_work
 from radflow.dicom.instance import InstanceHeader, read_header
 from radflow.errors import ConflictingInstance, InvalidInstance
 from radflow.pseudonym import pseudonymise
 from radflow.settings import Settings
 from radflow.store import ObjectStore, keys
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
 

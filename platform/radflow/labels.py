@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from radflow.db import Label, Study
 from radflow.db.audit import record
 from radflow.tasks import get_task
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 
 def add_label(

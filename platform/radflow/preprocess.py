@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 from radflow.dicom.pixels import to_array
 from radflow.store import ObjectStore
 from radflow.tasks import Task

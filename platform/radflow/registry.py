@@ -8,14 +8,15 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from torch import nn
+
 from radflow.db import ModelStatus, ModelVersion, TrainingRun
 from radflow.db.audit import record
 from radflow.errors import NoChampion
 from radflow.store import ObjectStore, keys
 from radflow.tasks import Task, get_task
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import TracebackType
 
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from radflow.db import make_engine, make_sessionmaker, upgrade
 from radflow.settings import Settings
 from radflow.store import ObjectStore, open_store
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 
 @dataclass

@@ -7,6 +7,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+from torch import nn
+
 from radflow.db import ModelVersion, Prediction, Series, Study, StudyStatus, unit_of_work
 from radflow.device import select_device
 from radflow.preprocess import load_image, preprocess
@@ -15,9 +19,6 @@ from radflow.routing import route
 from radflow.store import ObjectNotFound, ObjectStore
 from radflow.tasks import get_task
 from radflow.training import predict
-from sqlalchemy import exists, select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+from torch import nn
+from tqdm import tqdm
+
 from radflow.db import Label, ModelVersion, Series, Study, TrainingRun, unit_of_work
 from radflow.db.base import utcnow
 from radflow.device import autocast, grad_scaler, select_device
@@ -22,10 +27,6 @@ from radflow.routing import route
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 from radflow.tasks import Task, get_task
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
-from torch import nn
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 

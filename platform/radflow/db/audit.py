@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from radflow.db.base import Base, utcnow
 from sqlalchemy import String
 from sqlalchemy.orm import Mapped, mapped_column
+
+from radflow.db.base import Base, utcnow
 
 
 class AuditEvent(Base):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from radflow.db.base import Base, utcnow
 from sqlalchemy import BigInteger, Enum, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from radflow.db.base import Base, utcnow
 
 UID = String(64)
 

@@ -6,9 +6,10 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from radflow.db.base import Base, utcnow
 from sqlalchemy import Enum, ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
+
+from radflow.db.base import Base, utcnow
 
 
 class ModelStatus(enum.StrEnum):

@@ -10,6 +10,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
+
 from radflow.errors import InvalidInstance
 from radflow.store.keys import check_uid
 

@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 from minio import Minio
 from minio.error import S3Error
+
 from radflow.store.base import ObjectNotFound
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from monai.transforms import (
     Resize,
     ScaleIntensityRangePercentiles,
 )
-from radflow.tasks.base import Route, Task, TrainingPlan
 from torch import nn
+
+from radflow.tasks.base import Route, Task, TrainingPlan
 
 SPATIAL_SIZE = (64, 64)
 
