@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 	# constraints.txt pins a set that installs and works together here (torch CPU 2.13.0,
 	# prefect 3.8.x with fastapi<0.155, ...).
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -qq -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

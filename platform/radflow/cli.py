@@ -171,19 +171,18 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port or settings.dashboard_port
     app = Path(str(files("dashboard").joinpath("app.py")))
     print(f"Radflow dashboard: http://localhost:{port}", flush=True)
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.headless",
-        "true",
-        "--server.port",
-        str(port),
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    options = {
+        "server.headless": "true",
+        "server.port": str(port),
+        "server.fileWatcherType": "none",
+        "browser.gatherUsageStats": "false",
+        "browser.serverAddress": "localhost",
+        # Patient data: no "download as CSV" on tables, no deploy button.
+        "client.disableDataExport": "true",
+        "client.toolbarMode": "viewer",
+    }
+    command = [sys.executable, "-m", "streamlit", "run", str(app)]
+    command += [arg for name, value in options.items() for arg in (f"--{name}", value)]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
