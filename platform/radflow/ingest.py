@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import Instance, Patient, Series, Study, StudyStatus, unit_of_work
+from radflow.db.base import utcnow
 from radflow.dicom.instance import InstanceHeader, read_header
 from radflow.errors import ConflictingInstance, InvalidInstance
 from radflow.pseudonym import pseudonymise
@@ -112,6 +113,7 @@ def ingest_instance(
         )
     )
     study = series.study
+    study.last_instance_at = utcnow()
     if study.status not in (StudyStatus.RECEIVING,):
         # A late instance reopens a study that was already complete: it is processed again whole.
         study.status = StudyStatus.RECEIVING
@@ -171,4 +173,5 @@ def mark_stable(session: Session, study_uids: Iterable[str]) -> int:
     for study in studies:
         study.status = StudyStatus.STABLE
         study.status_reason = None
+        study.stable_at = utcnow()
     return len(studies)

@@ -1,6 +1,6 @@
 """Database models and sessions (SQLAlchemy 2.0; schema made only by Alembic migrations)."""
 
-from radflow.db.audit import AuditEvent
+from radflow.db.audit import AuditEvent, Rejection
 from radflow.db.base import Base
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
 from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
@@ -16,6 +16,7 @@ __all__ = [
     "ModelVersion",
     "Patient",
     "Prediction",
+    "Rejection",
     "Series",
     "Study",
     "StudyStatus",

@@ -11,6 +11,20 @@ from sqlalchemy.orm import Mapped, mapped_column
 from radflow.db.base import Base, utcnow
 
 
+class Rejection(Base):
+    """An input Radflow refused (receiver, watch folder, ingest), with the reason: never silent."""
+
+    __tablename__ = "rejection"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    source: Mapped[str] = mapped_column(String(16), index=True)  # receiver | folder | ingest
+    reason: Mapped[str] = mapped_column(String(64), index=True)  # InvalidInstance.reason codes
+    message: Mapped[str] = mapped_column(String(1024))
+    origin: Mapped[str | None] = mapped_column(String(255))  # calling AE title or file name
+    quarantine_key: Mapped[str | None] = mapped_column(String(255))
+
+
 class AuditEvent(Base):
     __tablename__ = "audit_event"
 

@@ -57,6 +57,9 @@ class Study(Base):
     )
     status_reason: Mapped[str | None] = mapped_column(String(255))
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # When the latest new instance arrived: a study is stable once this is a quiet period old.
+    last_instance_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stable_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")

@@ -52,7 +52,8 @@ def upgrade(database_url: str) -> None:
     """Bring the schema to the latest Alembic revision (the only way the schema is made)."""
     from alembic import command
 
-    command.upgrade(alembic_config(database_url), "head")
+    # "heads": parallel feature branches of the migration graph all apply until they are merged.
+    command.upgrade(alembic_config(database_url), "heads")
 
 
 def alembic_config(database_url: str) -> Config:
