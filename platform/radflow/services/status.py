@@ -12,7 +12,7 @@ from radflow.db import Instance, Label, ModelStatus, ModelVersion, Prediction, S
 
 def platform_status(session: Session) -> dict[str, Any]:
     by_status = dict(
-        session.execute(select(Study.status, func.count()).group_by(Study.status)).tuples().all()
+        session.execute(select(Study.status, func.count()).group_by(Study.status)).all()
     )
     champions = session.scalars(
         select(ModelVersion).where(ModelVersion.status == ModelStatus.CHAMPION)
