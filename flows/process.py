@@ -18,7 +18,14 @@ from radflow.settings import Settings
     retry_condition_fn=transient_only,
 )
 def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
-    return scoring.score_stable(rt.session_factory, rt.store, task_name, rt.settings.batch_size)
+    return scoring.score_stable(
+        rt.session_factory,
+        rt.store,
+        task_name,
+        rt.settings.batch_size,
+        explain=rt.settings.gradcam,
+        threads=rt.settings.torch_threads or None,
+    )
 
 
 @flow(name="process")

@@ -12,6 +12,7 @@ from itertools import count
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from radflow.db import Instance, ModelVersion, Patient, Prediction, Series, Study, StudyStatus
 from radflow.store import ObjectStore, keys
+from radflow.users import Principal, Role, add_user
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -103,6 +105,17 @@ def make_model_version(
     return model
 
 
+def heatmap_png(rows: int = 28, columns: int = 28) -> bytes:
+    """A Grad-CAM-like heat map: a greyscale PNG, hot in the upper-left quadrant."""
+    y, x = np.mgrid[0:rows, 0:columns]
+    heat = np.exp(
+        -(((y - rows * 0.3) / (rows * 0.2)) ** 2 + ((x - columns * 0.3) / (columns * 0.2)) ** 2)
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(heat * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def add_prediction(
     session: Session,
     study: Study,
@@ -110,13 +123,23 @@ def add_prediction(
     score: float,
     *,
     created_at: datetime | None = None,
+    store: ObjectStore | None = None,
+    gradcam: bool = False,
 ) -> Prediction:
+    """A prediction; with ``gradcam`` (and ``store``) also its heat map PNG in the store."""
+    derived: dict[str, str] = {}
+    if gradcam:
+        if store is None:
+            raise ValueError("gradcam=True needs the store to write the heat map to")
+        derived["gradcam"] = keys.derived(study.study_uid, model.task, model.version, "gradcam.png")
+        store.put_bytes(derived["gradcam"], heatmap_png(), content_type="image/png")
     prediction = Prediction(
         study_id=study.id,
         model_version_id=model.id,
         task=model.task,
         score=score,
-        scores={"positive": score},
+        scores={"pneumonia": score},
+        derived_keys=derived,
         latency_ms=12.5,
         created_at=created_at or study.received_at + timedelta(minutes=1),
     )
@@ -141,6 +164,7 @@ def make_study(
     photometric: str = "MONOCHROME2",
     window: tuple[float, float] | None = None,
     rescale: tuple[float, float] | None = None,
+    gradcam: bool = False,
 ) -> Study:
     """A study with one series of one stored instance; scored by ``model`` if ``score`` is set.
 
@@ -195,10 +219,21 @@ def make_study(
     session.add(study)
     session.flush()
     if score is not None:
-        add_prediction(session, study, model or make_model_version(session), score)
+        model = model or make_model_version(session)
+        add_prediction(session, study, model, score, store=store, gradcam=gradcam)
     return study
 
 
 def _patient(session: Session, pseudonym: str) -> Patient:
     found = session.scalar(select(Patient).where(Patient.pseudonym == pseudonym))
     return found or Patient(pseudonym=pseudonym)
+
+
+PASSWORD = "correct horse battery"
+"""Every factory-made user's password."""
+
+
+def make_user(session: Session, name: str, role: Role | str = Role.RADIOLOGIST) -> Principal:
+    """A dashboard user with the password ``PASSWORD``."""
+    user = add_user(session, name, role, PASSWORD)
+    return Principal(user.name, Role(user.role))

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from radflow import tasks
 from radflow.db import ModelStatus, unit_of_work
-from radflow.device import autocast, select_device
+from radflow.device import autocast, cpu_threads, select_device
 from radflow.dicom.synthetic import chest_phantom
 from radflow.errors import NotEnoughLabels
 from radflow.metrics import binary_metrics, youden_threshold
@@ -74,7 +74,8 @@ def test_fit_learns_to_find_opacities() -> None:
     )
     train, val = _phantoms(160, seed=1), _phantoms(100, seed=2)
 
-    result = fit(task, train, val, seed=0, device=select_device(), progress=False)
+    with cpu_threads(1):  # as train_task runs it (settings.torch_threads)
+        result = fit(task, train, val, seed=0, device=select_device(), progress=False)
 
     assert len(result.history) == 15
     # 160 small phantoms and 15 short epochs reach ~0.80 here; chance is 0.5.

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
+from radflow.cli_learning import add_commands as add_learning_commands
+from radflow.cli_learning import after_labels
 from radflow.errors import RadflowError
 from radflow.settings import Settings
 
@@ -79,7 +81,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="stop after scoring")
     p = add("dashboard", cmd_dashboard, "serve the review dashboard")
     p.add_argument("--port", type=int, default=None)
+    p = add("receive", cmd_receive, "run the DICOM receiver (C-ECHO/C-STORE SCP) and its indexer")
+    p.add_argument("--port", type=int, default=None, help="default RADFLOW_RECEIVER_PORT (11112)")
+    p.add_argument("--ae-title", default=None, help="default RADFLOW_RECEIVER_AE_TITLE (RADFLOW)")
+    p.add_argument("--host", default=None, help="default RADFLOW_RECEIVER_HOST (0.0.0.0)")
+    p = add("watch", cmd_watch, "ingest files and zips dropped in the inbox (a polling loop)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p = add("export", cmd_export, "write de-identified copies of a study (PS3.15 Basic profile)")
+    p.add_argument("study_uid")
+    p.add_argument("out_dir", type=Path)
+    add_learning_commands(add)  # import, retrain, model list/promote/rollback/export/import
     add("migrate", cmd_migrate, "bring the database schema to the latest revision")
+    p = add("user", cmd_user, "manage dashboard users")
+    user_sub = p.add_subparsers(required=True, metavar="ACTION", dest="user_action")
+    p = user_sub.add_parser("add", help="add a dashboard user (asks for the password)")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, help="radiologist, ml-engineer or admin")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add("worker", cmd_worker, "serve the flows as Prefect deployments (needs a Prefect server)")
     add("settings", cmd_settings, "print the effective settings (secrets masked)")
     return parser
@@ -123,6 +141,7 @@ def cmd_label(args: argparse.Namespace, settings: Settings) -> int:
     with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
         add_label(session, args.study_uid, args.task, args.value, source="cli", author=args.author)
     print(f"labelled {args.study_uid} {args.task}={args.value}")
+    after_labels(args.task)  # retraining starts by itself once enough labels have arrived
     return 0
 
 
@@ -131,7 +150,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.services.status import platform_status
 
     with Runtime.open(settings) as rt, rt.session_factory() as session:
-        status = platform_status(session)
+        status = platform_status(session, settings)
     if args.json:
         print(json.dumps(status))
     else:
@@ -162,6 +181,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
     scored = process_flow(demo.TASK)
     print(f"Scored {scored['scored']} studies with {scored['model']}")
+    with Runtime.open(settings) as rt:
+        for name, role, password in demo.create_demo_users(rt):
+            print(f"Demo login ({role.value}): {name} / {password}")
     if args.no_serve:
         return 0
     return cmd_dashboard(argparse.Namespace(port=None), settings)
@@ -187,6 +209,81 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
         return subprocess.call(command)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.receiver import Receiver
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt:
+        receiver = Receiver(
+            settings,
+            session_factory=rt.session_factory,
+            store=rt.store,
+            host=args.host,
+            port=args.port,
+            ae_title=args.ae_title,
+        )
+        receiver.serve_forever()
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.trigger import stabilise_and_process
+    from radflow.runtime import Runtime
+    from radflow.watch import watch_forever
+
+    with Runtime.open(settings) as rt:
+        print(f"watching {settings.inbox} (quarantine: {settings.quarantine})", flush=True)
+        try:
+            watch_forever(
+                settings,
+                rt.session_factory,
+                rt.store,
+                lambda: stabilise_and_process(rt),
+                passes=1 if args.once else None,
+            )
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.deid import export_study
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        report = export_study(
+            session,
+            rt.store,
+            args.study_uid,
+            args.out_dir,
+            settings.pseudonym_key.get_secret_value(),
+        )
+    print(f"wrote {len(report.written)} de-identified instances under {args.out_dir}")
+    for uid, reason in report.refused.items():
+        print(f"  not exported {uid}: {reason}")
+    return 0
+
+
+def cmd_user(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from radflow.db import unit_of_work
+    from radflow.runtime import Runtime
+    from radflow.users import add_user, parse_role
+
+    role = parse_role(args.role)  # before the prompt: a typo should not cost a password entry
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Repeat the password: ") != password:
+            raise ValueError("the passwords differ; nothing was changed")
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        add_user(session, args.name, role, password)
+    print(f"added {role.value} {args.name}")
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,15 +9,24 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from radflow.db import Label, Study, unit_of_work
+from radflow.db import Label, Study, User, unit_of_work
 from radflow.dicom.synthetic import SyntheticStudy, write_cxr_studies
 from radflow.labels import add_label
 from radflow.registry import champion
 from radflow.runtime import Runtime
+from radflow.users import Role, add_user
 
 logger = logging.getLogger(__name__)
 
 TASK = "pneumonia-cxr"
+
+# Created only by `radflow demo` on its synthetic data, never by migrations or settings: a
+# production installation has no user until an admin runs `radflow user add`.
+DEMO_USERS = (
+    ("demo-radiologist", Role.RADIOLOGIST, "demo-radiologist-pw"),
+    ("demo-ml", Role.ML_ENGINEER, "demo-ml-pw"),
+    ("demo-admin", Role.ADMIN, "demo-admin-pw"),
+)
 
 
 def generate(folder: Path, n_studies: int, seed: int) -> list[SyntheticStudy]:
@@ -57,3 +66,13 @@ def label_training_subset(
 def has_champion(rt: Runtime) -> bool:
     with rt.session_factory() as session:
         return champion(session, TASK) is not None
+
+
+def create_demo_users(rt: Runtime) -> list[tuple[str, Role, str]]:
+    """The demo's users (name, role, password); existing ones are left as they are."""
+    with unit_of_work(rt.session_factory) as session:
+        existing = set(session.scalars(select(User.name)))
+        for name, role, password in DEMO_USERS:
+            if name not in existing:
+                add_user(session, name, role, password)
+    return list(DEMO_USERS)

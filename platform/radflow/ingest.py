@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import Instance, Patient, Series, Study, StudyStatus, unit_of_work
+from radflow.db import (
+    Instance,
+    Patient,
+    Rejection,
+    Series,
+    Study,
+    StudyStatus,
+    unit_of_work,
+)
 from radflow.db.base import utcnow
 from radflow.dicom.instance import InstanceHeader, read_header
 from radflow.errors import ConflictingInstance, InvalidInstance
 from radflow.pseudonym import pseudonymise
 from radflow.settings import Settings
+from radflow.stability import promote
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
@@ -64,16 +74,17 @@ def ingest_files(
 ) -> IngestReport:
     """Ingest each file; a bad file is reported with its reason and never stops the others."""
     report = IngestReport()
-    key = settings.pseudonym_key.get_secret_value()
     for path in paths:
         try:
-            header = read_header(path, settings.max_pixels)
-            with unit_of_work(session_factory) as session:
-                is_new = ingest_instance(session, store, header, path, key)
+            header, is_new = ingest_file(
+                path, settings=settings, session_factory=session_factory, store=store
+            )
         except InvalidInstance as exc:
             report.rejected[str(path)] = f"{exc.reason}: {exc}"
             report.reasons[exc.reason] += 1
             logger.warning("rejected %s: %s", path.name, exc.reason)
+            with unit_of_work(session_factory) as session:
+                session.add(rejection("ingest", exc, origin=path.name))
             continue
         report.study_uids.add(header.study_uid)
         if is_new:
@@ -81,6 +92,77 @@ def ingest_files(
         else:
             report.duplicates += 1
     return report
+
+
+def ingest_file(
+    path: Path,
+    *,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+) -> tuple[InstanceHeader, bool]:
+    """Validate, store and index one file in its own transaction; True when it was new.
+
+    Raises InvalidInstance (with its reason code) for a file Radflow refuses.
+    """
+    header = read_header(path, settings.max_pixels)
+    with unit_of_work(session_factory) as session:
+        is_new = ingest_instance(
+            session, store, header, path, settings.pseudonym_key.get_secret_value()
+        )
+    return header, is_new
+
+
+def ingest_batch(
+    items: Sequence[tuple[Path, InstanceHeader]],
+    *,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+) -> IngestReport:
+    """Store and index already validated instances with one commit for the whole batch.
+
+    For the receiver's spool: one transaction per batch instead of one per file. If the batch
+    meets a refused instance (``uid-conflict``) or a concurrent writer of the same rows, it is
+    rolled back and every file is retried in its own transaction, so one bad instance never holds
+    back the others. Outages (database, object store) propagate: the caller keeps the files.
+    ``report.rejected`` is keyed by path.
+    """
+    key = settings.pseudonym_key.get_secret_value()
+    report = IngestReport()
+    try:
+        with unit_of_work(session_factory) as session:
+            new = [ingest_instance(session, store, header, path, key) for path, header in items]
+    except (InvalidInstance, IntegrityError):
+        logger.info("batch of %d refused as a whole; indexing its files one by one", len(items))
+        new = []
+        for path, header in items:
+            try:
+                with unit_of_work(session_factory) as session:
+                    new.append(ingest_instance(session, store, header, path, key))
+            except InvalidInstance as exc:
+                report.rejected[str(path)] = f"{exc.reason}: {exc}"
+                report.reasons[exc.reason] += 1
+                continue
+            report.study_uids.add(header.study_uid)
+        report.stored, report.duplicates = sum(new), len(new) - sum(new)
+        return report
+    report.stored, report.duplicates = sum(new), len(new) - sum(new)
+    report.study_uids.update(header.study_uid for _, header in items)
+    return report
+
+
+def rejection(
+    source: str, exc: InvalidInstance, *, origin: str | None, quarantine_key: str | None = None
+) -> Rejection:
+    """The row that makes a refused input visible (``radflow status``); never silent."""
+    return Rejection(
+        source=source,
+        reason=exc.reason,
+        message=str(exc)[:1024],
+        origin=origin[:255] if origin else None,
+        quarantine_key=quarantine_key,
+    )
 
 
 def ingest_instance(
@@ -132,6 +214,7 @@ def _series(session: Session, header: InstanceHeader, pseudonym_key: str) -> Ser
         number=header.series_number,
         description=header.series_description,
         body_part=header.body_part,
+        image_type=header.image_type,
     )
     session.add(series)
     return series
@@ -165,13 +248,6 @@ def _patient(session: Session, patient_id: str, pseudonym_key: str) -> Patient:
 
 def mark_stable(session: Session, study_uids: Iterable[str]) -> int:
     """Studies whose instances have all arrived become ready for processing."""
-    studies = session.scalars(
-        select(Study).where(
-            Study.study_uid.in_(list(study_uids)), Study.status == StudyStatus.RECEIVING
-        )
-    ).all()
-    for study in studies:
-        study.status = StudyStatus.STABLE
-        study.status_reason = None
-        study.stable_at = utcnow()
-    return len(studies)
+    uids = list(study_uids)
+    complete = Study.study_uid.in_(uids) & (Study.status == StudyStatus.RECEIVING)
+    return len(promote(session, complete, utcnow())) if uids else 0

@@ -1,11 +1,161 @@
-"""Routing: which image of a study a task looks at, or why the task does not apply."""
+"""Routing: which image of a study a task looks at, or why the task does not apply.
+
+The rules are data (YAML, ``routing_rules.yaml`` in this package by default, or
+``settings.routing_file``), validated on load: a typo in a rule file is an error that names the
+rule and the field, never a task that silently stops receiving studies.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Annotated
 
-from radflow.db import Instance, Study
-from radflow.tasks import Task
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from radflow.db import Instance, Series, Study
+from radflow.errors import RadflowError
+from radflow.settings import Settings
+from radflow.tasks import TASKS, Task
+
+Size = Annotated[int, Field(ge=1)]
+
+
+class InvalidRoutingRules(RadflowError):
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"routing rules {source}: {problem}; fix the file (RADFLOW_ROUTING_FILE)")
+
+
+class Rule(BaseModel):
+    """One declarative rule: a series goes to ``task`` when every given condition holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: str
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    series_description: str | None = None
+    image_type_contains: tuple[str, ...] = ()
+    image_type_excludes: tuple[str, ...] = ()
+    min_rows: Size | None = None
+    max_rows: Size | None = None
+    min_columns: Size | None = None
+    max_columns: Size | None = None
+
+    @field_validator("modality", "body_part", "image_type_contains", "image_type_excludes")
+    @classmethod
+    def _upper(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in values)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return task
+
+    def mismatch(self, series: Series, first: Instance | None) -> str | None:
+        """None when ``series`` matches, else why it does not (for people)."""
+        if self.modality and (series.modality or "").upper() not in self.modality:
+            return f"modality {series.modality or '(none)'} not in {list(self.modality)}"
+        if self.body_part and (series.body_part or "").upper() not in self.body_part:
+            return f"body part {series.body_part or '(none)'} not in {list(self.body_part)}"
+        description = series.description or ""
+        if self.series_description is not None and not re.search(
+            self.series_description, description, re.IGNORECASE
+        ):
+            return f"series description {description!r} does not match {self.series_description!r}"
+        image_type = set((series.image_type or "").upper().split("\\")) - {""}
+        if missing := [v for v in self.image_type_contains if v not in image_type]:
+            return f"image type lacks {missing}"
+        if present := [v for v in self.image_type_excludes if v in image_type]:
+            return f"image type is {present}"
+        return self._size_mismatch(first)
+
+    def _size_mismatch(self, first: Instance | None) -> str | None:
+        rows = first.rows if first is not None else None
+        columns = first.columns if first is not None else None
+        for what, value, low, high in (
+            ("rows", rows, self.min_rows, self.max_rows),
+            ("columns", columns, self.min_columns, self.max_columns),
+        ):
+            if (low is not None or high is not None) and value is None:
+                return f"{what} unknown"
+            if value is not None and low is not None and value < low:
+                return f"{value} {what} < {low}"
+            if value is not None and high is not None and value > high:
+                return f"{value} {what} > {high}"
+        return None
+
+
+class RoutingRules(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: tuple[Rule, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RoutingRules:
+        names = [r.name for r in self.rules]
+        if duplicates := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"rule names must be unique; repeated: {duplicates}")
+        return self
+
+    def for_task(self, task: str) -> list[Rule]:
+        return [r for r in self.rules if r.task == task]
+
+
+DEFAULT_RULES = "routing_rules.yaml"
+
+
+def parse_rules(text: str, source: str) -> RoutingRules:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidRoutingRules(source, f"not valid YAML ({exc})") from None
+    try:
+        return RoutingRules.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidRoutingRules(source, problems) from None
+
+
+def load_rules(path: Path | None = None) -> RoutingRules:
+    """The rules in ``path``, or the packaged defaults when None."""
+    if path is None:
+        return default_rules()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRoutingRules(str(path), f"cannot be read ({exc.strerror})") from None
+    return parse_rules(text, str(path))
+
+
+def rules_for(settings: Settings) -> RoutingRules:
+    return load_rules(settings.routing_file)
+
+
+@cache
+def default_rules() -> RoutingRules:
+    # The packaged file never changes while the process runs: parse it once.
+    # Beside this module (package data); importlib.resources trips over the editable install.
+    text = Path(__file__).with_name(DEFAULT_RULES).read_text(encoding="utf-8")
+    return parse_rules(text, f"(packaged {DEFAULT_RULES})")
 
 
 @dataclass(frozen=True)
@@ -14,12 +164,19 @@ class Routed:
     reason: str | None  # why nothing matched, when instance is None
 
 
-def route(study: Study, task: Task) -> Routed:
-    """The first image of the first series the task applies to."""
+def route(study: Study, task: Task, rules: RoutingRules | None = None) -> Routed:
+    """The first image of the first series a rule of ``task`` matches (packaged rules default)."""
+    task_rules = (rules or default_rules()).for_task(task.name)
+    if not task_rules:
+        return Routed(None, f"no routing rule for {task.name}")
     reasons = []
     for series in study.series:
-        mismatch = task.route.matches(series.modality, series.body_part)
-        if mismatch is None and series.instances:
-            return Routed(series.instances[0], None)
-        reasons.append(f"series {series.number or '?'}: {mismatch or 'no instances'}")
+        first = series.instances[0] if series.instances else None
+        why = []
+        for rule in task_rules:
+            mismatch = rule.mismatch(series, first)
+            if mismatch is None and first is not None:
+                return Routed(first, None)
+            why.append(f"{rule.name}: {mismatch or 'no instances'}")
+        reasons.append(f"series {series.number or '?'}: " + ", ".join(why))
     return Routed(None, f"no series for {task.name} (" + "; ".join(reasons) + ")")

@@ -12,12 +12,13 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from torch import nn
 
 from radflow.db import ModelVersion, Prediction, Series, Study, StudyStatus, unit_of_work
-from radflow.device import select_device
-from radflow.preprocess import load_image, preprocess
+from radflow.device import cpu_threads, select_device
+from radflow.explain import GRADCAM_NAME, Explainer, heatmap_png
+from radflow.preprocess import load_image, plain_tensors, preprocess
 from radflow.registry import load_network, require_champion
 from radflow.routing import route
-from radflow.store import ObjectNotFound, ObjectStore
-from radflow.tasks import get_task
+from radflow.store import ObjectNotFound, ObjectStore, keys
+from radflow.tasks import Task, get_task
 from radflow.training import predict
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,20 @@ class ScoreReport:
 
 
 def _pending(session: Session, model_version_id: int, limit: int) -> list[Study]:
-    """Stable studies without a prediction from this model version, oldest first."""
+    """Stable studies without a current prediction from this model version, oldest first.
+
+    A reopened study's earlier predictions are superseded (radflow.stability), so it is scored
+    again as one whole study.
+    """
     already = exists().where(
-        Prediction.study_id == Study.id, Prediction.model_version_id == model_version_id
+        Prediction.study_id == Study.id,
+        Prediction.model_version_id == model_version_id,
+        ~Prediction.superseded,
     )
     return list(
         session.scalars(
             select(Study)
-            .where(Study.status == StudyStatus.STABLE, ~already)
+            .where(Study.status.in_((StudyStatus.STABLE, StudyStatus.SCORED)), ~already)
             .order_by(Study.received_at, Study.id)
             .limit(limit)
             .options(selectinload(Study.series).selectinload(Series.instances))
@@ -54,20 +61,51 @@ def _pending(session: Session, model_version_id: int, limit: int) -> list[Study]
 
 
 def score_stable(
-    session_factory: sessionmaker[Session], store: ObjectStore, task_name: str, batch_size: int
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    task_name: str,
+    batch_size: int,
+    *,
+    explain: bool = True,
+    threads: int | None = None,
 ) -> ScoreReport:
-    """Score every stable study with the task's champion, one batch per transaction."""
+    """Score every stable study with the task's champion, one batch per transaction.
+
+    Studies scored by an earlier champion and not reviewed yet count as pending too: after a
+    promotion they are scored again (the earlier predictions stay, for history). With
+    ``explain``, each prediction also stores a Grad-CAM heat map (radflow.explain).
+    """
     task = get_task(task_name)
     device = select_device()
     with unit_of_work(session_factory) as session:
         champion = require_champion(session, task.name)
     network = load_network(store, champion, device)
+    cam_layer = champion.config.get("cam_layer", task.network.cam_layer)
+    model = Explainer(network, cam_layer) if explain and cam_layer else None
     report = ScoreReport(model=champion.name)
+    with cpu_threads(threads), plain_tensors():
+        _score_pending(
+            session_factory, store, task, network, model, champion, device, batch_size, report
+        )
+    return report
+
+
+def _score_pending(
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    task: Task,
+    network: nn.Module,
+    model: Explainer | None,
+    champion: ModelVersion,
+    device: torch.device,
+    batch_size: int,
+    report: ScoreReport,
+) -> None:
     while True:
         with unit_of_work(session_factory) as session:
             studies = _pending(session, champion.id, batch_size)
             if not studies:
-                return report
+                return
             routable = []
             for study in studies:
                 routed = route(study, task)
@@ -76,13 +114,14 @@ def score_stable(
                     report.no_model += 1
                 else:
                     routable.append((study, routed.instance.object_key))
-            _score_batch(session, store, network, champion, routable, device, report)
+            _score_batch(session, store, network, model, champion, routable, device, report)
 
 
 def _score_batch(
     session: Session,
     store: ObjectStore,
     network: nn.Module,
+    explainer: Explainer | None,
     champion: ModelVersion,
     routable: list[tuple[Study, str]],
     device: torch.device,
@@ -91,9 +130,10 @@ def _score_batch(
     task = get_task(champion.task)
     started = time.perf_counter()
     images, ok = [], []
+    transform = task.preprocessing()
     for study, key in routable:
         try:
-            images.append(preprocess(task, load_image(store, key)))
+            images.append(preprocess(task, load_image(store, key), transform))
             ok.append(study)
         except (ValueError, RuntimeError, OSError, NotImplementedError, ObjectNotFound) as exc:
             # One undecodable image fails its own study, visibly, and not the batch.
@@ -102,9 +142,18 @@ def _score_batch(
             logger.warning("study %s failed preprocessing: %s", study.id, exc)
     if not ok:
         return
-    scores = predict(network, torch.stack(images), device, len(ok))
+    batch = torch.stack(images)
+    derived: list[dict[str, str]] = [{} for _ in ok]
+    if explainer is None:
+        scores = predict(network, batch, device, len(ok))
+    else:
+        scores, maps = explainer(batch, device)
+        for study, heat, keys_out in zip(ok, maps, derived, strict=True):
+            key = keys.derived(study.study_uid, task.name, champion.version, GRADCAM_NAME)
+            store.put_bytes(key, heatmap_png(heat), content_type="image/png")
+            keys_out["gradcam"] = key
     per_study_ms = (time.perf_counter() - started) * 1000 / len(ok)
-    for study, score in zip(ok, scores, strict=True):
+    for study, score, derived_keys in zip(ok, scores, derived, strict=True):
         session.add(
             Prediction(
                 study_id=study.id,
@@ -112,7 +161,7 @@ def _score_batch(
                 task=task.name,
                 score=float(score),
                 scores={task.positive: float(score)},
-                derived_keys={},
+                derived_keys=derived_keys,
                 latency_ms=per_study_ms,
             )
         )

@@ -44,6 +44,39 @@ class Settings(BaseSettings):
     inbox_dir: Path | None = Field(
         default=None, description="Watch folder for dropped files; default <data_dir>/inbox"
     )
+    quarantine_dir: Path | None = Field(
+        default=None,
+        description="Where rejected watch-folder files go, each with a <name>.reason.json; "
+        "default <data_dir>/quarantine",
+    )
+    watch_interval_seconds: float = Field(
+        default=2.0, gt=0, description="How often `radflow watch` scans the inbox"
+    )
+    watch_settle_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A dropped file is picked up only once unchanged this long (still being "
+        "copied otherwise); names starting with '.' or ending in .part/.tmp are never picked up",
+    )
+    max_archive_bytes: int = Field(
+        default=8 * 1024**3,
+        gt=0,
+        description="Largest total uncompressed size of a zip dropped in the inbox (zip bombs)",
+    )
+    max_archive_members: int = Field(
+        default=100_000, gt=0, description="Most files a zip dropped in the inbox may hold"
+    )
+    stable_after_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="Quiet period: a study is complete (stable) once no new instance has "
+        "arrived for this long",
+    )
+    routing_file: Path | None = Field(
+        default=None,
+        description="YAML routing rules (series -> task); default the packaged "
+        "radflow/routing_rules.yaml",
+    )
     pseudonym_key: SecretStr = Field(
         default=SecretStr("radflow-development-key"),
         description="Secret for keyed patient pseudonyms; set a real one in production.",
@@ -53,7 +86,61 @@ class Settings(BaseSettings):
         description="Largest Rows*Columns*Frames accepted; bigger images are rejected.",
     )
     dashboard_port: int = 8501
+    receiver_port: int = Field(
+        default=11112, ge=1, le=65535, description="TCP port of the DICOM receiver (C-STORE SCP)"
+    )
+    receiver_host: str = Field(
+        default="0.0.0.0", description="Address the receiver listens on (127.0.0.1: this host only)"
+    )
+    receiver_ae_title: str = Field(
+        default="RADFLOW", min_length=1, max_length=16, description="AE title of the receiver"
+    )
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description='Calling AE titles the receiver accepts, as a JSON list (["CT1","PACS"]); '
+        "empty accepts every sender",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="Where the receiver keeps acknowledged instances until they are indexed; "
+        "default <data_dir>/spool (must be a local disk: it is fsynced)",
+    )
+    session_idle_minutes: float = Field(
+        default=30.0, gt=0, description="Dashboard sessions idle this long must log in again"
+    )
+    login_max_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Wrong passwords allowed per user (and 4x that per client address) "
+        "within login_window_minutes before further attempts are refused",
+    )
+    login_window_minutes: float = Field(
+        default=15.0, gt=0, description="Window over which failed logins are counted"
+    )
     batch_size: int = Field(default=32, ge=1, description="Scoring and training batch size")
+    promotion_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Significance level of the one-sided DeLong test a new model version must "
+        "pass (AUC higher than the champion's on the evaluation set) to become champion",
+    )
+    retrain_after_labels: int = Field(
+        default=50,
+        ge=1,
+        description="Retraining starts by itself once this many new labels for a task have "
+        "arrived since its last training",
+    )
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="CPU threads PyTorch uses for training and scoring (0: PyTorch's default, one "
+        "per core). Small images train fastest on one thread on a few shared cores; raise it on "
+        "large machines",
+    )
+    gradcam: bool = Field(
+        default=True, description="Store a Grad-CAM heat map with every classification prediction"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -65,7 +152,18 @@ class Settings(BaseSettings):
             self.store_url = str(self.data_dir / "objects")
         if self.inbox_dir is None:
             self.inbox_dir = self.data_dir / "inbox"
+        if self.quarantine_dir is None:
+            self.quarantine_dir = self.data_dir / "quarantine"
         return self
+
+    @property
+    def quarantine(self) -> Path:
+        assert self.quarantine_dir is not None  # filled by the validator
+        return self.quarantine_dir
+
+    @property
+    def spool(self) -> Path:
+        return self.spool_dir.expanduser() if self.spool_dir else self.data_dir / "spool"
 
     @property
     def inbox(self) -> Path:

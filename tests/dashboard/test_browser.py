@@ -1,7 +1,8 @@
 """The dashboard as a user sees it: a real ``streamlit run`` server driven by headless Chromium.
 
 Uses Debian's ``/usr/bin/chromium`` through the Python ``playwright`` package (never
-``playwright install``). Screenshots go to ``artifacts/screenshots/`` at the repository root.
+``playwright install``). Screenshots go to ``artifacts/screenshots/`` at the repository root
+(git-ignored). The server checks real argon2 hashes with production parameters.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from factories import make_study
+from factories import PASSWORD, make_study, make_user
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from sqlalchemy import select
 
-from radflow.db import StudyStatus, unit_of_work
+from radflow.db import AuditEvent, Label, ModelStatus, ModelVersion, StudyStatus, unit_of_work
+from radflow.dicom.synthetic import chest_phantom
 from radflow.runtime import Runtime
 from radflow.settings import Settings
+from radflow.users import Role
 
 pytestmark = pytest.mark.browser
 
@@ -61,12 +67,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite data dir with three scored studies, one waiting and one failed."""
+    """A SQLite data dir: three scored chest radiographs with heat maps, one waiting, one failed;
+    a radiologist and an ML engineer."""
     path = tmp_path_factory.mktemp("dashboard") / "data"
     settings = Settings(data_dir=path, database_url="", store_url="")
+    rng = np.random.default_rng(7)
     with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
         for accession, score in SCORED.items():
-            make_study(session, rt.store, accession=accession, score=score)
+            make_study(
+                session,
+                rt.store,
+                accession=accession,
+                score=score,
+                pixels=chest_phantom(rng, 256, positive=score > 0.5),
+                gradcam=True,
+            )
         make_study(session, rt.store, accession="ACC-WAIT")
         make_study(
             session,
@@ -75,6 +90,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             status=StudyStatus.FAILED,
             status_reason="missing pixel data",
         )
+        make_user(session, "rita", Role.RADIOLOGIST)
+        make_user(session, "max", Role.ML_ENGINEER)
     return path
 
 
@@ -163,8 +180,46 @@ def _screenshot(page: Page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def test_worklist_lists_studies_and_opens_one(server: str, page: Page) -> None:
-    page.goto(server)
+def _log_in(page: Page, server: str, name: str, path: str = "") -> None:
+    """Open ``path`` (a fresh browser session, so the login page), then log in as ``name``."""
+    page.goto(f"{server}/{path}")
+    if path:
+        _dismiss_page_not_found(page)
+    page.get_by_role("textbox", name="User name").fill(name)
+    page.get_by_role("textbox", name="Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("button", name="Log in")).to_have_count(0)
+    if path:
+        _dismiss_page_not_found(page)
+
+
+def _dismiss_page_not_found(page: Page) -> None:
+    """Close Streamlit's "page not found" notice (a URL to a page this session may not see).
+
+    It appears a moment after the page renders, so wait for it a little before deciding it
+    is not coming.
+    """
+    dialog = page.get_by_role("dialog").filter(has_text="Page not found")
+    try:
+        dialog.wait_for(state="visible", timeout=3000)
+    except PlaywrightTimeout:
+        return
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+
+
+def test_every_page_needs_a_login(server: str, page: Page) -> None:
+    page.goto(f"{server}/study?study=1.2.3")
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    expect(page.get_by_test_id("stDataFrame")).to_have_count(0)
+    _screenshot(page, "login")
+
+
+def test_radiologist_reviews_a_study_from_the_worklist(
+    server: str, page: Page, data_dir: Path
+) -> None:
+    _log_in(page, server, "rita")
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
     table = page.get_by_test_id("stDataFrame")
     expect(table).to_be_visible()
     # Glide grid draws on a canvas; its accessible table mirrors the visible cells as text.
@@ -172,13 +227,13 @@ def test_worklist_lists_studies_and_opens_one(server: str, page: Page) -> None:
     for accession, score in SCORED.items():
         expect(cells.filter(has_text=accession)).to_have_count(1)
         expect(cells.filter(has_text=f"{score:g}").first).to_be_attached()
-    first_column = table.locator('[role="gridcell"][aria-colindex="1"]')
-    expect(first_column.first).to_have_text("ACC-HIGH")
+    accession_column = table.locator('[role="gridcell"][aria-colindex="2"]')
+    expect(accession_column.first).to_have_text("ACC-HIGH")  # flagged, waiting longest
     expect(page.get_by_test_id("stMetric").filter(has_text="Scored")).to_contain_text("3")
     _screenshot(page, "worklist")
 
-    # Click the selection checkbox of the first row (highest score): it sits in the leftmost
-    # column of the canvas, one header row down.
+    # Click the selection checkbox of the first row: it sits in the leftmost column of the
+    # canvas, one header row down.
     box = table.bounding_box()
     assert box is not None
     page.mouse.click(box["x"] + 15, box["y"] + 35 + 17)
@@ -187,7 +242,8 @@ def test_worklist_lists_studies_and_opens_one(server: str, page: Page) -> None:
     expect(page.get_by_role("heading", name="Study ACC-HIGH")).to_be_visible()
     image = page.get_by_test_id("stImage").locator("img")
     expect(image).to_be_visible()
-    assert image.evaluate("img => img.complete && img.naturalWidth") == 64
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 256
+    expect(page.get_by_text("Grad-CAM of pneumonia-cxr:v1")).to_be_visible()
     metrics = page.get_by_test_id("stMetric")
     expect(metrics.filter(has_text="Score")).to_contain_text("0.910")
     expect(metrics.filter(has_text="Threshold")).to_contain_text("0.500")
@@ -195,11 +251,50 @@ def test_worklist_lists_studies_and_opens_one(server: str, page: Page) -> None:
     expect(page.get_by_text("Above threshold")).to_be_visible()
     _screenshot(page, "study")
 
-    page.get_by_text("Back to the worklist").click()
+    page.get_by_label("Comment").fill("patchy opacity, right lower zone")
+    page.get_by_role("button", name="Agree", exact=True).click()
+    expect(page.get_by_text("Saved: pneumonia-cxr = pneumonia")).to_be_visible()
+
+    settings = Settings(data_dir=data_dir, database_url="", store_url="")
+    with Runtime.open(settings, migrate=False) as rt, rt.session_factory() as session:
+        label = session.scalars(select(Label).where(Label.source == "review")).one()
+        audit = session.execute(
+            select(AuditEvent.actor, AuditEvent.action).where(
+                AuditEvent.object_id == label.study.study_uid
+            )
+        ).all()
+        assert (label.value, label.author, label.comment) == (
+            "pneumonia",
+            "rita",
+            "patchy opacity, right lower zone",
+        )
+    assert {("rita", "view"), ("rita", "label"), ("rita", "review")} <= {tuple(a) for a in audit}
+
+    page.get_by_role("button", name="Next unreviewed").click()
+    expect(page.get_by_role("heading", name="Study ACC-MID")).to_be_visible()
+
+
+def test_radiologist_cannot_reach_the_promote_action(server: str, page: Page) -> None:
+    _log_in(page, server, "rita", "models")
+    # The server registers no models page for this role: the URL leads to the worklist.
     expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    expect(page.get_by_role("link", name="Models")).to_have_count(0)
+    expect(page.get_by_role("button", name="Promote to champion")).to_have_count(0)
+
+
+def test_ml_engineer_sees_the_models_page(server: str, page: Page, data_dir: Path) -> None:
+    _log_in(page, server, "max")
+    page.get_by_role("link", name="Models").click()
+    expect(page.get_by_role("heading", name="Models")).to_be_visible()
+    expect(page.get_by_text("Labels since last training")).to_be_visible()
+    expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible()
+    _screenshot(page, "models")
+    settings = Settings(data_dir=data_dir, database_url="", store_url="")
+    with Runtime.open(settings, migrate=False) as rt, rt.session_factory() as session:
+        status = session.scalars(select(ModelVersion.status)).one()
+    assert status == ModelStatus.CHALLENGER  # the factory's version; nothing promoted by looking
 
 
 def test_unknown_study_link_explains_itself(server: str, page: Page) -> None:
-    page.goto(f"{server}/study?study=1.2.3.4.5")
+    _log_in(page, server, "rita", "study?study=1.2.3.4.5")
     expect(page.get_by_test_id("stAlertContentError")).to_contain_text("1.2.3.4.5")
-    _screenshot(page, "study-unknown")

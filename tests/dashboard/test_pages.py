@@ -2,60 +2,122 @@
 
 The app reads ``Settings()`` from the environment, as it does when served, so each test points
 ``RADFLOW_DATA_DIR`` at its own folder and clears Streamlit's caches (they outlive one AppTest).
+Most tests start logged in (session state set as the login page sets it); the login tests go
+through the form.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
-from factories import make_study
+from factories import PASSWORD, make_model_version, make_study, make_user
+from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from radflow.db import StudyStatus, unit_of_work
+from dashboard.context import AUTH_KEY
+from radflow.db import AuditEvent, Label, ModelStatus, ModelVersion, StudyStatus, unit_of_work
 from radflow.runtime import Runtime
 from radflow.settings import Settings
+from radflow.users import Role
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+USERS = {Role.RADIOLOGIST: "rita", Role.ML_ENGINEER: "max", Role.ADMIN: "ada"}
 
 
 @pytest.fixture
 def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    """A migrated, empty SQLite data dir that the app will find through the environment."""
+    """A migrated SQLite data dir with one user per role, found by the app through the env."""
     for name in list(os.environ):
         if name.upper().startswith("RADFLOW_"):
             monkeypatch.delenv(name)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("RADFLOW_DATA_DIR", str(tmp_path / "data"))
     st.cache_resource.clear()
     st.cache_data.clear()
     with Runtime.open(Settings()) as rt:
+        with unit_of_work(rt.session_factory) as session:
+            for role, name in USERS.items():
+                make_user(session, name, role)
         yield rt
     st.cache_resource.clear()
     st.cache_data.clear()
 
 
 def seed(runtime: Runtime, *scored: tuple[str, float | None]) -> dict[str, str]:
-    """Studies by accession and score; returns accession -> Study Instance UID."""
+    """Studies by accession and score (with heat maps); returns accession -> Study UID."""
     with unit_of_work(runtime.session_factory) as session:
-        studies = {a: make_study(session, runtime.store, accession=a, score=s) for a, s in scored}
+        studies = {
+            a: make_study(session, runtime.store, accession=a, score=s, gradcam=s is not None)
+            for a, s in scored
+        }
         return {accession: study.study_uid for accession, study in studies.items()}
 
 
-def app() -> AppTest:
-    return AppTest.from_file(str(APP), default_timeout=60)
+def app(role: Role | None = Role.RADIOLOGIST) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    if role is not None:
+        at.session_state[AUTH_KEY] = {"name": USERS[role], "seen": time.monotonic()}
+    return at
 
 
-def study_page(uid: str) -> AppTest:
-    at = app()
+def study_page(uid: str, role: Role = Role.RADIOLOGIST) -> AppTest:
+    at = app(role)
     at.query_params["study"] = uid
-    at.switch_page("pages/study.py")
+    at.switch_page("views/study.py")
     return at.run()
 
 
-def test_worklist_lists_studies_by_score_with_counts(runtime: Runtime) -> None:
+def events(runtime: Runtime, action: str) -> list[tuple[str, str]]:
+    with runtime.session_factory() as session:
+        rows = session.execute(
+            select(AuditEvent.actor, AuditEvent.object_id).where(AuditEvent.action == action)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_nothing_but_the_login_page_without_a_login(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app(role=None).run()
+    assert not at.exception
+    assert at.title[0].value == "Radflow"
+    assert not at.dataframe
+    # The server does not even know the other pages before a login.
+    with pytest.raises(ValueError, match=r"Known pages: \['[^,]*login.py'\]"):
+        at.switch_page("views/worklist.py")
+
+
+def test_login_with_the_right_password_opens_the_worklist(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app(role=None).run()
+    at.text_input[0].input("rita")
+    at.text_input[1].input("wrong password")
+    at.button[0].click().run()
+    assert "wrong user name or password" in at.error[0].value
+    at.text_input[0].input("rita")
+    at.text_input[1].input(PASSWORD)
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.title[0].value == "Worklist"
+    assert events(runtime, "login") == [("rita", "rita")]
+    assert events(runtime, "login-failed") == [("rita", "rita")]
+
+
+def test_idle_sessions_must_log_in_again(runtime: Runtime) -> None:
+    at = app()
+    idle_s = runtime.settings.session_idle_minutes * 60
+    at.session_state[AUTH_KEY] = {"name": "rita", "seen": time.monotonic() - idle_s - 1}
+    at.run()
+    assert at.title[0].value == "Radflow"
+    assert "idle too long" in at.info[0].value
+
+
+def test_worklist_in_triage_order_with_counts(runtime: Runtime) -> None:
     seed(runtime, ("LOW", 0.12), ("HIGH", 0.91), ("NONE", None))
     at = app().run()
     assert not at.exception
@@ -73,27 +135,38 @@ def test_empty_worklist_says_how_to_add_studies(runtime: Runtime) -> None:
     assert not at.exception
     message = at.info[0].value
     assert "No studies yet" in message
-    assert "radflow ingest DIR" in message
+    assert f"port {runtime.settings.receiver_port}" in message
     assert str(runtime.settings.inbox) in message
     assert not at.dataframe
 
 
-def test_sort_and_status_controls_change_the_table(runtime: Runtime) -> None:
+def test_filters_and_search_change_the_table(runtime: Runtime) -> None:
     seed(runtime, ("FIRST", 0.3), ("SECOND", 0.8))
     with unit_of_work(runtime.session_factory) as session:
-        make_study(session, runtime.store, accession="BROKEN", status=StudyStatus.FAILED)
+        make_study(
+            session,
+            runtime.store,
+            accession="BROKEN",
+            status=StudyStatus.FAILED,
+            status_reason="preprocessing: no pixel data",
+        )
     at = app().run()
-    at.selectbox(key="sort").set_value("Lowest score first").run()
-    assert at.dataframe[0].value["accession"].tolist() == ["FIRST", "SECOND", "BROKEN"]
+    assert at.dataframe[0].value["accession"].tolist() == ["SECOND", "FIRST", "BROKEN"]
     at.selectbox(key="sort").set_value("Oldest first").run()
     assert at.dataframe[0].value["accession"].tolist() == ["FIRST", "SECOND", "BROKEN"]
     at.selectbox(key="status").set_value("failed").run()
-    assert at.dataframe[0].value["accession"].tolist() == ["BROKEN"]
+    table = at.dataframe[0].value
+    assert table["accession"].tolist() == ["BROKEN"]
+    assert table["status_reason"].tolist() == ["preprocessing: no pixel data"]
+    at.selectbox(key="status").set_value("all").run()
+    at.text_input(key="search").input("SEC").run()
+    assert at.dataframe[0].value["accession"].tolist() == ["SECOND"]
 
 
 def test_pagination_walks_through_the_studies(runtime: Runtime) -> None:
     seed(runtime, *[(f"S{i:02d}", i / 100) for i in range(30)])
     at = app().run()
+    at.selectbox(key="sort").set_value("Highest score first").run()
     at.selectbox(key="size").set_value(25).run()
     assert len(at.dataframe[0].value) == 25
     assert at.dataframe[0].value["accession"].iloc[0] == "S29"
@@ -103,7 +176,7 @@ def test_pagination_walks_through_the_studies(runtime: Runtime) -> None:
     assert "Studies 26–30 of 30" in at.caption[0].value
 
 
-def test_selecting_a_row_opens_the_study(runtime: Runtime) -> None:
+def test_selecting_a_row_opens_the_study_and_audits_the_view(runtime: Runtime) -> None:
     uids = seed(runtime, ("LOW", 0.12), ("HIGH", 0.91))
     at = app().run()
     at.session_state["worklist_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
@@ -111,52 +184,124 @@ def test_selecting_a_row_opens_the_study(runtime: Runtime) -> None:
     assert not at.exception
     assert at.query_params["study"] == uids["HIGH"]
     assert at.title[0].value == "Study HIGH"
+    at.run()  # a redraw is not another view
+    assert events(runtime, "view") == [("rita", uids["HIGH"])]
 
 
-def test_study_page_shows_image_score_and_model(runtime: Runtime) -> None:
+def test_study_page_shows_image_heat_map_score_and_model(runtime: Runtime) -> None:
     uids = seed(runtime, ("HIGH", 0.91))
     at = study_page(uids["HIGH"])
     assert not at.exception
     assert at.title[0].value == "Study HIGH"
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics == {"Score": "0.910", "Threshold": "0.500", "Model": "pneumonia-cxr:v1"}
+    assert metrics == {
+        "Score": "0.910",
+        "P(pneumonia)": "91.0%",
+        "Threshold": "0.500",
+        "Model": "pneumonia-cxr:v1",
+    }
     assert len(at.image) == 1
-    assert not at.selectbox  # one series and not CT: nothing to choose
+    assert "Grad-CAM of pneumonia-cxr:v1" in at.image[0].captions[0]
+    at.toggle(key="gradcam").set_value(False).run()
+    assert "Grad-CAM" not in at.image[0].captions[0]
     history = at.dataframe[0].value
     assert history["model"].tolist() == ["pneumonia-cxr:v1"]
-    series = at.dataframe[1].value
-    assert series["instance_count"].tolist() == [1]
 
 
-def test_unscored_study_says_so(runtime: Runtime) -> None:
-    uids = seed(runtime, ("WAITING", None))
-    at = study_page(uids["WAITING"])
+def test_study_without_heat_map_says_so(runtime: Runtime) -> None:
+    with unit_of_work(runtime.session_factory) as session:
+        uid = make_study(session, runtime.store, accession="PLAIN", score=0.4).study_uid
+    at = study_page(uid)
     assert not at.exception
-    assert "Not scored yet" in at.info[0].value
+    assert any("No Grad-CAM heat map" in c.value for c in at.caption)
     assert len(at.image) == 1
 
 
-def test_unknown_study_shows_an_error_not_a_traceback(runtime: Runtime) -> None:
-    at = study_page("1.2.3.4.5")
-    assert not at.exception
-    assert "1.2.3.4.5" in at.error[0].value
-
-
-def test_study_page_without_a_study_points_to_the_worklist(runtime: Runtime) -> None:
-    at = app()
-    at.switch_page("pages/study.py")
-    at.run()
-    assert not at.exception
-    assert "pick one on the worklist" in at.info[0].value
-
-
-def test_ct_study_offers_window_presets(runtime: Runtime) -> None:
+def test_window_presets_and_frame_slider(runtime: Runtime) -> None:
+    frames = np.stack([np.full((32, 32), v, dtype=np.uint16) for v in (0, 1000, 2000)])
+    frames[:, 0, 0] = 4000
     with unit_of_work(runtime.session_factory) as session:
-        uid = make_study(
+        ct = make_study(
             session, runtime.store, accession="CT1", modality="CT", rescale=(1.0, -1024.0)
-        ).study_uid
-    at = study_page(uid)
+        )
+        cine = make_study(session, runtime.store, accession="CINE", pixels=frames)
+    at = study_page(ct.study_uid)
     before = at.image[0].value
-    at.selectbox[0].set_value("Lung").run()
+    at.selectbox(key="window").set_value("Lung").run()
     assert not at.exception
     assert at.image[0].value != before
+    at = study_page(cine.study_uid)
+    slider = at.slider(key=next(k for k in at.session_state if str(k).startswith("frame:")))
+    assert slider.value == 2
+    slider.set_value(1).run()
+    assert not at.exception
+    assert "frame 1/3" in at.image[0].captions[0]
+
+
+def test_agree_writes_a_review_label_and_audit_event(runtime: Runtime) -> None:
+    uids = seed(runtime, ("HIGH", 0.91), ("NEXT", 0.7))
+    at = study_page(uids["HIGH"])
+    at.text_area[0].input("consolidation right lower lobe")
+    next(b for b in at.button if b.label == "Agree").click().run()
+    assert not at.exception
+    with runtime.session_factory() as session:
+        label = session.scalars(select(Label)).one()
+    assert (label.value, label.source, label.author) == ("pneumonia", "review", "rita")
+    assert label.comment == "consolidation right lower lobe"
+    assert events(runtime, "review") == [("rita", uids["HIGH"])]
+    assert "Saved: pneumonia-cxr = pneumonia" in at.success[0].value
+    next(b for b in at.button if b.label == "Next unreviewed").click().run()
+    assert at.title[0].value == "Study NEXT"
+
+
+def test_ml_engineer_promotes_but_cannot_review(runtime: Runtime) -> None:
+    uids = seed(runtime, ("HIGH", 0.91))
+    with unit_of_work(runtime.session_factory) as session:
+        make_model_version(session, version=2)
+    at = study_page(uids["HIGH"], Role.ML_ENGINEER)
+    assert not any(b.label == "Agree" for b in at.button)
+    at.switch_page("views/models.py").run()
+    assert not at.exception
+    assert at.title[0].value == "Models"
+    at.selectbox(key="pick:pneumonia-cxr").set_value(
+        next(o for o in at.selectbox(key="pick:pneumonia-cxr").options if "v2" in o)
+    )
+    at.run()
+    at.button(key="promote:pneumonia-cxr").click().run()
+    assert not at.exception
+    with runtime.session_factory() as session:
+        statuses = dict(session.execute(select(ModelVersion.version, ModelVersion.status)).all())
+    assert statuses[2] == ModelStatus.CHAMPION
+    assert events(runtime, "promote") == [("max", "pneumonia-cxr:v2")]
+
+
+def test_radiologist_never_reaches_models_pipeline_or_audit(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app().run()
+    for page in ("views/models.py", "views/pipeline.py", "views/audit.py"):
+        # Not registered for a radiologist: no URL leads there.
+        with pytest.raises(ValueError, match="Could not find a navigation page"):
+            at.switch_page(page)
+    assert not [b for b in at.button if "Promote" in b.label]
+
+
+def test_pipeline_page_without_prefect_server(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app(Role.ML_ENGINEER)
+    at.switch_page("views/pipeline.py")
+    at.run()
+    assert not at.exception
+    assert at.title[0].value == "Pipeline"
+    assert any("PREFECT_API_URL" in i.value for i in at.info)
+
+
+def test_admin_filters_the_audit_trail(runtime: Runtime) -> None:
+    uids = seed(runtime, ("HIGH", 0.91))
+    study_page(uids["HIGH"])
+    at = app(Role.ADMIN)
+    at.switch_page("views/audit.py")
+    at.run()
+    assert not at.exception
+    at.selectbox(key="audit_action").set_value("view").run()
+    table = at.dataframe[0].value
+    assert table[["actor", "object_id"]].values.tolist() == [["rita", uids["HIGH"]]]

@@ -1,17 +1,23 @@
 """Database models and sessions (SQLAlchemy 2.0; schema made only by Alembic migrations)."""
 
+from radflow.db import triage as triage  # keeps Study.triage_rank in step with predictions
 from radflow.db.audit import AuditEvent, Rejection
 from radflow.db.base import Base
+from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
 from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
 from radflow.db.results import Label, Prediction
 from radflow.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade
+from radflow.db.users import LoginAttempt, User
 
 __all__ = [
     "AuditEvent",
     "Base",
+    "EvaluationSet",
     "Instance",
     "Label",
+    "LoginAttempt",
+    "ModelEvaluation",
     "ModelStatus",
     "ModelVersion",
     "Patient",
@@ -21,6 +27,7 @@ __all__ = [
     "Study",
     "StudyStatus",
     "TrainingRun",
+    "User",
     "make_engine",
     "make_sessionmaker",
     "unit_of_work",

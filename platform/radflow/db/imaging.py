@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Enum, ForeignKey, String
+from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from radflow.db.base import Base, utcnow
@@ -37,6 +37,7 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
+    __table_args__ = (Index("ix_study_triage", "triage_rank", "received_at", "id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -61,6 +62,11 @@ class Study(Base):
     last_instance_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stable_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Denormalised by radflow.db.triage on every new prediction, so the worklist sorts and pages
+    # 100,000 studies on one index instead of finding each study's latest prediction per request.
+    # No foreign key: prediction already points at study, and a cycle would complicate deletes.
+    latest_prediction_id: Mapped[int | None] = mapped_column(index=True)
+    triage_rank: Mapped[int] = mapped_column(default=2)  # 0 flagged, 1 below threshold, 2 unscored
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.number")
@@ -76,6 +82,9 @@ class Series(Base):
     number: Mapped[int | None]
     description: Mapped[str | None] = mapped_column(String(64))
     body_part: Mapped[str | None] = mapped_column(String(16))
+    # ImageType of the series' first instance, values joined by "\\" as in DICOM: routing rules
+    # match on it (ORIGINAL/DERIVED, LOCALIZER, ...).
+    image_type: Mapped[str | None] = mapped_column(String(128))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from radflow.db.base import Base, utcnow
@@ -14,10 +14,24 @@ from radflow.db.registry import ModelVersion
 
 
 class Prediction(Base):
-    """One model version's output for one study; re-scoring adds a row, history is kept."""
+    """One model version's output for one study; re-scoring adds a row, history is kept.
+
+    A late instance reopens a scored study; its predictions are then ``superseded`` (made on an
+    incomplete study) and the study is scored again. At most one current (not superseded)
+    prediction per study and model version: a partial unique index, on SQLite and PostgreSQL.
+    """
 
     __tablename__ = "prediction"
-    __table_args__ = (UniqueConstraint("study_id", "model_version_id"),)
+    __table_args__ = (
+        Index(
+            "uq_prediction_current",
+            "study_id",
+            "model_version_id",
+            unique=True,
+            sqlite_where=text("NOT superseded"),
+            postgresql_where=text("NOT superseded"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
@@ -28,6 +42,7 @@ class Prediction(Base):
     derived_keys: Mapped[dict[str, Any]] = mapped_column(default=dict)
     latency_ms: Mapped[float]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    superseded: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     study: Mapped[Study] = relationship()
     model_version: Mapped[ModelVersion] = relationship()

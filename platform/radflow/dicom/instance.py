@@ -58,6 +58,7 @@ class InstanceHeader:
     frames: int
     size_bytes: int
     sha256: str
+    image_type: str | None = None  # ImageType values joined by "\\", for routing rules
 
 
 def read_header(path: Path, max_pixels: int) -> InstanceHeader:
@@ -131,6 +132,7 @@ def header_from_dataset(ds: Dataset, path: Path, max_pixels: int) -> InstanceHea
         frames=frames,
         size_bytes=path.stat().st_size,
         sha256=file_sha256(path),
+        image_type=_image_type(ds),
     )
 
 
@@ -144,6 +146,11 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     pydicom reads such a file without complaint because the pixel data is only decoded later;
     catching it here keeps a half file from being acknowledged and stored as if it were whole.
     """
+    meta = getattr(ds, "file_meta", None)
+    if str(getattr(meta, "TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+        # Deflated: positions are in the inflated stream, not the file; a cut stream fails to
+        # inflate instead (zlib raises while reading).
+        return
     element = ds.get_item("PixelData") or ds.get_item("FloatPixelData")
     size = path.stat().st_size
     tell = getattr(element, "value_tell", None)
@@ -183,6 +190,14 @@ def _int(ds: Dataset, name: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _image_type(ds: Dataset) -> str | None:
+    value = ds.get("ImageType")
+    if value is None or value == "":
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    return "\\".join(str(v).strip().upper() for v in values)[:128] or None
 
 
 def file_sha256(path: Path) -> str:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from radflow.db import Instance, Label, ModelStatus, ModelVersion, Prediction, Study
+from radflow.db import (
+    Instance,
+    Label,
+    ModelStatus,
+    ModelVersion,
+    Prediction,
+    Rejection,
+    Study,
+    StudyStatus,
+)
+from radflow.settings import Settings
 
 
-def platform_status(session: Session) -> dict[str, Any]:
+def platform_status(session: Session, settings: Settings | None = None) -> dict[str, Any]:
     by_status = dict(
         session.execute(select(Study.status, func.count()).group_by(Study.status)).all()
     )
@@ -24,4 +35,40 @@ def platform_status(session: Session) -> dict[str, Any]:
         "predictions": session.scalar(select(func.count()).select_from(Prediction)),
         "labels": session.scalar(select(func.count()).select_from(Label)),
         "champions": {m.task: m.name for m in champions},
+        "stable_studies": by_status.get(StudyStatus.STABLE, 0),
+        "rejections": rejection_counts(session),
+        **({"receiver": receiver_status(session, settings.spool)} if settings else {}),
+    }
+
+
+def rejection_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Refused inputs by source (receiver, folder = quarantined, ingest) and reason."""
+    rows = session.execute(
+        select(Rejection.source, Rejection.reason, func.count()).group_by(
+            Rejection.source, Rejection.reason
+        )
+    ).all()
+    counts: dict[str, dict[str, int]] = {}
+    for source, reason, n in sorted(rows):
+        counts.setdefault(source, {})[reason] = n
+    return counts
+
+
+def receiver_status(session: Session, spool: Path) -> dict[str, Any]:
+    """The DICOM receiver's counters, its spool backlog and its rejections by reason."""
+    from radflow.receiver import count_waiting, load_counters
+
+    counters = load_counters(spool / "stats.json") or {}
+    by_reason = session.execute(
+        select(Rejection.reason, func.count())
+        .where(Rejection.source == "receiver")
+        .group_by(Rejection.reason)
+    ).all()
+    return {
+        "received": counters.get("received", 0),
+        "spooled": counters.get("spooled", 0),
+        "indexed": counters.get("indexed", 0),
+        "duplicates": counters.get("duplicates", 0),
+        "spool_waiting": count_waiting(spool),
+        "rejected": {reason: n for reason, n in sorted(by_reason)},
     }

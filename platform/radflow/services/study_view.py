@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_rescale, apply_voi_lut
@@ -18,8 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from radflow.db import Prediction, Series, Study
+from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.store import ObjectStore
+from radflow.users import Permission, Principal, require
 
 Window = tuple[float, float]
 """A VOI window as (center, width), in the image's output units (e.g. HU for CT)."""
@@ -37,6 +40,14 @@ class StudyNotFound(RadflowError, LookupError):
 
 
 @dataclass(frozen=True)
+class InstanceRef:
+    """One stored image of a series: a slice of a volume, or a whole (multi-frame) object."""
+
+    object_key: str
+    frames: int
+
+
+@dataclass(frozen=True)
 class SeriesView:
     series_uid: str
     number: int | None
@@ -46,6 +57,8 @@ class SeriesView:
     instance_count: int
     preview_key: str | None
     """Object key of the instance to show for the series (the middle one), None if it has none."""
+    instances: tuple[InstanceRef, ...] = ()
+    """In instance-number order: the slice slider walks them."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,19 @@ class PredictionView:
     flagged: bool
     created_at: datetime
     latency_ms: float
+    model_version_id: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+    """Probability per label value, as the model reported it."""
+    derived_keys: dict[str, str] = field(default_factory=dict)
+    """Object keys of what the model produced besides the score: "gradcam", "mask", ..."""
+
+    @property
+    def gradcam_key(self) -> str | None:
+        return self.derived_keys.get("gradcam")
+
+    @property
+    def mask_key(self) -> str | None:
+        return self.derived_keys.get("mask")
 
 
 @dataclass(frozen=True)
@@ -82,6 +108,21 @@ class StudyView:
     def preview_key(self) -> str | None:
         """The image that stands for the whole study: the first series that has one."""
         return next((s.preview_key for s in self.series if s.preview_key), None)
+
+
+def view_study(
+    session: Session, principal: Principal, study_uid: str, *, audit: bool = True
+) -> StudyView:
+    """The study page's content, for someone allowed to see studies; the viewing is audited.
+
+    The audit event joins the caller's transaction: commit it (``unit_of_work``). ``audit=False``
+    is for redraws of a study already recorded as opened (moving a slider is not a new view).
+    """
+    require(principal, Permission.VIEW_STUDIES)
+    view = get_study_view(session, study_uid)
+    if audit:
+        session.add(record(principal.name, "view", "study", study_uid))
+    return view
 
 
 def get_study_view(session: Session, study_uid: str) -> StudyView:
@@ -121,6 +162,7 @@ def _series_view(series: Series) -> SeriesView:
         body_part=series.body_part,
         instance_count=len(instances),
         preview_key=instances[len(instances) // 2].object_key if instances else None,
+        instances=tuple(InstanceRef(i.object_key, i.frames) for i in instances),
     )
 
 
@@ -140,33 +182,39 @@ def _prediction_views(session: Session, study_id: int) -> list[PredictionView]:
             flagged=p.score >= p.model_version.threshold,
             created_at=p.created_at,
             latency_ms=p.latency_ms,
+            model_version_id=p.model_version_id,
+            scores={str(k): float(v) for k, v in (p.scores or {}).items()},
+            derived_keys={str(k): str(v) for k, v in (p.derived_keys or {}).items() if v},
         )
         for p in predictions
     ]
 
 
 def render_image(
-    store: ObjectStore, object_key: str, *, window: Window | None = None
+    store: ObjectStore, object_key: str, *, window: Window | None = None, frame: int | None = None
 ) -> NDArray[np.uint8]:
     """A stored DICOM image as 8-bit greyscale for display, bright meaning dense.
 
     The standard display pipeline (PS3.3 C.11): modality rescale, then the VOI (``window`` as
     (center, width) if given, else the file's own VOI LUT or window, else the full pixel range),
-    then MONOCHROME1 inverted. A multi-frame instance shows its middle frame; colour images are
-    shown as their luminance.
+    then MONOCHROME1 inverted. A multi-frame instance shows ``frame`` (0-based, default the
+    middle one); colour images are shown as their luminance.
     """
     ds = pydicom.dcmread(io.BytesIO(store.get_bytes(object_key)))
-    values = apply_rescale(_display_frame(ds), ds)
+    values = apply_rescale(_display_frame(ds, frame), ds)
     unit = _apply_voi(values, ds, window)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         unit = 1.0 - unit
     return np.rint(unit * 255.0).astype(np.uint8)
 
 
-def _display_frame(ds: Dataset) -> NDArray[np.float64]:
+def _display_frame(ds: Dataset, frame: int | None) -> NDArray[np.float64]:
     frames = int(ds.get("NumberOfFrames") or 1)
+    index = frames // 2 if frame is None else frame
+    if not 0 <= index < frames:
+        raise ValueError(f"frame {index} does not exist: the image has frames 0..{frames - 1}")
     # Decode only the frame we show: a 500-frame cine or enhanced CT need not be decoded whole.
-    arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
+    arr = pixel_array(ds, index=index) if frames > 1 else ds.pixel_array
     if arr.ndim == 3:  # (rows, cols, samples): colour, converted to RGB by pydicom
         arr = arr[..., :3] @ np.array([0.299, 0.587, 0.114])
     return np.asarray(arr, dtype=np.float64)
@@ -209,3 +257,97 @@ def _first(value: Any) -> float:
 
 def _is_monochrome(ds: Dataset) -> bool:
     return str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME")
+
+
+def adjust_contrast(
+    image: NDArray[np.uint8],
+    *,
+    brightness: float = 0.0,
+    contrast: float = 1.0,
+    invert: bool = False,
+) -> NDArray[np.uint8]:
+    """Brightness (-1..1 of the display range) and contrast (a gain around mid-grey) on top of
+    the window, the way a viewer's mouse-drag fine tuning works."""
+    out = (image.astype(np.float64) - 127.5) * contrast + 127.5 + brightness * 255.0
+    out = np.clip(out, 0.0, 255.0)
+    if invert:
+        out = 255.0 - out
+    return np.rint(out).astype(np.uint8)
+
+
+# "Jet": the colours radiologists know from Grad-CAM papers (blue cold, red hot).
+_JET = np.array(
+    [
+        (0.000, 0.0, 0.0, 0.5),
+        (0.125, 0.0, 0.0, 1.0),
+        (0.375, 0.0, 1.0, 1.0),
+        (0.625, 1.0, 1.0, 0.0),
+        (0.875, 1.0, 0.0, 0.0),
+        (1.000, 0.5, 0.0, 0.0),
+    ]
+)
+MASK_COLOUR = np.array([0.0, 1.0, 0.3])
+
+
+class OverlayUnreadable(RadflowError, ValueError):
+    """A derived object (heat map, mask) is not an image this viewer can show."""
+
+
+def load_overlay(
+    store: ObjectStore, object_key: str, shape: tuple[int, int]
+) -> NDArray[np.float64]:
+    """A stored heat map or mask (PNG or any PIL format) as floats in [0, 1], resized to ``shape``.
+
+    Raises ObjectNotFound if it is missing and OverlayUnreadable if it is not an image.
+    """
+    try:
+        picture = Image.open(io.BytesIO(store.get_bytes(object_key)))
+        picture.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise OverlayUnreadable(f"{object_key} is not a readable image: {exc}") from exc
+    if picture.mode in ("I", "I;16", "F"):
+        values = np.asarray(picture, dtype=np.float64)
+        high = float(values.max())
+        values = values / high if high > 0 else values
+    else:
+        values = np.asarray(picture.convert("L"), dtype=np.float64) / 255.0
+    if values.shape != shape:
+        resized = Image.fromarray(values.astype(np.float32), mode="F").resize(
+            (shape[1], shape[0]), Image.Resampling.BILINEAR
+        )
+        values = np.asarray(resized, dtype=np.float64)
+    return np.clip(values, 0.0, 1.0)
+
+
+def heatmap_overlay(
+    image: NDArray[np.uint8], heat: NDArray[np.float64], opacity: float
+) -> NDArray[np.uint8]:
+    """RGB: the image with a jet-coloured heat map; cold regions stay see-through."""
+    _check_opacity(opacity)
+    colours = np.stack(
+        [np.interp(heat, _JET[:, 0], _JET[:, channel]) for channel in (1, 2, 3)], axis=-1
+    )
+    alpha = (opacity * heat)[..., None]
+    return _blend(image, colours, alpha)
+
+
+def mask_overlay(
+    image: NDArray[np.uint8], mask: NDArray[np.float64], opacity: float
+) -> NDArray[np.uint8]:
+    """RGB: the image with the segmented region tinted; outside the mask is unchanged."""
+    _check_opacity(opacity)
+    alpha = np.where(mask >= 0.5, opacity, 0.0)[..., None].astype(np.float64)
+    return _blend(image, np.broadcast_to(MASK_COLOUR, (*mask.shape, 3)), alpha)
+
+
+def _blend(
+    image: NDArray[np.uint8], colours: NDArray[np.float64], alpha: NDArray[np.float64]
+) -> NDArray[np.uint8]:
+    base = np.repeat(image[..., None], 3, axis=-1) / 255.0 if image.ndim == 2 else image / 255.0
+    out = base * (1.0 - alpha) + colours * alpha
+    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _check_opacity(opacity: float) -> None:
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity {opacity} must be between 0 and 1")

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 from radflow.errors import UnknownTask
 from radflow.tasks import pneumonia_cxr
-from radflow.tasks.base import Route, Task, TrainingPlan
+from radflow.tasks.base import (
+    EvaluationPolicy,
+    NetworkSpec,
+    OperatingPoint,
+    Route,
+    Task,
+    TaskKind,
+    TrainingPlan,
+)
 
 TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK,)}
 
-__all__ = ["TASKS", "Route", "Task", "TrainingPlan", "get_task"]
+__all__ = [
+    "TASKS",
+    "EvaluationPolicy",
+    "NetworkSpec",
+    "OperatingPoint",
+    "Route",
+    "Task",
+    "TaskKind",
+    "TrainingPlan",
+    "get_task",
+]
 
 
 def get_task(name: str) -> Task:

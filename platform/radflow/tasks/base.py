@@ -2,16 +2,35 @@
 
 A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows, the CLI and the
 dashboard never hard-code task details.
+
+The seams for the task kinds still to come are here, not in the callers: ``kind`` names the
+family (only ``binary-classification`` is implemented end to end), ``network`` is a MONAI
+config (so a bundle can be exported and re-imported for any network), ``inference`` says how a
+network sees an image (whole, or through a sliding window for large 3D volumes), and
+``operating_point`` / ``evaluation`` say how a version is judged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pydoc import locate
 from typing import Any, Literal
 
+from monai import transforms as monai_transforms
 from monai.transforms import Compose
 from torch import nn
+
+TaskKind = Literal[
+    "binary-classification",
+    # Declared so that configuration and code paths can name them; not built yet.
+    "classification-3d",
+    "segmentation-3d",
+    "sequence-classification",
+    "image-enhancement",
+]
 
 
 @dataclass(frozen=True)
@@ -41,17 +60,99 @@ class TrainingPlan:
 
 
 @dataclass(frozen=True)
+class NetworkSpec:
+    """A MONAI network as a bundle-style config: ``target`` class and its keyword arguments.
+
+    Keeping the network as data (not a closure) is what lets a version be exported as a MONAI
+    bundle whose ``inference.json`` rebuilds exactly this network.
+    """
+
+    target: str
+    args: Mapping[str, Any]
+    # The layer whose activations Grad-CAM weighs (last convolutional block); None: no maps.
+    cam_layer: str | None = None
+
+    def build(self) -> nn.Module:
+        cls = locate(self.target)
+        if not callable(cls):
+            raise ValueError(f"network target {self.target!r} is not an importable class")
+        network = cls(**self.args)
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"network target {self.target!r} did not build a torch module")
+        return network
+
+    def config(self) -> dict[str, Any]:
+        """The ``network_def`` of a MONAI bundle (JSON types only)."""
+        return {"_target_": self.target, **json.loads(json.dumps(dict(self.args)))}
+
+
+TransformConfig = Mapping[str, Any]
+
+
+def compose(configs: tuple[TransformConfig, ...]) -> Compose:
+    """MONAI transforms from bundle-style configs (``{"_target_": "Resize", ...}``).
+
+    Declaring deterministic preprocessing as data means the exported MONAI bundle's
+    ``inference.json`` preprocessing is exactly the platform's.
+    """
+    steps = []
+    for config in configs:
+        args = {k: v for k, v in config.items() if k != "_target_"}
+        cls = getattr(monai_transforms, str(config["_target_"]))
+        steps.append(cls(**args))
+    return Compose(steps)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How the score threshold is chosen on validation data."""
+
+    policy: Literal["youden", "target-sensitivity"] = "youden"
+    target_sensitivity: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ValueError("target_sensitivity must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EvaluationPolicy:
+    """Which studies form the task's fixed evaluation set (frozen on the first training).
+
+    Labels carrying ``split`` (an imported dataset's validation split) form it when present;
+    otherwise the patients held out by the first training do. Later trainings never learn from it,
+    so every version is compared on the same studies.
+    """
+
+    split: str = "val"
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
-    kind: Literal["binary-classification"]
+    kind: TaskKind
     description: str
     labels: tuple[str, str]  # (negative, positive) label values
     route: Route
     spatial_size: tuple[int, ...]
-    build_network: Callable[[], nn.Module]
-    preprocessing: Callable[[], Compose]
+    network: NetworkSpec
+    # Deterministic, run on every image (training, scoring, export); MONAI configs.
+    preprocessing_config: tuple[TransformConfig, ...]
     augmentation: Callable[[], Compose]
     plan: TrainingPlan = field(default_factory=TrainingPlan)
+    metrics: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)
+    evaluation: EvaluationPolicy = field(default_factory=EvaluationPolicy)
+    inference: Literal["whole-image", "sliding-window"] = "whole-image"
+    # Bump when the preprocessing code changes in a way its parameters do not show: it is part
+    # of the cache key of preprocessed tensors.
+    preprocessing_version: int = 1
+
+    def build_network(self) -> nn.Module:
+        return self.network.build()
+
+    def preprocessing(self) -> Compose:
+        return compose(self.preprocessing_config)
 
     @property
     def positive(self) -> str:
@@ -65,6 +166,16 @@ class Task:
             )
         return float(label_value == self.positive)
 
+    def preprocessing_digest(self) -> str:
+        """Identifies what ``preprocessing`` does: same digest, same tensors from the same bytes."""
+        steps = json.loads(json.dumps(list(self.preprocessing_config), default=repr))
+        text = json.dumps(
+            [self.kind, list(self.spatial_size), self.preprocessing_version, steps],
+            sort_keys=True,
+            default=repr,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def describe(self) -> dict[str, Any]:
         """A JSON-able record of the task as trained (stored with every model version)."""
         return {
@@ -72,6 +183,9 @@ class Task:
             "kind": self.kind,
             "labels": list(self.labels),
             "spatial_size": list(self.spatial_size),
-            "network": type(self.build_network()).__name__,
+            "network": self.network.config(),
+            "cam_layer": self.network.cam_layer,
             "plan": self.plan.__dict__,
+            "operating_point": self.operating_point.__dict__,
+            "preprocessing_digest": self.preprocessing_digest(),
         }

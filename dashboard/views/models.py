@@ -1,0 +1,182 @@
+"""Models: versions per task, how well they do on labelled studies, promotion and retraining."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+from sqlalchemy.orm import Session
+
+from dashboard import context
+from radflow.errors import RadflowError
+from radflow.services.models import (
+    Evaluation,
+    VersionSummary,
+    evaluate,
+    labels_since_training,
+    list_versions,
+    promote,
+    request_retrain,
+    rollback,
+    start_retrain,
+)
+from radflow.users import Permission, Principal
+
+user = context.require_page(Permission.VIEW_MODELS)
+METRICS = ("auc", "accuracy", "sensitivity", "specificity", "threshold", "n")
+
+
+def _versions_table(versions: list[VersionSummary]) -> None:
+    rows = [
+        {
+            "model": v.name,
+            "status": v.status,
+            **{m: v.metrics.get(m) for m in METRICS},
+            "labels": v.label_snapshot,
+            "created_at": v.created_at,
+        }
+        for v in versions
+    ]
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        column_config={
+            "model": "Version",
+            "status": "Status",
+            "auc": st.column_config.NumberColumn("Val AUC", format="%.3f"),
+            "accuracy": st.column_config.NumberColumn("Accuracy", format="%.3f"),
+            "sensitivity": st.column_config.NumberColumn("Sensitivity", format="%.3f"),
+            "specificity": st.column_config.NumberColumn("Specificity", format="%.3f"),
+            "threshold": st.column_config.NumberColumn("Threshold", format="%.3f"),
+            "n": st.column_config.NumberColumn("Val n", format="%d"),
+            "labels": st.column_config.NumberColumn("Label snapshot", help="Labels trained on"),
+            "created_at": st.column_config.DatetimeColumn("Created", format="YYYY-MM-DD HH:mm"),
+        },
+    )
+
+
+def _training_curves(version: VersionSummary) -> None:
+    if not version.history:
+        st.caption("No training history was recorded for this version.")
+        return
+    frame = pd.DataFrame(version.history)
+    if "epoch" not in frame:
+        frame["epoch"] = range(1, len(frame) + 1)
+    series = [c for c in frame.columns if c != "epoch" and pd.api.types.is_numeric_dtype(frame[c])]
+    long = frame.melt(id_vars="epoch", value_vars=series, var_name="curve", value_name="value")
+    figure = px.line(long, x="epoch", y="value", color="curve", markers=True, title="Training")
+    st.plotly_chart(figure, width="stretch")
+
+
+def _evaluation_charts(version: VersionSummary, evaluation: Evaluation | None) -> None:
+    if evaluation is None:
+        st.info(
+            f"{version.name} has not scored any labelled study yet: ROC, confusion matrix and "
+            "calibration appear once studies it scored are reviewed.",
+            icon=":material/query_stats:",
+        )
+        return
+    source = (
+        "labels it was not trained on" if evaluation.held_out else "all labels (incl. training)"
+    )
+    st.caption(f"From {evaluation.n} labelled studies it scored, using {source}.")
+    columns = st.columns(3)
+    roc = go.Figure()
+    roc.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot"}, name="chance")
+    if evaluation.fpr:
+        roc.add_scatter(x=evaluation.fpr, y=evaluation.tpr, mode="lines", name=version.name)
+    auc = f"AUC {evaluation.auc:.3f}" if evaluation.auc is not None else "one class only"
+    roc.update_layout(
+        title=f"ROC ({auc})", xaxis_title="1 - specificity", yaxis_title="sensitivity"
+    )
+    columns[0].plotly_chart(roc, width="stretch")
+    c = evaluation.confusion
+    matrix = px.imshow(
+        [[c["tp"], c["fn"]], [c["fp"], c["tn"]]],
+        x=["flagged", "not flagged"],
+        y=["positive", "negative"],
+        text_auto=True,
+        color_continuous_scale="Blues",
+        title=f"At threshold {version.threshold:.3f}",
+    )
+    matrix.update_layout(coloraxis_showscale=False)
+    columns[1].plotly_chart(matrix, width="stretch")
+    calibration = go.Figure()
+    calibration.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot"}, name="ideal")
+    calibration.add_scatter(
+        x=[p for p, _, _ in evaluation.calibration],
+        y=[o for _, o, _ in evaluation.calibration],
+        mode="lines+markers",
+        text=[f"{n} studies" for _, _, n in evaluation.calibration],
+        name=version.name,
+    )
+    calibration.update_layout(
+        title="Calibration", xaxis_title="mean predicted", yaxis_title="observed positive"
+    )
+    columns[2].plotly_chart(calibration, width="stretch")
+
+
+def _actions(principal: Principal, task: str, versions: list[VersionSummary]) -> None:
+    left, right = st.columns(2)
+    with left:
+        chosen = st.selectbox(
+            "Version", versions, format_func=lambda v: f"{v.name} ({v.status})", key=f"pick:{task}"
+        )
+        promotable = chosen is not None and chosen.status != "champion"
+        if promotable and st.button("Promote to champion", key=f"promote:{task}", type="primary"):
+            assert chosen is not None
+            _run(lambda s: promote(s, principal, task, chosen.version), f"Promoted {chosen.name}")
+        if any(v.status == "champion" for v in versions) and st.button(
+            "Roll back to the previous champion", key=f"rollback:{task}"
+        ):
+            _run(lambda s: rollback(s, principal, task), "Rolled back")
+    with right:
+        with context.session() as session:
+            new_labels = labels_since_training(session, task)
+        st.metric("Labels since last training", new_labels)
+        if st.button("Retrain now", key=f"retrain:{task}", icon=":material/model_training:"):
+            with context.transaction() as session:
+                request_retrain(session, principal, task)
+            started = start_retrain(context.runtime().settings, principal, task)
+            where = "Prefect flow run" if started.how == "prefect" else "local process"
+            st.success(f"Training of {task} started ({where} {started.ref}).")
+
+
+def _run(action: Callable[[Session], object], done: str) -> None:
+    try:
+        with context.transaction() as session:
+            action(session)
+    except RadflowError as exc:
+        st.error(str(exc))
+        return
+    st.toast(done)
+    st.rerun()
+
+
+st.title("Models")
+with context.session() as session:
+    tasks = list_versions(session, user)
+if not tasks:
+    st.info(
+        "No model versions yet: label studies on the worklist (or `radflow label`), then "
+        "press Retrain or run `radflow train`.",
+        icon=":material/model_training:",
+    )
+    st.stop()
+
+for task, versions in tasks.items():
+    st.header(task)
+    _versions_table(versions)
+    shown = st.selectbox(
+        "Show charts for", versions, format_func=lambda v: v.name, key=f"charts:{task}"
+    )
+    if shown is not None:
+        with context.session() as session:
+            evaluation = evaluate(session, user, shown.id)
+        _evaluation_charts(shown, evaluation)
+        _training_curves(shown)
+    if user.can(Permission.PROMOTE):
+        _actions(user, task, versions)

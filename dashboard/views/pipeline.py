@@ -1,0 +1,79 @@
+"""Pipeline: is data flowing? Ingest rate, queues, rejected inputs and recent flow runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboard import context
+from radflow.services.pipeline import (
+    FlowRunsUnavailable,
+    ingest_rate,
+    recent_flow_runs,
+    rejections,
+)
+from radflow.services.status import platform_status
+from radflow.users import Permission
+
+user = context.require_page(Permission.VIEW_PIPELINE)
+settings = context.runtime().settings
+
+st.title("Pipeline")
+
+with context.session() as session:
+    status = platform_status(session)
+    hours = ingest_rate(session, user, hours=24)
+    rejected, by_reason = rejections(session, user, limit=100)
+
+numbers = {k: v for k, v in status.items() if isinstance(v, int)}
+for column, (name, value) in zip(st.columns(max(1, len(numbers))), numbers.items(), strict=False):
+    column.metric(name.replace("_", " ").capitalize(), value)
+queues = {k: v for k, v in status.items() if isinstance(v, dict) and k != "champions"}
+if queues:
+    with st.expander("Queues and counts", expanded=True):
+        st.json(queues)
+
+st.subheader("Ingest rate")
+rate = pd.DataFrame(hours, columns=["hour", "instances"])
+if rate["instances"].sum() == 0:
+    st.info(
+        f"Nothing received in the last 24 hours: send studies to DICOM port "
+        f"{settings.receiver_port} or drop files in `{settings.inbox}`.",
+        icon=":material/inbox:",
+    )
+else:
+    st.plotly_chart(
+        px.bar(rate, x="hour", y="instances", title="Instances received per hour (UTC)"),
+        width="stretch",
+    )
+
+st.subheader("Rejected and quarantined inputs")
+if not rejected:
+    st.caption("No input has been rejected.")
+else:
+    st.plotly_chart(
+        px.bar(
+            x=list(by_reason), y=list(by_reason.values()), labels={"x": "reason", "y": "inputs"}
+        ),
+        width="stretch",
+    )
+    st.dataframe(pd.DataFrame([asdict(r) for r in rejected]), hide_index=True)
+
+st.subheader("Recent flow runs")
+try:
+    runs = recent_flow_runs(user, os.environ.get("PREFECT_API_URL"))
+except FlowRunsUnavailable as exc:
+    st.info(str(exc), icon=":material/info:")
+else:
+    if not runs:
+        st.caption("The Prefect server has no flow runs yet.")
+    else:
+        frame = pd.DataFrame([asdict(r) for r in runs])
+        failed = frame[frame["state"].isin(["Failed", "Crashed"])]
+        if len(failed):
+            st.error(f"{len(failed)} of the last {len(frame)} flow runs failed.")
+        st.dataframe(frame, hide_index=True)

@@ -1,0 +1,310 @@
+"""Study: the image with window, contrast and AI overlays, the score, the review form, history."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from numpy.typing import NDArray
+
+from dashboard import context
+from radflow.services.review import Verdict, next_unreviewed, submit_review
+from radflow.services.study_view import (
+    OverlayUnreadable,
+    SeriesView,
+    StudyNotFound,
+    StudyView,
+    Window,
+    adjust_contrast,
+    heatmap_overlay,
+    load_overlay,
+    mask_overlay,
+    view_study,
+)
+from radflow.store import ObjectNotFound
+from radflow.tasks import TASKS, get_task
+from radflow.users import Permission, Principal
+
+user = context.require_page(Permission.VIEW_STUDIES)
+
+# Common windows as (center, width) in modality units (HU for CT).
+WINDOWS: dict[str, Window | None] = {
+    "From the image": None,
+    "Lung": (-600.0, 1500.0),
+    "Mediastinum": (50.0, 350.0),
+    "Bone": (400.0, 1800.0),
+    "Brain": (40.0, 80.0),
+    "Abdomen": (40.0, 400.0),
+}
+VIEWED_KEY = "radflow_viewed"
+
+
+def _back_link() -> None:
+    st.page_link(context.WORKLIST_PAGE, label="Back to the worklist", icon=":material/arrow_back:")
+
+
+def _open(study_uid: str) -> None:
+    st.switch_page(context.STUDY_PAGE, query_params={context.STUDY_PARAM: study_uid})
+
+
+def _load(principal: Principal, study_uid: str) -> StudyView:
+    """The view; the first opening in this browser session is audited, redraws are not."""
+    viewed: set[str] = st.session_state.setdefault(VIEWED_KEY, set())
+    with context.transaction() as session:
+        view = view_study(session, principal, study_uid, audit=study_uid not in viewed)
+    viewed.add(study_uid)
+    return view
+
+
+def _choose_series(view: StudyView) -> SeriesView | None:
+    if len(view.series) > 1:
+        return st.selectbox(
+            "Series",
+            view.series,
+            format_func=lambda s: (
+                f"{s.number or '-'}: {s.description or s.modality or s.series_uid}"
+            ),
+        )
+    return view.series[0] if view.series else None
+
+
+def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], str] | None:
+    """The displayed image (slice, frame, window, contrast) and its caption."""
+    instances = series.instances
+    index = len(instances) // 2
+    if len(instances) > 1:
+        index = (
+            st.slider("Slice", 1, len(instances), index + 1, key=f"slice:{series.series_uid}") - 1
+        )
+    instance = instances[index]
+    frame = None
+    if instance.frames > 1:
+        frame = (
+            st.slider(
+                "Frame",
+                1,
+                instance.frames,
+                instance.frames // 2 + 1,
+                key=f"frame:{instance.object_key}",
+            )
+            - 1
+        )
+    controls = st.columns(2)
+    preset = controls[0].selectbox("Window / level", list(WINDOWS), key="window")
+    with controls[1].popover("Contrast", icon=":material/contrast:"):
+        brightness = st.slider("Brightness", -0.5, 0.5, 0.0, 0.05, key="brightness")
+        contrast = st.slider("Contrast", 0.5, 3.0, 1.0, 0.1, key="contrast")
+        invert = st.toggle("Invert", key="invert")
+    try:
+        image = context.rendered_image(
+            instance.object_key, WINDOWS[preset or "From the image"], frame
+        )
+    except ObjectNotFound:
+        st.warning(f"The image {instance.object_key} is missing from the object store.")
+        return None
+    image = adjust_contrast(image, brightness=brightness, contrast=contrast, invert=invert)
+    where = [f"slice {index + 1}/{len(instances)}"] if len(instances) > 1 else []
+    where += [f"frame {frame + 1}/{instance.frames}"] if frame is not None else []
+    caption = " · ".join([series.description or series.series_uid, *where])
+    return image, caption
+
+
+def _with_overlays(
+    view: StudyView, image: NDArray[np.uint8]
+) -> tuple[NDArray[np.uint8], list[str]]:
+    latest = view.latest
+    notes: list[str] = []
+    if latest is None:
+        return image, notes
+    store = context.runtime().store
+    shown: NDArray[np.uint8] = image
+    toggles = st.columns(2)
+    if latest.gradcam_key is None:
+        toggles[0].caption("No Grad-CAM heat map for this prediction.")
+    elif toggles[0].toggle("Grad-CAM heat map", value=True, key="gradcam"):
+        opacity = toggles[0].slider("Heat map opacity", 0.0, 1.0, 0.5, 0.05, key="gradcam_opacity")
+        try:
+            heat = load_overlay(store, latest.gradcam_key, image.shape[:2])
+            shown = heatmap_overlay(shown, heat, opacity)
+            notes.append(f"Grad-CAM of {latest.model}")
+        except (ObjectNotFound, OverlayUnreadable) as exc:
+            st.warning(f"The heat map could not be shown: {exc}")
+    if latest.mask_key is not None and toggles[1].toggle(
+        "Segmentation mask", value=True, key="mask"
+    ):
+        opacity = toggles[1].slider("Mask opacity", 0.0, 1.0, 0.4, 0.05, key="mask_opacity")
+        try:
+            shown = mask_overlay(
+                shown, load_overlay(store, latest.mask_key, image.shape[:2]), opacity
+            )
+            notes.append("segmentation mask")
+        except (ObjectNotFound, OverlayUnreadable) as exc:
+            st.warning(f"The mask could not be shown: {exc}")
+    return shown, notes
+
+
+def _show_image(view: StudyView) -> None:
+    series = _choose_series(view)
+    if series is None or not series.instances:
+        st.warning("This study has no stored images.")
+        return
+    picture = _picture(view, series)
+    if picture is None:
+        return
+    image, caption = picture
+    shown, notes = _with_overlays(view, image)
+    st.image(shown, caption=" · ".join([caption, *notes]), width="stretch")
+
+
+def _show_result(view: StudyView) -> None:
+    latest = view.latest
+    if latest is None:
+        st.info(f"Not scored yet (status: {view.status.replace('_', ' ')}).")
+    else:
+        task = get_task(latest.task)
+        columns = st.columns(3)
+        columns[0].metric("Score", f"{latest.score:.3f}")
+        probability = latest.scores.get(task.positive, latest.score)
+        columns[1].metric(f"P({task.positive})", f"{probability:.1%}")
+        columns[2].metric("Threshold", f"{latest.threshold:.3f}")
+        st.metric("Model", latest.model)
+        if latest.flagged:
+            st.badge("Above threshold", icon=":material/flag:", color="red")
+        else:
+            st.badge("Below threshold", icon=":material/check:", color="green")
+    if view.status_reason:
+        st.caption(f"Status reason: {view.status_reason}")
+
+
+def _review_form(principal: Principal, view: StudyView) -> None:
+    latest = view.latest
+    st.subheader("Review")
+    task_name = latest.task if latest else None
+    if task_name is None:
+        task_name = st.selectbox("Task", list(TASKS), key="review_task")
+    task = get_task(task_name or next(iter(TASKS)))
+    with st.form("review", clear_on_submit=True):
+        comment = st.text_area("Comment", max_chars=1024, placeholder="Optional")
+        buttons = st.columns(2)
+        agree = buttons[0].form_submit_button(
+            "Agree",
+            icon=":material/thumb_up:",
+            type="primary",
+            disabled=latest is None,
+            width="stretch",
+        )
+        disagree = buttons[1].form_submit_button(
+            "Disagree", icon=":material/thumb_down:", disabled=latest is None, width="stretch"
+        )
+        value = st.selectbox("Or set the label", list(task.labels), key="review_label")
+        set_label = st.form_submit_button("Set label", icon=":material/label:", width="stretch")
+    verdict = (
+        Verdict.AGREE
+        if agree
+        else Verdict.DISAGREE
+        if disagree
+        else Verdict.LABEL
+        if set_label
+        else None
+    )
+    if verdict is None:
+        return
+    with context.transaction() as session:
+        result = submit_review(
+            session,
+            principal,
+            view.study_uid,
+            verdict,
+            task=task.name,
+            value=value,
+            comment=comment,
+        )
+    st.session_state["radflow_saved"] = f"Saved: {result.task} = {result.value} ({result.verdict})"
+    st.rerun()
+
+
+uid = st.query_params.get(context.STUDY_PARAM)
+if not uid:
+    st.title("Study")
+    st.info("No study selected: pick one on the worklist.")
+    _back_link()
+    st.stop()
+
+try:
+    view = _load(user, uid)
+except StudyNotFound as exc:
+    st.title("Study")
+    st.error(str(exc))
+    _back_link()
+    st.stop()
+
+top = st.columns([3, 1], vertical_alignment="center")
+with top[0]:
+    _back_link()
+if user.can(Permission.REVIEW) and top[1].button(
+    "Next unreviewed", icon=":material/skip_next:", shortcut="alt+n", help="Alt+N"
+):
+    with context.session() as session:
+        upcoming = next_unreviewed(session, after=view.study_uid)
+    if upcoming is None:
+        st.toast("Every scored study has been reviewed.")
+    else:
+        _open(upcoming)
+
+st.title(f"Study {view.accession or view.study_uid}")
+st.caption(
+    f"Patient {view.patient} · {view.modality or 'unknown modality'} · status "
+    f"{view.status.replace('_', ' ')} · received {view.received_at:%Y-%m-%d %H:%M} · "
+    f"UID {view.study_uid}"
+)
+saved = st.session_state.pop("radflow_saved", None)
+if saved:
+    st.success(saved, icon=":material/check_circle:")
+
+image_column, result_column = st.columns([3, 2], gap="large")
+with image_column:
+    _show_image(view)
+with result_column:
+    _show_result(view)
+    if user.can(Permission.REVIEW):
+        _review_form(user, view)
+
+st.subheader("Prediction history")
+if view.predictions:
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {k: v for k, v in asdict(p).items() if k not in ("scores", "derived_keys")}
+                for p in view.predictions
+            ]
+        ),
+        column_order=["created_at", "model", "score", "threshold", "flagged", "latency_ms"],
+        column_config={
+            "created_at": st.column_config.DatetimeColumn("Scored", format="YYYY-MM-DD HH:mm:ss"),
+            "model": "Model",
+            "score": st.column_config.NumberColumn("Score", format="%.3f"),
+            "threshold": st.column_config.NumberColumn("Threshold", format="%.3f"),
+            "flagged": st.column_config.CheckboxColumn("Flagged"),
+            "latency_ms": st.column_config.NumberColumn("Latency (ms)", format="%.1f"),
+        },
+        hide_index=True,
+    )
+else:
+    st.caption("No predictions.")
+
+st.subheader("Series")
+st.dataframe(
+    pd.DataFrame([{k: v for k, v in asdict(s).items() if k != "instances"} for s in view.series]),
+    column_order=["number", "modality", "description", "body_part", "instance_count", "series_uid"],
+    column_config={
+        "number": "Number",
+        "modality": "Modality",
+        "description": "Description",
+        "body_part": "Body part",
+        "instance_count": "Instances",
+        "series_uid": "Series UID",
+    },
+    hide_index=True,
+)

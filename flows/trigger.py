@@ -1,0 +1,78 @@
+"""What starts the process flow when studies become stable: the one place that decides.
+
+- A Prefect server runs (``PREFECT_API_URL`` set): one ``radflow.study.stable`` event per study;
+  the ``process`` deployment's trigger (flows/deployments.py) starts the run on a worker.
+- The embedded default (no server): ``process_flow`` is called here, directly, for every task
+  that has a champion model.
+
+The receiver's indexer loop and ``radflow watch`` call ``stabilise_and_process`` after each
+pass; it is cheap when nothing is due (one indexed UPDATE).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from prefect.events import emit_event
+from prefect.settings import PREFECT_API_URL
+
+from radflow.db import unit_of_work
+from radflow.db.base import utcnow
+from radflow.registry import champion
+from radflow.runtime import Runtime
+from radflow.stability import Promoted, promote_stable
+from radflow.tasks import TASKS
+
+logger = logging.getLogger(__name__)
+
+STABLE_EVENT = "radflow.study.stable"
+TriggerMode = Literal["event", "direct"]
+
+
+@dataclass
+class StabiliseResult:
+    promoted: list[Promoted] = field(default_factory=list)
+    mode: TriggerMode | None = None
+    processed: dict[str, dict[str, object]] = field(default_factory=dict)  # task -> flow result
+
+
+def trigger_mode() -> TriggerMode:
+    """Events when a Prefect server is configured, a direct call on the embedded default."""
+    return "event" if PREFECT_API_URL.value() else "direct"
+
+
+def study_resource(study: Promoted) -> dict[str, str]:
+    # The database id, not the Study Instance UID: events are kept by Prefect, outside the
+    # clinical store, and a UID identifies a patient's study.
+    return {"prefect.resource.id": f"radflow.study.{study.id}", "radflow.study-id": str(study.id)}
+
+
+def stabilise_and_process(
+    rt: Runtime, *, now: datetime | None = None, mode: TriggerMode | None = None
+) -> StabiliseResult:
+    """Promote the studies quiet for ``stable_after_seconds`` and start processing them."""
+    with unit_of_work(rt.session_factory) as session:
+        promoted = promote_stable(session, now or utcnow(), rt.settings.stable_after_seconds)
+    result = StabiliseResult(promoted=promoted)
+    if not promoted:
+        return result
+    result.mode = mode or trigger_mode()
+    if result.mode == "event":
+        for study in promoted:
+            emit_event(event=STABLE_EVENT, resource=study_resource(study))
+        logger.info("%d studies stable: %s events emitted", len(promoted), STABLE_EVENT)
+        return result
+    from flows.process import process_flow  # the flow imports Prefect's engine: only when used
+
+    for task_name in _tasks_with_champion(rt):
+        result.processed[task_name] = process_flow(task_name)
+    return result
+
+
+def _tasks_with_champion(rt: Runtime) -> list[str]:
+    # Without a champion there is nothing to score yet; the studies stay STABLE until one exists.
+    with rt.session_factory() as session:
+        return [name for name in sorted(TASKS) if champion(session, name) is not None]

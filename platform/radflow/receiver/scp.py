@@ -1,0 +1,231 @@
+"""The DICOM receiver: a C-ECHO and C-STORE SCP (pynetdicom) in front of the spool and indexer.
+
+Each association runs in its own pynetdicom thread. A C-STORE dataset is streamed by pynetdicom
+into a temporary file in ``spool/incoming`` (``STORE_RECV_CHUNKED_DATASET``: memory does not grow
+with the instance or study size), validated with :func:`radflow.dicom.instance.read_header`,
+renamed into ``spool/ready`` and fsynced; only then does the sender get the success status.
+Refused instances get the failure status of :mod:`radflow.receiver.statuses` and a Rejection row.
+The indexer thread stores and indexes the spool behind the senders' backs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import tempfile
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from types import FrameType
+
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from radflow.db import unit_of_work
+from radflow.dicom.instance import SUPPORTED_TRANSFER_SYNTAXES, read_header
+from radflow.errors import InvalidInstance
+from radflow.ingest import rejection
+from radflow.receiver.counters import ReceiverCounters
+from radflow.receiver.indexer import Indexer
+from radflow.receiver.spool import Spool
+from radflow.receiver.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
+from radflow.settings import Settings
+from radflow.store import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+# Explicit VR Little Endian first: what an SCP prefers when a sender offers several.
+TRANSFER_SYNTAXES = sorted(
+    SUPPORTED_TRANSFER_SYNTAXES, key=lambda u: (u != "1.2.840.10008.1.2.1", u)
+)
+# Larger PDUs mean fewer Python round trips per instance (DCMTK sends up to 128 KiB); memory
+# stays bounded by one PDU per association.
+MAX_PDU_BYTES = 1 << 20
+MAX_ASSOCIATIONS = 32
+CALLING_AET_NOT_ALLOWED = "calling-aet-not-allowed"
+
+
+class Receiver:
+    """The receiver service: ``start()``, ``stop()``, or ``serve_forever()`` until a signal."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session_factory: sessionmaker[Session],
+        store: ObjectStore,
+        host: str | None = None,
+        port: int | None = None,
+        ae_title: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.host = settings.receiver_host if host is None else host
+        self.requested_port = settings.receiver_port if port is None else port
+        self.ae_title = ae_title or settings.receiver_ae_title
+        self.spool = Spool(settings.spool)
+        self.spool.root.mkdir(parents=True, exist_ok=True)
+        self.counters = ReceiverCounters(self.spool.stats_path)
+        self.indexer = Indexer(
+            self.spool,
+            settings=settings,
+            session_factory=session_factory,
+            store=store,
+            counters=self.counters,
+        )
+        self._server: ThreadedAssociationServer | None = None
+        self._previous_tempdir: str | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful when started on port 0)."""
+        assert self._server is not None, "start() first"
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self.spool.open()
+        # pynetdicom has no per-AE switch for these. Streaming to a file keeps memory flat; its
+        # temporary files go to the process temp dir, pointed at spool/incoming so accepting a
+        # dataset is a rename on the same filesystem. Identifiers may hold PHI: never logged.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = str(self.spool.incoming)
+        self.indexer.start()
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server(
+            (self.host, self.requested_port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, _no_delay),
+                (evt.EVT_C_STORE, self._on_c_store),
+                (evt.EVT_REJECTED, self._on_rejected),
+            ],
+        )
+        logger.info(
+            "DICOM receiver %s listening on %s:%d, spool %s",
+            self.ae_title,
+            self.host,
+            self.port,
+            self.spool.root,
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, finish the indexing batch in progress; the rest waits in the spool."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.indexer.stop()
+        self.counters.save(force=True)
+        self.spool.close()
+        tempfile.tempdir = self._previous_tempdir
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT (Ctrl-C), then stop cleanly."""
+        stopped = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stopped.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.start()
+        try:
+            stopped.wait()
+        finally:
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def wait_indexed(self, timeout: float = 60.0) -> bool:
+        """Block until every spooled instance is indexed; False on timeout."""
+        return self.indexer.wait_idle(timeout)
+
+    # -- event handlers (run in the association's thread) -------------------------------------
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        self.counters.add("received")
+        origin = str(event.assoc.requestor.ae_title)
+        received = Path(event.dataset_path)
+        # The data's fsync runs while the header is read and checked: the two overlap.
+        synced = self.spool.start_sync(received)
+        try:
+            header = read_header(received, self.settings.max_pixels)
+            spooled = self.spool.accept(received, header.sop_instance_uid, synced)
+        except InvalidInstance as exc:
+            _settle(synced)
+            return self._refuse(exc, origin)
+        except OSError as exc:
+            _settle(synced)
+            # Disk full or spool unwritable: refusing (the sender retries later) is the only
+            # answer that does not risk acknowledging an instance that is not on disk.
+            logger.error("cannot spool an instance from %s: %s", origin, exc)
+            problem = InvalidInstance(
+                OUT_OF_RESOURCES,
+                f"the receiver could not write to its spool ({exc.strerror}); free disk space "
+                "or check RADFLOW_SPOOL_DIR",
+            )
+            return self._refuse(problem, origin)
+        self.counters.add("spooled")
+        self.indexer.submit(spooled, header)
+        return SUCCESS
+
+    def _refuse(self, exc: InvalidInstance, origin: str) -> int:
+        status = failure_status(exc.reason)
+        self.counters.reject(exc.reason)
+        logger.warning(
+            "refused an instance from %s: %s (status 0x%04X)", origin, exc.reason, status
+        )
+        self._record(exc, origin)
+        return status
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        origin = str(event.assoc.requestor.ae_title)
+        allowed = self.settings.allowed_calling_aets
+        if not allowed or origin.strip() in allowed:
+            return  # refused by pynetdicom for another reason (e.g. too many associations)
+        problem = InvalidInstance(
+            CALLING_AET_NOT_ALLOWED,
+            f"association from calling AE title {origin!r} rejected: not in "
+            "RADFLOW_ALLOWED_CALLING_AETS",
+        )
+        self.counters.reject(problem.reason)
+        logger.warning("rejected an association from %s: calling AE title not allowed", origin)
+        self._record(problem, origin)
+
+    def _record(self, exc: InvalidInstance, origin: str) -> None:
+        try:
+            with unit_of_work(self.session_factory) as session:
+                session.add(rejection("receiver", exc, origin=origin))
+        except SQLAlchemyError as db_error:
+            # The failure status still reaches the sender and the counters keep the count.
+            logger.error("could not record a rejection in the database: %s", db_error)
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Send each response at once (TCP_NODELAY), as DCMTK and Orthanc do with TCP_NODELAY=1.
+
+    pynetdicom leaves Nagle's algorithm on; a C-STORE response held back by it waits for the
+    sender's delayed ACK (up to 40 ms on Linux).
+    """
+    transport = event.assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _settle(synced: Future[None]) -> None:
+    """Wait for the background fsync of a refused dataset before pynetdicom deletes the file.
+
+    Its outcome does not matter: the instance is refused either way.
+    """
+    synced.exception()

@@ -1,0 +1,296 @@
+"""The models page: versions per task, their evaluation, promotion, rollback and retraining.
+
+Evaluation is computed from what the database holds: each version's predictions on studies that
+carry a label, preferring labels the version was not trained on (reviews after its training).
+Promotion and rollback change ``ModelVersion.status`` here, audited; the learning loop's
+evaluation gate decides automatically, these are the ML engineer's manual overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from radflow.db import Label, ModelStatus, ModelVersion, Prediction, TrainingRun
+from radflow.db.audit import record
+from radflow.errors import NoChampion, RadflowError
+from radflow.registry import champion
+from radflow.settings import Settings
+from radflow.tasks import get_task
+from radflow.users import Permission, Principal, require
+
+logger = logging.getLogger(__name__)
+
+TRAIN_DEPLOYMENT = "train/train"
+"""flow name / deployment name, as flows/deployments.py serves it."""
+CALIBRATION_BINS = 10
+
+
+class ModelNotFound(RadflowError, LookupError):
+    def __init__(self, task: str, version: int) -> None:
+        super().__init__(f"{task} has no version {version}; see the models page for the list")
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    id: int
+    task: str
+    version: int
+    status: str
+    threshold: float
+    metrics: dict[str, Any]
+    created_at: datetime
+    label_snapshot: int
+    """How many labels the version was trained on (0 if unknown)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Per-epoch rows of its training run (epoch, train_loss, val_auc, ...)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}:v{self.version}"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A version's predictions against labels: ROC, confusion matrix, calibration."""
+
+    n: int
+    held_out: bool
+    """True if only labels the version was not trained on were used."""
+    fpr: list[float]
+    tpr: list[float]
+    auc: float | None
+    confusion: dict[str, int]
+    """tp, fp, tn, fn at the version's threshold."""
+    calibration: list[tuple[float, float, int]]
+    """(mean predicted probability, observed positive fraction, count) per non-empty bin."""
+
+
+def list_versions(session: Session, principal: Principal) -> dict[str, list[VersionSummary]]:
+    """Every model version grouped by task, newest first."""
+    require(principal, Permission.VIEW_MODELS)
+    rows = session.execute(
+        select(ModelVersion, TrainingRun)
+        .outerjoin(TrainingRun, TrainingRun.id == ModelVersion.training_run_id)
+        .order_by(ModelVersion.task, ModelVersion.version.desc())
+    ).all()
+    out: dict[str, list[VersionSummary]] = {}
+    for version, run in rows:
+        out.setdefault(version.task, []).append(_summary(version, run))
+    return out
+
+
+def _summary(version: ModelVersion, run: TrainingRun | None) -> VersionSummary:
+    epochs = (run.history or {}).get("epochs", []) if run is not None else []
+    return VersionSummary(
+        id=version.id,
+        task=version.task,
+        version=version.version,
+        status=ModelStatus(version.status).value,
+        threshold=version.threshold,
+        metrics=dict(version.metrics or {}),
+        created_at=version.created_at,
+        label_snapshot=len(run.label_ids) if run is not None else 0,
+        history=[dict(row) for row in epochs if isinstance(row, dict)],
+    )
+
+
+def evaluate(session: Session, principal: Principal, version_id: int) -> Evaluation | None:
+    """The version's ROC, confusion matrix and calibration; None if no labelled study was scored."""
+    require(principal, Permission.VIEW_MODELS)
+    version = session.get_one(ModelVersion, version_id)
+    task = get_task(version.task)
+    latest_label = (
+        select(func.max(Label.id))
+        .where(Label.task == version.task)
+        .group_by(Label.study_id)
+        .scalar_subquery()
+    )
+    pairs = session.execute(
+        select(Prediction.score, Label.value, Label.id)
+        .join(Label, Label.study_id == Prediction.study_id)
+        .where(Prediction.model_version_id == version.id, Label.id.in_(latest_label))
+    ).all()
+    if not pairs:
+        return None
+    trained_on = _trained_label_ids(session, version)
+    held_out = [(s, v) for s, v, label_id in pairs if str(label_id) not in trained_on]
+    use = held_out or [(s, v) for s, v, _ in pairs]
+    scores = np.array([s for s, _ in use], dtype=np.float64)
+    targets = np.array([task.target(v) for _, v in use], dtype=np.int64)
+    return Evaluation(
+        n=len(use),
+        held_out=bool(held_out),
+        **_roc(targets, scores),
+        confusion=_confusion(targets, scores, version.threshold),
+        calibration=_calibration(targets, scores),
+    )
+
+
+def _trained_label_ids(session: Session, version: ModelVersion) -> set[str]:
+    if version.training_run_id is None:
+        return set()
+    run = session.get(TrainingRun, version.training_run_id)
+    return set(run.label_ids) if run is not None else set()
+
+
+def _roc(targets: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    if len(np.unique(targets)) < 2:
+        return {"fpr": [], "tpr": [], "auc": None}
+    fpr, tpr, _ = roc_curve(targets, scores)
+    return {
+        "fpr": fpr.tolist(),
+        "tpr": tpr.tolist(),
+        "auc": float(np.trapezoid(tpr, fpr)),
+    }
+
+
+def _confusion(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
+    predicted = scores >= threshold
+    actual = targets == 1
+    return {
+        "tp": int((predicted & actual).sum()),
+        "fp": int((predicted & ~actual).sum()),
+        "tn": int((~predicted & ~actual).sum()),
+        "fn": int((~predicted & actual).sum()),
+    }
+
+
+def _calibration(targets: np.ndarray, scores: np.ndarray) -> list[tuple[float, float, int]]:
+    bins = np.clip((scores * CALIBRATION_BINS).astype(int), 0, CALIBRATION_BINS - 1)
+    out = []
+    for b in range(CALIBRATION_BINS):
+        inside = bins == b
+        if inside.any():
+            out.append(
+                (float(scores[inside].mean()), float(targets[inside].mean()), int(inside.sum()))
+            )
+    return out
+
+
+def labels_since_training(session: Session, task: str) -> int:
+    """Labels of ``task`` newer than the newest label the latest training run used."""
+    run = session.scalar(
+        select(TrainingRun)
+        .where(TrainingRun.task == task, TrainingRun.status == "completed")
+        .order_by(TrainingRun.id.desc())
+        .limit(1)
+    )
+    query = select(func.count(Label.id)).where(Label.task == task)
+    if run is not None and run.label_ids:
+        newest = max(int(i) for i in run.label_ids)
+        query = query.where(Label.id > newest)
+    return session.scalar(query) or 0
+
+
+def promote(session: Session, principal: Principal, task: str, version: int) -> ModelVersion:
+    """Make ``task`` version ``version`` the champion; the previous champion is retired."""
+    require(principal, Permission.PROMOTE)
+    target = _version(session, task, version)
+    current = champion(session, task)
+    if current is not None and current.id == target.id:
+        return target
+    if current is not None:
+        current.status = ModelStatus.RETIRED
+        session.flush()  # one champion per task at every moment, even mid-transaction
+    target.status = ModelStatus.CHAMPION
+    session.add(
+        record(
+            principal.name,
+            "promote",
+            "model_version",
+            target.name,
+            previous=current.name if current else None,
+        )
+    )
+    logger.info("%s promoted %s", principal.name, target.name)
+    return target
+
+
+def rollback(session: Session, principal: Principal, task: str) -> ModelVersion:
+    """Put the champion's predecessor back: the version it replaced (or the newest retired)."""
+    require(principal, Permission.PROMOTE)
+    current = champion(session, task)
+    if current is None:
+        raise NoChampion(task)
+    previous = session.scalar(
+        select(ModelVersion)
+        .where(
+            ModelVersion.task == task,
+            ModelVersion.id != current.id,
+            ModelVersion.status == ModelStatus.RETIRED,
+            ModelVersion.version < current.version,
+        )
+        .order_by(ModelVersion.version.desc())
+        .limit(1)
+    )
+    if previous is None:
+        raise RadflowError(
+            f"{current.name} has no earlier retired version to roll back to; "
+            "promote a specific version instead"
+        )
+    current.status = ModelStatus.RETIRED
+    session.flush()
+    previous.status = ModelStatus.CHAMPION
+    session.add(
+        record(principal.name, "rollback", "model_version", previous.name, previous=current.name)
+    )
+    logger.info("%s rolled %s back to %s", principal.name, current.name, previous.name)
+    return previous
+
+
+def _version(session: Session, task: str, version: int) -> ModelVersion:
+    found = session.scalar(
+        select(ModelVersion).where(ModelVersion.task == task, ModelVersion.version == version)
+    )
+    if found is None:
+        raise ModelNotFound(task, version)
+    return found
+
+
+@dataclass(frozen=True)
+class RetrainStarted:
+    how: str
+    """"prefect" (a deployment run) or "local" (a background process on this machine)."""
+    ref: str
+    """The flow run id, or the local process id."""
+
+
+def request_retrain(session: Session, principal: Principal, task: str) -> None:
+    """Check the permission and audit the request; the caller commits, then starts it."""
+    require(principal, Permission.RETRAIN)
+    get_task(task)  # unknown tasks fail here, before anything starts
+    session.add(record(principal.name, "retrain", "task", task))
+
+
+def start_retrain(settings: Settings, principal: Principal, task: str) -> RetrainStarted:
+    """Start the train flow: through the Prefect deployment when a server is configured
+    (``PREFECT_API_URL``), else as a background ``radflow train`` on this machine."""
+    require(principal, Permission.RETRAIN)
+    if os.environ.get("PREFECT_API_URL"):
+        from prefect.deployments import run_deployment
+
+        # timeout=0: return as soon as the run is scheduled; a worker picks it up.
+        run = run_deployment(TRAIN_DEPLOYMENT, parameters={"task_name": task}, timeout=0)
+        return RetrainStarted("prefect", str(run.id))
+    log = settings.data_dir / "logs" / f"train-{task}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "radflow.cli", "train", "--task", task, "--no-progress"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives a dashboard restart, like a deployment run
+        )
+    logger.info("started local training of %s (pid %d, log %s)", task, process.pid, log)
+    return RetrainStarted("local", str(process.pid))

@@ -1,0 +1,126 @@
+"""A radiologist's review of a study: agree, disagree or set the label, with a comment.
+
+A review is a label (``source="review"``, the reviewer as author) plus an audit event, and it
+marks the study REVIEWED. The caller commits (``unit_of_work``) so all three land together.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from radflow.db import Prediction, Study, StudyStatus
+from radflow.db.audit import record
+from radflow.labels import add_label
+from radflow.services.study_view import StudyNotFound
+from radflow.services.worklist import REVIEW_SOURCE, WorklistFilter, list_studies
+from radflow.tasks import get_task
+from radflow.users import Permission, Principal, require
+
+MAX_COMMENT = 1024
+
+
+class Verdict(enum.StrEnum):
+    AGREE = "agree"
+    """The model's call (at its threshold) is right."""
+    DISAGREE = "disagree"
+    """The model's call is wrong: the other label of the binary task."""
+    LABEL = "label"
+    """The reviewer names the label directly (also for studies without a prediction)."""
+
+
+@dataclass(frozen=True)
+class ReviewResult:
+    study_uid: str
+    task: str
+    value: str
+    verdict: Verdict
+    label_id: int
+
+
+def submit_review(
+    session: Session,
+    principal: Principal,
+    study_uid: str,
+    verdict: Verdict | str,
+    *,
+    task: str | None = None,
+    value: str | None = None,
+    comment: str | None = None,
+) -> ReviewResult:
+    """Record a review; ``value`` is required for Verdict.LABEL, ignored otherwise.
+
+    AGREE and DISAGREE refer to the study's latest prediction (its task unless ``task`` is
+    given), so they need one; LABEL needs ``task`` when the study has none.
+    """
+    require(principal, Permission.REVIEW)
+    verdict = Verdict(verdict)
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        raise StudyNotFound(study_uid)
+    latest = (
+        session.get(Prediction, study.latest_prediction_id) if study.latest_prediction_id else None
+    )
+    task_name = task or (latest.task if latest else None)
+    if task_name is None:
+        raise ValueError("this study has no prediction: choose the task and the label to set")
+    value = _value(verdict, task_name, latest, value)
+    comment = comment.strip()[:MAX_COMMENT] if comment and comment.strip() else None
+    label = add_label(
+        session,
+        study_uid,
+        task_name,
+        value,
+        source=REVIEW_SOURCE,
+        author=principal.name,
+        comment=comment,
+    )
+    study.status, study.status_reason = StudyStatus.REVIEWED, None
+    session.add(
+        record(
+            principal.name,
+            "review",
+            "study",
+            study_uid,
+            task=task_name,
+            verdict=verdict.value,
+            value=value,
+            label_id=label.id,
+            prediction_id=latest.id if latest else None,
+            commented=comment is not None,
+        )
+    )
+    return ReviewResult(study_uid, task_name, value, verdict, label.id)
+
+
+def _value(verdict: Verdict, task_name: str, latest: Prediction | None, value: str | None) -> str:
+    task = get_task(task_name)
+    if verdict is Verdict.LABEL:
+        if value is None:
+            raise ValueError(f"name the label to set: one of {', '.join(task.labels)}")
+        return value
+    if latest is None or latest.task != task_name:
+        raise ValueError(
+            f"nothing to {verdict.value} with: the study has no {task_name} prediction; "
+            "set the label instead"
+        )
+    flagged = latest.score >= latest.model_version.threshold
+    negative, positive = task.labels
+    model_says = positive if flagged else negative
+    if verdict is Verdict.AGREE:
+        return model_says
+    return negative if model_says == positive else positive
+
+
+def next_unreviewed(session: Session, *, after: str | None = None) -> str | None:
+    """The most urgent scored study nobody has reviewed, other than ``after``; None if done."""
+    rows, _ = list_studies(
+        session,
+        where=WorklistFilter(status=StudyStatus.SCORED.value, reviewed=False),
+        limit=2,
+        count=False,
+    )
+    return next((r.study_uid for r in rows if r.study_uid != after), None)

@@ -1,0 +1,102 @@
+"""Retraining on new labels: due checks from the database, the embedded trigger, one at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from flows.ingest import ingest_flow
+from flows.retrain import LABEL_EVENT, labels_recorded, retrain_triggers
+from flows.train import train_flow
+from radflow import tasks
+from radflow.db import (
+    ModelEvaluation,
+    ModelStatus,
+    ModelVersion,
+    TrainingRun,
+    make_engine,
+    make_sessionmaker,
+    unit_of_work,
+)
+from radflow.dicom.synthetic import SyntheticStudy, write_cxr_studies
+from radflow.labels import add_label
+from radflow.settings import Settings
+from radflow.store import open_store
+from radflow.training import TrainingInProgress, train_task
+
+
+def _label(settings: Settings, task: str, studies: list[SyntheticStudy]) -> None:
+    engine = make_engine(settings.database_url)
+    with unit_of_work(make_sessionmaker(engine)) as session:
+        for s in studies:
+            value = "pneumonia" if s.positive else "normal"
+            add_label(session, s.study_uid, task, value, source="review", author="dr-test")
+    engine.dispose()
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_enough_new_labels_retrain_by_themselves_and_the_registry_says_why(
+    flow_env: Settings, quick_task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RADFLOW_RETRAIN_AFTER_LABELS", "4")
+    # A larger held-out share than the quick plan's, so the evaluation set supports the test.
+    task = tasks.get_task(quick_task)
+    plan = dataclasses.replace(task.plan, val_fraction=0.4)
+    monkeypatch.setitem(tasks.TASKS, quick_task, dataclasses.replace(task, plan=plan))
+    studies = write_cxr_studies(tmp_path / "in", 28, seed=4, size=64)
+    ingest_flow(str(tmp_path / "in"))
+    _label(flow_env, quick_task, studies[:20])
+    assert train_flow(quick_task, progress=False)["status"] == "champion"
+
+    # Three new labels: not due; the trigger does nothing.
+    _label(flow_env, quick_task, studies[20:23])
+    assert labels_recorded(quick_task, 3, mode="direct") is None
+    # The fourth: due, and the embedded path trains at once.
+    _label(flow_env, quick_task, studies[23:24])
+    result = labels_recorded(quick_task, 1, mode="direct")
+
+    assert result is not None and result["model"] == f"{quick_task}:v2"
+    engine = make_engine(flow_env.database_url)
+    with make_sessionmaker(engine)() as session:
+        v1, v2 = session.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()
+        evaluation = session.scalars(
+            select(ModelEvaluation).where(ModelEvaluation.model_version_id == v2.id)
+        ).one()
+        assert evaluation.champion_version_id == v1.id
+        assert evaluation.promoted == (v2.status == ModelStatus.CHAMPION)
+        assert "DeLong p" in evaluation.reason and v2.metrics["decision"] == evaluation.reason
+        assert v2.parent_id == v1.id
+        runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
+        # The retrain learnt from 20 + 4 labels and decoded only the 4 new images.
+        assert len(runs[1].label_ids) == 24
+        assert runs[1].history["data_loading"]["cache_misses"] == 4
+        assert len(runs[1].history["epochs"]) == 2
+    engine.dispose()
+
+    # Nothing new since: the scheduled check does not train again.
+    assert train_flow(quick_task, progress=False, if_due=True)["trained"] is False
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_a_running_training_blocks_another(
+    flow_env: Settings, quick_task: str, tmp_path: Path
+) -> None:
+    studies = write_cxr_studies(tmp_path / "in", 12, seed=2, size=64)
+    ingest_flow(str(tmp_path / "in"))
+    _label(flow_env, quick_task, studies)
+    engine = make_engine(flow_env.database_url)
+    factory = make_sessionmaker(engine)
+    with unit_of_work(factory) as session:
+        session.add(TrainingRun(task=quick_task, status="running"))
+    with pytest.raises(TrainingInProgress, match="already running"):
+        train_task(flow_env, factory, open_store(flow_env), quick_task, progress=False)
+    engine.dispose()
+
+
+def test_deployment_triggers_count_label_events_per_task() -> None:
+    (trigger,) = retrain_triggers(50, ["pneumonia-cxr"])
+    assert trigger.expect == {LABEL_EVENT} and trigger.threshold == 50
+    assert trigger.parameters == {"task_name": "pneumonia-cxr", "if_due": True, "progress": False}

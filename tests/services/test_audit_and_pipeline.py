@@ -1,0 +1,77 @@
+"""The admin's audit trail and the pipeline page's ingest rate and rejections."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from factories import make_study, make_user
+from sqlalchemy.orm import Session, sessionmaker
+
+from radflow.db import Rejection, unit_of_work
+from radflow.db.base import utcnow
+from radflow.services.audit import AuditFilter, choices, list_events
+from radflow.services.pipeline import FlowRunsUnavailable, ingest_rate, recent_flow_runs, rejections
+from radflow.services.study_view import view_study
+from radflow.store import ObjectStore
+from radflow.users import PermissionDenied, Role
+
+
+def test_audit_trail_filters_and_is_for_admins_only(
+    session_factory: sessionmaker[Session], store: ObjectStore
+) -> None:
+    with unit_of_work(session_factory) as session:
+        uids = [make_study(session, store, score=0.5).study_uid for _ in range(3)]
+        rita = make_user(session, "rita")
+        ada = make_user(session, "ada", Role.ADMIN)
+    with unit_of_work(session_factory) as session:
+        for uid in uids:
+            view_study(session, rita, uid)
+        view_study(session, ada, uids[0])
+    with session_factory() as session:
+        with pytest.raises(PermissionDenied):
+            list_events(session, rita)
+        rows, total = list_events(session, ada, AuditFilter(actor="rita", action="view"), limit=2)
+        assert (len(rows), total) == (2, 3)
+        assert {r.object_id for r in rows} <= set(uids)
+        rows, total = list_events(session, ada, AuditFilter(object_id=uids[0], action="view"))
+        assert sorted(r.actor for r in rows) == ["ada", "rita"]
+        future = utcnow() + timedelta(hours=1)
+        assert list_events(session, ada, AuditFilter(since=future)) == ([], 0)
+        actors, actions = choices(session, ada)
+    assert actors == ["ada", "radflow", "rita"]
+    assert {"view", "user-add"} <= set(actions)
+
+
+def test_ingest_rate_counts_instances_per_hour(
+    session_factory: sessionmaker[Session], store: ObjectStore
+) -> None:
+    with unit_of_work(session_factory) as session:
+        for _ in range(3):
+            make_study(session, store)
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        session.add(
+            Rejection(
+                source="folder", reason="not-dicom", message="no DICM prefix", origin="notes.txt"
+            )
+        )
+    with session_factory() as session:
+        hours = ingest_rate(session, engineer, hours=24)
+        rows, by_reason = rejections(session, engineer)
+    assert len(hours) == 24
+    assert hours[-1][1] == 3  # the factories' instances were received just now
+    assert sum(n for _, n in hours) == 3
+    assert [(r.reason, r.origin) for r in rows] == [("not-dicom", "notes.txt")]
+    assert by_reason == {"not-dicom": 1}
+
+
+def test_flow_runs_without_a_prefect_server_say_so(
+    session_factory: sessionmaker[Session],
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        radiologist = make_user(session, "rita")
+    with pytest.raises(FlowRunsUnavailable, match="PREFECT_API_URL"):
+        recent_flow_runs(engineer, None)
+    with pytest.raises(PermissionDenied):
+        recent_flow_runs(radiologist, None)

@@ -1,0 +1,124 @@
+"""The models page's services: versions, evaluation from labelled studies, promote, rollback."""
+
+from __future__ import annotations
+
+import pytest
+from factories import make_model_version, make_study, make_user
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from radflow.db import AuditEvent, ModelStatus, ModelVersion, TrainingRun, unit_of_work
+from radflow.labels import add_label
+from radflow.services.models import (
+    evaluate,
+    labels_since_training,
+    list_versions,
+    promote,
+    request_retrain,
+    rollback,
+)
+from radflow.store import ObjectStore
+from radflow.users import PermissionDenied, Role
+
+TASK = "pneumonia-cxr"
+
+
+@pytest.fixture
+def two_versions(session_factory: sessionmaker[Session], store: ObjectStore) -> dict[str, int]:
+    """v1: champion trained on 2 labels, with history; v2: challenger; 6 labelled studies (v1)."""
+    with unit_of_work(session_factory) as session:
+        run = TrainingRun(
+            task=TASK,
+            status="completed",
+            history={
+                "epochs": [
+                    {"epoch": 1, "train_loss": 0.7, "val_auc": 0.6},
+                    {"epoch": 2, "train_loss": 0.4, "val_auc": 0.8},
+                ]
+            },
+        )
+        session.add(run)
+        session.flush()
+        v1 = make_model_version(session, version=1, threshold=0.5)
+        v1.status, v1.training_run_id = ModelStatus.CHAMPION, run.id
+        v2 = make_model_version(session, version=2, threshold=0.6)
+        cases = [
+            (0.9, "pneumonia"),
+            (0.8, "pneumonia"),
+            (0.3, "pneumonia"),
+            (0.6, "normal"),
+            (0.2, "normal"),
+            (0.1, "normal"),
+        ]
+        label_ids = []
+        for score, value in cases:
+            uid = make_study(session, store, score=score, model=v1).study_uid
+            label_ids.append(add_label(session, uid, TASK, value, source="test", author="t").id)
+        run.label_ids = [str(i) for i in label_ids[:2]]
+        return {"v1": v1.id, "v2": v2.id}
+
+
+def test_versions_carry_status_metrics_snapshot_and_history(
+    session_factory: sessionmaker[Session], two_versions: dict[str, int]
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        versions = list_versions(session, engineer)[TASK]
+        assert [(v.version, v.status, v.label_snapshot) for v in versions] == [
+            (2, "challenger", 0),
+            (1, "champion", 2),
+        ]
+        assert [row["val_auc"] for row in versions[1].history] == [0.6, 0.8]
+        assert labels_since_training(session, TASK) == 4
+
+
+def test_evaluation_uses_labels_the_version_was_not_trained_on(
+    session_factory: sessionmaker[Session], two_versions: dict[str, int]
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        evaluation = evaluate(session, engineer, two_versions["v1"])
+        assert evaluate(session, engineer, two_versions["v2"]) is None  # v2 scored nothing
+    assert evaluation is not None
+    # Held out: 0.3 pneumonia, 0.6 / 0.2 / 0.1 normal; at 0.5 one false positive, one miss.
+    assert (evaluation.n, evaluation.held_out) == (4, True)
+    assert evaluation.confusion == {"tp": 0, "fp": 1, "tn": 2, "fn": 1}
+    assert evaluation.auc == pytest.approx(2 / 3)
+    assert evaluation.fpr[0] == 0.0 and evaluation.tpr[-1] == 1.0
+    assert sum(n for _, _, n in evaluation.calibration) == 4
+
+
+def test_promote_and_roll_back_are_audited_and_keep_one_champion(
+    session_factory: sessionmaker[Session], two_versions: dict[str, int]
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        radiologist = make_user(session, "rita", Role.RADIOLOGIST)
+    with unit_of_work(session_factory) as session:
+        with pytest.raises(PermissionDenied):
+            promote(session, radiologist, TASK, 2)
+        with pytest.raises(PermissionDenied):
+            request_retrain(session, radiologist, TASK)
+        assert promote(session, engineer, TASK, 2).status == ModelStatus.CHAMPION
+
+    def statuses() -> list[tuple[int, str]]:
+        with session_factory() as session:
+            rows = session.scalars(select(ModelVersion).order_by(ModelVersion.version))
+            return [(m.version, ModelStatus(m.status).value) for m in rows]
+
+    assert statuses() == [(1, "retired"), (2, "champion")]
+    with unit_of_work(session_factory) as session:
+        assert rollback(session, engineer, TASK).version == 1
+        request_retrain(session, engineer, TASK)
+    assert statuses() == [(1, "champion"), (2, "retired")]
+    with session_factory() as session:
+        events = session.execute(
+            select(AuditEvent.actor, AuditEvent.action, AuditEvent.object_id)
+            .where(AuditEvent.action.in_(["promote", "rollback", "retrain"]))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [tuple(e) for e in events] == [
+        ("max", "promote", f"{TASK}:v2"),
+        ("max", "rollback", f"{TASK}:v1"),
+        ("max", "retrain", TASK),
+    ]
