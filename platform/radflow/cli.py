@@ -11,11 +11,15 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from radflow.cli_learning import add_commands as add_learning_commands
 from radflow.cli_learning import after_labels
 from radflow.errors import RadflowError
 from radflow.settings import Settings
+
+if TYPE_CHECKING:
+    from radflow.runtime import Runtime
 
 logger = logging.getLogger("radflow")
 
@@ -212,6 +216,7 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.trigger import stabilise_and_process
     from radflow.receiver import Receiver
     from radflow.runtime import Runtime
 
@@ -224,8 +229,20 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
             port=args.port,
             ae_title=args.ae_title,
         )
-        receiver.serve_forever()
+        receiver.serve_forever(tick=lambda: _keep_serving(stabilise_and_process, rt))
     return 0
+
+
+def _keep_serving(step: Callable[[Runtime], object], rt: Runtime) -> None:
+    """Run one periodic step of a long-lived service; a failure is logged, and retried next time.
+
+    The receiver must keep accepting studies while, say, the database restarts or a flow run
+    fails: the step's state lives in the database, so the next tick picks up where this one broke.
+    """
+    try:
+        step(rt)
+    except Exception:
+        logger.exception("periodic %s failed; retrying on the next tick", step.__name__)
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,6 +15,7 @@ import signal
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType
@@ -131,8 +132,14 @@ class Receiver:
         self.spool.close()
         tempfile.tempdir = self._previous_tempdir
 
-    def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT (Ctrl-C), then stop cleanly."""
+    def serve_forever(
+        self, tick: Callable[[], object] | None = None, tick_seconds: float = 1.0
+    ) -> None:
+        """Run until SIGTERM or SIGINT (Ctrl-C), then stop cleanly.
+
+        ``tick`` runs every ``tick_seconds`` in the main thread: the CLI uses it to promote quiet
+        studies to stable and start their processing (radflow must not import the flows itself).
+        """
         stopped = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -141,7 +148,9 @@ class Receiver:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.start()
         try:
-            stopped.wait()
+            while not stopped.wait(tick_seconds):
+                if tick is not None:
+                    tick()
         finally:
             self.stop()
             for signum, handler in previous.items():
