@@ -110,7 +110,8 @@ def test_promote_and_roll_back_are_audited_and_keep_one_champion(
     with unit_of_work(session_factory) as session:
         assert rollback(session, engineer, TASK).version == 1
         request_retrain(session, engineer, TASK)
-    assert statuses() == [(1, "champion"), (2, "retired")]
+    # The rolled-back version stays a challenger: it can be promoted again after a fix.
+    assert statuses() == [(1, "champion"), (2, "challenger")]
     with session_factory() as session:
         events = session.execute(
             select(AuditEvent.actor, AuditEvent.action, AuditEvent.object_id)
@@ -119,6 +120,6 @@ def test_promote_and_roll_back_are_audited_and_keep_one_champion(
         ).all()
     assert [tuple(e) for e in events] == [
         ("max", "promote", f"{TASK}:v2"),
-        ("max", "rollback", f"{TASK}:v1"),
+        ("max", "rollback", f"{TASK}:v2"),
         ("max", "retrain", TASK),
     ]

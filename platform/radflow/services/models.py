@@ -21,10 +21,10 @@ from sklearn.metrics import roc_curve
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from radflow import registry
 from radflow.db import Label, ModelStatus, ModelVersion, Prediction, TrainingRun
 from radflow.db.audit import record
-from radflow.errors import NoChampion, RadflowError
-from radflow.registry import champion
+from radflow.errors import RadflowError
 from radflow.settings import Settings
 from radflow.tasks import get_task
 from radflow.users import Permission, Principal, require
@@ -194,59 +194,17 @@ def labels_since_training(session: Session, task: str) -> int:
 
 
 def promote(session: Session, principal: Principal, task: str, version: int) -> ModelVersion:
-    """Make ``task`` version ``version`` the champion; the previous champion is retired."""
+    """Make ``task`` version ``version`` the champion (the registry retires the previous one)."""
     require(principal, Permission.PROMOTE)
     target = _version(session, task, version)
-    current = champion(session, task)
-    if current is not None and current.id == target.id:
-        return target
-    if current is not None:
-        current.status = ModelStatus.RETIRED
-        session.flush()  # one champion per task at every moment, even mid-transaction
-    target.status = ModelStatus.CHAMPION
-    session.add(
-        record(
-            principal.name,
-            "promote",
-            "model_version",
-            target.name,
-            previous=current.name if current else None,
-        )
-    )
-    logger.info("%s promoted %s", principal.name, target.name)
+    registry.promote(session, target, actor=principal.name, reason="promoted in the dashboard")
     return target
 
 
 def rollback(session: Session, principal: Principal, task: str) -> ModelVersion:
-    """Put the champion's predecessor back: the version it replaced (or the newest retired)."""
+    """Put back the champion the current one replaced (the registry's rule, audited there)."""
     require(principal, Permission.PROMOTE)
-    current = champion(session, task)
-    if current is None:
-        raise NoChampion(task)
-    previous = session.scalar(
-        select(ModelVersion)
-        .where(
-            ModelVersion.task == task,
-            ModelVersion.id != current.id,
-            ModelVersion.status == ModelStatus.RETIRED,
-            ModelVersion.version < current.version,
-        )
-        .order_by(ModelVersion.version.desc())
-        .limit(1)
-    )
-    if previous is None:
-        raise RadflowError(
-            f"{current.name} has no earlier retired version to roll back to; "
-            "promote a specific version instead"
-        )
-    current.status = ModelStatus.RETIRED
-    session.flush()
-    previous.status = ModelStatus.CHAMPION
-    session.add(
-        record(principal.name, "rollback", "model_version", previous.name, previous=current.name)
-    )
-    logger.info("%s rolled %s back to %s", principal.name, current.name, previous.name)
-    return previous
+    return registry.rollback(session, task, actor=principal.name)
 
 
 def _version(session: Session, task: str, version: int) -> ModelVersion:
