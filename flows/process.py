@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.retry import transient_only
 from radflow import scoring
+from radflow.routing import rules_for
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
@@ -25,6 +26,7 @@ def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
         rt.settings.batch_size,
         explain=rt.settings.gradcam,
         threads=rt.settings.torch_threads or None,
+        rules=rules_for(rt.settings),
     )
 
 

@@ -16,7 +16,7 @@ from radflow.device import cpu_threads, select_device
 from radflow.explain import GRADCAM_NAME, Explainer, heatmap_png
 from radflow.preprocess import load_image, plain_tensors, preprocess
 from radflow.registry import load_network, require_champion
-from radflow.routing import route
+from radflow.routing import RoutingRules, route
 from radflow.store import ObjectNotFound, ObjectStore, keys
 from radflow.tasks import Task, get_task
 from radflow.training import predict
@@ -68,12 +68,14 @@ def score_stable(
     *,
     explain: bool = True,
     threads: int | None = None,
+    rules: RoutingRules | None = None,
 ) -> ScoreReport:
     """Score every stable study with the task's champion, one batch per transaction.
 
     Studies scored by an earlier champion and not reviewed yet count as pending too: after a
     promotion they are scored again (the earlier predictions stay, for history). With
-    ``explain``, each prediction also stores a Grad-CAM heat map (radflow.explain).
+    ``explain``, each prediction also stores a Grad-CAM heat map (radflow.explain). ``rules``:
+    the site's routing rules (radflow.routing.rules_for(settings)); None means the packaged ones.
     """
     task = get_task(task_name)
     device = select_device()
@@ -85,7 +87,16 @@ def score_stable(
     report = ScoreReport(model=champion.name)
     with cpu_threads(threads), plain_tensors():
         _score_pending(
-            session_factory, store, task, network, model, champion, device, batch_size, report
+            session_factory,
+            store,
+            task,
+            network,
+            model,
+            champion,
+            device,
+            batch_size,
+            report,
+            rules,
         )
     return report
 
@@ -100,6 +111,7 @@ def _score_pending(
     device: torch.device,
     batch_size: int,
     report: ScoreReport,
+    rules: RoutingRules | None,
 ) -> None:
     while True:
         with unit_of_work(session_factory) as session:
@@ -108,7 +120,7 @@ def _score_pending(
                 return
             routable = []
             for study in studies:
-                routed = route(study, task)
+                routed = route(study, task, rules)
                 if routed.instance is None:
                     study.status, study.status_reason = StudyStatus.NO_MODEL, routed.reason
                     report.no_model += 1

@@ -33,7 +33,7 @@ from radflow.errors import NotEnoughLabels, RadflowError
 from radflow.evaluation import choose_threshold, evaluate
 from radflow.metrics import binary_metrics
 from radflow.registry import champion, judge, load_network, register
-from radflow.routing import route
+from radflow.routing import RoutingRules, route, rules_for
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 from radflow.tasks import Task, get_task
@@ -54,7 +54,9 @@ class Example:
     split: str | None = None  # the dataset split the label came with (import), if any
 
 
-def labelled_examples(session: Session, task: Task) -> list[Example]:
+def labelled_examples(
+    session: Session, task: Task, rules: RoutingRules | None = None
+) -> list[Example]:
     """The latest label of each labelled study for ``task`` that has a routable image."""
     labels = session.scalars(
         select(Label)
@@ -70,7 +72,7 @@ def labelled_examples(session: Session, task: Task) -> list[Example]:
         if label.study_id in seen:
             continue
         seen.add(label.study_id)
-        routed = route(label.study, task)
+        routed = route(label.study, task, rules)
         if routed.instance is not None:
             examples.append(
                 Example(
@@ -291,7 +293,7 @@ def train_task(
         busy = running_run(session, task.name)
         if busy is not None:
             raise TrainingInProgress(task.name, busy.id)
-        examples = labelled_examples(session, task)
+        examples = labelled_examples(session, task, rules_for(settings))
         _check_enough(task, examples)
         split = split_for_training(examples, evaluation_set(session, task, examples, settings.seed))
         _check_enough(task, split.val, what="evaluation-set")
