@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint benchmarks clean
 
+# constraints.txt pins a set that installs and works together here (torch CPU 2.13.0,
+# prefect 3.8.x with fastapi<0.155, ...).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	# constraints.txt pins a set that installs and works together here (torch CPU 2.13.0,
-	# prefect 3.8.x with fastapi<0.155, ...).
 	$(PY) -m pip install -qq -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
