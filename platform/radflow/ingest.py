@@ -45,6 +45,14 @@ class IngestReport:
     reasons: Counter[str] = field(default_factory=Counter)
     study_uids: set[str] = field(default_factory=set)
 
+    def count(self, study_uid: str, is_new: bool) -> None:
+        """Account for one accepted file: newly stored, or a duplicate of a stored instance."""
+        self.study_uids.add(study_uid)
+        if is_new:
+            self.stored += 1
+        else:
+            self.duplicates += 1
+
     def summary(self) -> str:
         text = f"stored {self.stored}, duplicates {self.duplicates}, rejected {len(self.rejected)}"
         if self.reasons:
@@ -86,11 +94,7 @@ def ingest_files(
             with unit_of_work(session_factory) as session:
                 session.add(rejection("ingest", exc, origin=path.name))
             continue
-        report.study_uids.add(header.study_uid)
-        if is_new:
-            report.stored += 1
-        else:
-            report.duplicates += 1
+        report.count(header.study_uid, is_new)
     return report
 
 

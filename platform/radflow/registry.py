@@ -88,7 +88,7 @@ def save_weights(store: ObjectStore, key: str, network: nn.Module) -> None:
     store.put_bytes(key, buffer.getvalue())
 
 
-class UnknownVersion(RadflowError):
+class UnknownVersion(RadflowError, LookupError):
     def __init__(self, task: str, number: int) -> None:
         super().__init__(
             f"{task} has no version {number}; `radflow model list --task {task}` shows them"

@@ -16,9 +16,8 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import urllib3
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.errors import InvalidInstance
-from radflow.ingest import ingest_file, rejection
+from radflow.ingest import IngestReport, ingest_file, rejection
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
@@ -47,15 +46,11 @@ _COPY_CHUNK = 1 << 20
 
 
 @dataclass
-class WatchReport:
+class WatchReport(IngestReport):
     """What one pass over the inbox did."""
 
-    stored: int = 0
-    duplicates: int = 0
     quarantined: int = 0
     waiting: int = 0  # files still being written, left for a later pass
-    reasons: Counter[str] = field(default_factory=Counter)
-    study_uids: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
         text = (
@@ -132,11 +127,7 @@ def _ingest_one(
         report.quarantined += 1
         report.reasons[exc.reason] += 1
         return
-    report.study_uids.add(header.study_uid)
-    if is_new:
-        report.stored += 1
-    else:
-        report.duplicates += 1
+    report.count(header.study_uid, is_new)
 
 
 def quarantine(

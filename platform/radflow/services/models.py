@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 from radflow import registry
 from radflow.db import Label, ModelStatus, ModelVersion, Prediction, TrainingRun
 from radflow.db.audit import record
-from radflow.errors import RadflowError
 from radflow.settings import Settings
 from radflow.tasks import get_task
 from radflow.users import Permission, Principal, require
@@ -34,11 +33,6 @@ logger = logging.getLogger(__name__)
 TRAIN_DEPLOYMENT = "train/train"
 """flow name / deployment name, as flows/deployments.py serves it."""
 CALIBRATION_BINS = 10
-
-
-class ModelNotFound(RadflowError, LookupError):
-    def __init__(self, task: str, version: int) -> None:
-        super().__init__(f"{task} has no version {version}; see the models page for the list")
 
 
 @dataclass(frozen=True)
@@ -196,7 +190,7 @@ def labels_since_training(session: Session, task: str) -> int:
 def promote(session: Session, principal: Principal, task: str, version: int) -> ModelVersion:
     """Make ``task`` version ``version`` the champion (the registry retires the previous one)."""
     require(principal, Permission.PROMOTE)
-    target = _version(session, task, version)
+    target = registry.get_version(session, task, version)
     registry.promote(session, target, actor=principal.name, reason="promoted in the dashboard")
     return target
 
@@ -205,15 +199,6 @@ def rollback(session: Session, principal: Principal, task: str) -> ModelVersion:
     """Put back the champion the current one replaced (the registry's rule, audited there)."""
     require(principal, Permission.PROMOTE)
     return registry.rollback(session, task, actor=principal.name)
-
-
-def _version(session: Session, task: str, version: int) -> ModelVersion:
-    found = session.scalar(
-        select(ModelVersion).where(ModelVersion.task == task, ModelVersion.version == version)
-    )
-    if found is None:
-        raise ModelNotFound(task, version)
-    return found
 
 
 @dataclass(frozen=True)
