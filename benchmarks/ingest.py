@@ -1,6 +1,6 @@
 """Ingest benchmark: the Radflow receiver against Orthanc and DCMTK storescp, in one run.
 
-    .venv/bin/python benchmarks/ingest.py [--big-slices 4000] [--skip-big]
+    .venv/bin/python benchmarks/ingest.py [--rounds 5] [--big-slices 4000] [--skip-big]
 
 A 200-slice 512x512 16-bit CT series (CT Image Storage, generated here) is sent with DCMTK
 ``storescu`` (``TCP_NODELAY=1`` on both ends) to
@@ -11,8 +11,9 @@ A 200-slice 512x512 16-bit CT series (CT Image Storage, generated here) is sent 
 (b) Orthanc (Debian package, default SQLite index, loopback, temporary storage);
 (c) DCMTK ``storescp`` writing plain files (the ceiling).
 
-Then the same 200 slices as 4 series of 50, sent by 4 storescu processes at once (4 parallel
-associations) to each. Last, the receiver's peak RSS (VmHWM) while it receives a ~2 GB study
+Then 200 slices as 4 series of 50, sent by 4 storescu processes at once (4 parallel
+associations) to each. All three run at once and each round sends fresh series to each in turn;
+the figures are each target's median over the rounds (per-round figures are in the JSON). Last, the receiver's peak RSS (VmHWM) while it receives a ~2 GB study
 (4000 slices, written to disk one by one and deleted afterwards).
 
 Prints a table, then as the last line one JSON object with every figure.
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,45 +170,53 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc")
 
 
-def run(work: Path, big_slices: int) -> dict[str, Any]:
-    one = work / "one-series"
-    four = [work / f"four-series-{k}" for k in range(PARALLEL)]
+def run(work: Path, big_slices: int, rounds: int) -> dict[str, Any]:
+    """All three receivers up at once; each round sends fresh series to each, in turn.
+
+    On a shared 2-core machine the speed of the whole box drifts by a factor of two within
+    minutes, so one send per target would compare moments, not receivers. Interleaving the
+    targets round by round and taking each one's median keeps the ratios honest.
+    """
     study = generate_uid()
-    files = list(ct_series(one, SLICES, study_uid=study))
-    for k, folder in enumerate(four):
-        list(ct_series(folder, SLICES // PARALLEL, study_uid=generate_uid(), number=k + 2))
-    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    series = []
+    for r in range(rounds):
+        one = list(ct_series(work / f"r{r}-one", SLICES, study_uid=study, number=10 * r + 1))
+        four = [work / f"r{r}-four-{k}" for k in range(PARALLEL)]
+        for k, folder in enumerate(four):
+            list(ct_series(folder, SLICES // PARALLEL, study_uid=generate_uid(), number=k + 2))
+        series.append((work / f"r{r}-one", four))
+    megabytes = sum(p.stat().st_size for p in one) / 1e6
+    seconds: dict[str, list[float]] = {}
+
+    def timed(key: str, value: float) -> None:
+        seconds.setdefault(key, []).append(value)
+
+    with (
+        radflow_receiver(work / "radflow") as (port, settings, _),
+        Orthanc(work / "orthanc") as pacs,
+        storescp(work / "scp") as scp_port,
+    ):
+        expected = 0
+        for one_folder, four in series:
+            for suffix, folders in (("", [one_folder]), ("_4x", four)):
+                expected += SLICES
+                start = time.perf_counter()
+                timed(f"radflow_spool{suffix}", send(port, "RADFLOW", folders))
+                wait_indexed(settings, expected)
+                timed(f"radflow_indexed{suffix}", time.perf_counter() - start)
+                timed(f"orthanc{suffix}", send(pacs.dicom_port, pacs.aet, folders))
+                timed(f"storescp{suffix}", send(scp_port, "STORESCP", folders))
+        assert objects_stored(settings) == expected
+        assert pacs.request("GET", "/statistics")["CountInstances"] == expected
+
     results: dict[str, Any] = {"slices": SLICES, "megabytes": round(megabytes, 1)}
-
-    def rates(prefix: str, seconds: float) -> None:
-        results[f"{prefix}_s"] = round(seconds, 3)
-        results[f"{prefix}_inst_per_s"] = round(SLICES / seconds, 1)
-        results[f"{prefix}_mb_per_s"] = round(megabytes / seconds, 1)
-
-    with radflow_receiver(work / "r1") as (port, settings, _):
-        start = time.perf_counter()
-        rates("radflow_spool", send(port, "RADFLOW", [one]))
-        wait_indexed(settings, SLICES)
-        rates("radflow_indexed", time.perf_counter() - start)
-        assert objects_stored(settings) == SLICES
-        start = time.perf_counter()
-        rates("radflow_spool_4x", send(port, "RADFLOW", four))
-        wait_indexed(settings, 2 * SLICES)
-        rates("radflow_indexed_4x", time.perf_counter() - start)
-        assert objects_stored(settings) == 2 * SLICES
-
-    with Orthanc(work / "orthanc") as pacs:
-        rates("orthanc", send(pacs.dicom_port, pacs.aet, [one]))
-        rates("orthanc_4x", send(pacs.dicom_port, pacs.aet, four))
-        assert pacs.request("GET", "/statistics")["CountInstances"] == 2 * SLICES
-
-    with storescp(work / "scp") as port:
-        rates("storescp", send(port, "STORESCP", [one]))
-        rates("storescp_4x", send(port, "STORESCP", four))
-
-    shutil.rmtree(one)
-    for folder in four:
-        shutil.rmtree(folder)
+    results["rounds"] = rounds
+    for key, values in seconds.items():
+        median = statistics.median(values)
+        results[f"{key}_s"] = round(median, 3)
+        results[f"{key}_inst_per_s"] = round(SLICES / median, 1)
+        results[f"{key}_mb_per_s"] = round(megabytes / median, 1)
+        results[f"{key}_inst_per_s_each_round"] = [round(SLICES / v, 1) for v in values]
     for name in ("radflow_spool", "radflow_indexed", "storescp"):
         for suffix in ("", "_4x"):
             key = f"{name}{suffix}"
@@ -216,6 +226,8 @@ def run(work: Path, big_slices: int) -> dict[str, Any]:
     results["radflow_indexed_vs_spool_time"] = round(
         results["radflow_indexed_s"] / results["radflow_spool_s"], 2
     )
+    for folder in work.glob("r*-*"):
+        shutil.rmtree(folder)
     if big_slices:
         results.update(big_study(work / "big", big_slices))
     return results
@@ -286,12 +298,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-slices", type=int, default=4000, help="slices of the RSS study")
     parser.add_argument("--skip-big", action="store_true", help="skip the 2 GB RSS measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians)")
     args = parser.parse_args()
     for name in list(os.environ):
         if name.startswith("RADFLOW_"):
             del os.environ[name]
     with tempfile.TemporaryDirectory(prefix="radflow-bench-ingest-") as tmp:
-        results = run(Path(tmp), 0 if args.skip_big else args.big_slices)
+        results = run(Path(tmp), 0 if args.skip_big else args.big_slices, args.rounds)
     report(results)
     print(json.dumps(results))
 

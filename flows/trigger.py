@@ -65,9 +65,14 @@ def stabilise_and_process(
             emit_event(event=STABLE_EVENT, resource=study_resource(study))
         logger.info("%d studies stable: %s events emitted", len(promoted), STABLE_EVENT)
         return result
-    from flows.process import process_flow  # the flow imports Prefect's engine: only when used
+    tasks = _tasks_with_champion(rt)
+    if not tasks:
+        return result
+    # Imported only when there is something to score: the flow imports Prefect's engine, about a
+    # second of CPU that a receiver process would otherwise spend while studies arrive.
+    from flows.process import process_flow
 
-    for task_name in _tasks_with_champion(rt):
+    for task_name in tasks:
         result.processed[task_name] = process_flow(task_name)
     return result
 

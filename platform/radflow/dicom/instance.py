@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,16 @@ class InstanceHeader:
     image_type: str | None = None  # ImageType values joined by "\\", for routing rules
 
 
-def read_header(path: Path, max_pixels: int) -> InstanceHeader:
-    """Read and validate ``path``; raise InvalidInstance with a specific reason if unusable."""
+def read_header(
+    path: Path, max_pixels: int, *, digest: Callable[[], str] | None = None
+) -> InstanceHeader:
+    """Read and validate ``path``; raise InvalidInstance with a specific reason if unusable.
+
+    ``digest`` returns the file's SHA-256 when it is computed elsewhere (the receiver hashes in
+    a worker thread while this parses); by default the file is hashed here.
+    """
     ds = _read(path)
-    return header_from_dataset(ds, path, max_pixels)
+    return header_from_dataset(ds, path, max_pixels, digest or (lambda: file_sha256(path)))
 
 
 def _read(path: Path) -> Dataset:
@@ -82,7 +89,9 @@ def _read(path: Path) -> Dataset:
         ) from None
 
 
-def header_from_dataset(ds: Dataset, path: Path, max_pixels: int) -> InstanceHeader:
+def header_from_dataset(
+    ds: Dataset, path: Path, max_pixels: int, digest: Callable[[], str]
+) -> InstanceHeader:
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
     if not tsyntax:
@@ -131,7 +140,7 @@ def header_from_dataset(ds: Dataset, path: Path, max_pixels: int) -> InstanceHea
         columns=columns,
         frames=frames,
         size_bytes=path.stat().st_size,
-        sha256=file_sha256(path),
+        sha256=digest(),
         image_type=_image_type(ds),
     )
 

@@ -109,7 +109,7 @@ class Indexer:
             if not batch:
                 self._idle.set()
                 self.counters.save()
-                if self.spool.reap(REAP_CHUNK):
+                if self._quiet() and self.spool.reap(REAP_CHUNK):
                     continue  # check for new work between chunks: reaping is the least urgent
                 self._wake.wait(IDLE_POLL_SECONDS)
                 self._wake.clear()
@@ -132,6 +132,11 @@ class Indexer:
             backoff = 0.0
             self.counters.save()
         self.counters.save(force=True)
+
+    def _quiet(self) -> bool:
+        """No instance arrived for ``quiet_seconds``: deleting files will not slow a sender."""
+        with self._lock:
+            return time.monotonic() - self._last_submit >= self.quiet_seconds
 
     def _defer(self) -> bool:
         """Wait a little while senders are busy; True if the caller should check again."""

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType
 
+import pydicom.config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -34,6 +33,7 @@ from radflow.receiver.counters import ReceiverCounters
 from radflow.receiver.indexer import Indexer
 from radflow.receiver.spool import Spool
 from radflow.receiver.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
+from radflow.receiver.transport import start_server
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
@@ -80,6 +80,7 @@ class Receiver:
         )
         self._server: ThreadedAssociationServer | None = None
         self._previous_tempdir: str | None = None
+        self._previous_validation: tuple[int, int] | None = None
 
     @property
     def port(self) -> int:
@@ -97,6 +98,7 @@ class Receiver:
         _config.LOG_RESPONSE_IDENTIFIERS = False
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.spool.incoming)
+        self._relax_value_validation()
         self.indexer.start()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = MAX_PDU_BYTES
@@ -105,14 +107,10 @@ class Receiver:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        self._server = ae.start_server(
+        self._server = start_server(
+            ae,
             (self.host, self.requested_port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, _no_delay),
-                (evt.EVT_C_STORE, self._on_c_store),
-                (evt.EVT_REJECTED, self._on_rejected),
-            ],
+            [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)],
         )
         logger.info(
             "DICOM receiver %s listening on %s:%d, spool %s",
@@ -131,6 +129,29 @@ class Receiver:
         self.counters.save(force=True)
         self.spool.close()
         tempfile.tempdir = self._previous_tempdir
+        if self._previous_validation is not None:
+            settings = pydicom.config.settings
+            settings.reading_validation_mode, settings.writing_validation_mode = (
+                self._previous_validation
+            )
+            self._previous_validation = None
+
+    def _relax_value_validation(self) -> None:
+        """Turn off pydicom's value checks (regular expressions on every UID, date, name...).
+
+        A receiver keeps what modalities send, byte for byte; the values Radflow relies on are
+        checked by :func:`radflow.dicom.instance.read_header` with specific reasons. pydicom's
+        checks would only log warnings for harmless non-conformance, and they are a quarter of
+        pynetdicom's CPU per C-STORE (command sets are pydicom datasets). Process-wide, as
+        pydicom's configuration is: the receiver runs in a process of its own.
+        """
+        settings = pydicom.config.settings
+        self._previous_validation = (
+            settings.reading_validation_mode,
+            settings.writing_validation_mode,
+        )
+        settings.reading_validation_mode = pydicom.config.IGNORE
+        settings.writing_validation_mode = pydicom.config.IGNORE
 
     def serve_forever(
         self, tick: Callable[[], object] | None = None, tick_seconds: float = 1.0
@@ -166,16 +187,17 @@ class Receiver:
         self.counters.add("received")
         origin = str(event.assoc.requestor.ae_title)
         received = Path(event.dataset_path)
-        # The data's fsync runs while the header is read and checked: the two overlap.
-        synced = self.spool.start_sync(received)
+        # The file's digest and fsync run in a worker while the header is read and checked.
+        syncing = self.spool.start_sync(received)
         try:
-            header = read_header(received, self.settings.max_pixels)
-            spooled = self.spool.accept(received, header.sop_instance_uid, synced)
+            header = read_header(received, self.settings.max_pixels, digest=syncing.digest.result)
+            spooled = self.spool.accept(received, header.sop_instance_uid, syncing)
         except InvalidInstance as exc:
-            _settle(synced)
+            # pynetdicom deletes the refused file once this returns: let the workers finish.
+            syncing.settle()
             return self._refuse(exc, origin)
         except OSError as exc:
-            _settle(synced)
+            syncing.settle()
             # Disk full or spool unwritable: refusing (the sender retries later) is the only
             # answer that does not risk acknowledging an instance that is not on disk.
             logger.error("cannot spool an instance from %s: %s", origin, exc)
@@ -219,22 +241,3 @@ class Receiver:
         except SQLAlchemyError as db_error:
             # The failure status still reaches the sender and the counters keep the count.
             logger.error("could not record a rejection in the database: %s", db_error)
-
-
-def _no_delay(event: evt.Event) -> None:
-    """Send each response at once (TCP_NODELAY), as DCMTK and Orthanc do with TCP_NODELAY=1.
-
-    pynetdicom leaves Nagle's algorithm on; a C-STORE response held back by it waits for the
-    sender's delayed ACK (up to 40 ms on Linux).
-    """
-    transport = event.assoc.dul.socket
-    if transport is not None and transport.socket is not None:
-        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _settle(synced: Future[None]) -> None:
-    """Wait for the background fsync of a refused dataset before pynetdicom deletes the file.
-
-    Its outcome does not matter: the instance is refused either way.
-    """
-    synced.exception()
