@@ -21,10 +21,9 @@ from prefect.settings import PREFECT_API_URL
 
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
-from radflow.registry import champion
+from radflow.db.registry import champion_tasks
 from radflow.runtime import Runtime
 from radflow.stability import Promoted, promote_stable
-from radflow.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -80,4 +79,4 @@ def stabilise_and_process(
 def _tasks_with_champion(rt: Runtime) -> list[str]:
     # Without a champion there is nothing to score yet; the studies stay STABLE until one exists.
     with rt.session_factory() as session:
-        return [name for name in sorted(TASKS) if champion(session, name) is not None]
+        return champion_tasks(session)

@@ -51,6 +51,11 @@ def _start_receiver(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     return process
 
 
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
 def test_sigkill_mid_send_loses_nothing_acknowledged(
     request: pytest.FixtureRequest,
     settings: Settings,
@@ -98,6 +103,9 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(
             if not any((settings.spool / "ready").iterdir()):
                 break
             time.sleep(0.2)
+        # Memory must not grow with studies (issue 3: < 500 MB for a 2 GB one), and a receiver
+        # that imports PyTorch and MONAI starts near that already.
+        assert _peak_rss_mb(receiver.pid) < 250
     finally:
         receiver.send_signal(signal.SIGTERM)
         receiver.wait(30)

@@ -6,8 +6,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Enum, ForeignKey, String, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Enum, ForeignKey, String, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from radflow.db.base import Base, utcnow
 
@@ -60,3 +60,13 @@ class ModelVersion(Base):
     @property
     def name(self) -> str:
         return f"{self.task}:v{self.version}"
+
+
+def champion_tasks(session: Session) -> list[str]:
+    """Names of the tasks that have a champion model, sorted.
+
+    Here rather than in :mod:`radflow.registry` because the receiver asks it on every tick: this
+    module needs neither PyTorch nor MONAI, which would triple the receiver's memory.
+    """
+    query = select(ModelVersion.task).where(ModelVersion.status == ModelStatus.CHAMPION)
+    return sorted(set(session.scalars(query)))
