@@ -141,7 +141,7 @@ class Receiver:
 
         A receiver keeps what modalities send, byte for byte; the values Radflow relies on are
         checked by :func:`radflow.dicom.instance.read_header` with specific reasons. pydicom's
-        checks would only log warnings for harmless non-conformance, and they are a quarter of
+        checks would only log warnings for harmless non-conformance, and they are about a fifth of
         pynetdicom's CPU per C-STORE (command sets are pydicom datasets). Process-wide, as
         pydicom's configuration is: the receiver runs in a process of its own.
         """
