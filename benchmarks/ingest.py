@@ -5,16 +5,18 @@
 A 200-slice 512x512 16-bit CT series (CT Image Storage, generated here) is sent with DCMTK
 ``storescu`` (``TCP_NODELAY=1`` on both ends) to
 
-(a) the Radflow receiver (``radflow receive``, embedded default: SQLite + local object folder):
-    timed until storescu finishes (every instance acknowledged = durably spooled) and,
-    separately, until every instance is indexed in the database and in the object store;
+(a) the Radflow receiver (``radflow receive``, embedded default: SQLite + local object folder),
+    as one process and as 2 worker processes (``RADFLOW_RECEIVER_WORKERS=2``): timed until
+    storescu finishes (every instance acknowledged = durably spooled) and, separately, until
+    every instance is indexed in the database and in the object store;
 (b) Orthanc (Debian package, default SQLite index, loopback, temporary storage);
 (c) DCMTK ``storescp`` writing plain files (the ceiling).
 
 Then 200 slices as 4 series of 50, sent by 4 storescu processes at once (4 parallel
-associations) to each. All three run at once and each round sends fresh series to each in turn;
-the figures are each target's median over the rounds (per-round figures are in the JSON). Last, the receiver's peak RSS (VmHWM) while it receives a ~2 GB study
-(4000 slices, written to disk one by one and deleted afterwards).
+associations) to each. All run at once and each round sends fresh series to each in turn; the
+figures are each target's median over the rounds (per-round figures are in the JSON). Last, the
+receiver's peak RSS (VmHWM) while it receives a ~2 GB study (4000 slices, written to disk one
+by one and deleted afterwards).
 
 Prints a table, then as the last line one JSON object with every figure.
 """
@@ -46,10 +48,12 @@ sys.path.insert(0, str(REPO / "tests" / "receiver"))
 from peers import Orthanc, free_port, peer_env, radflow_env, wait_for_port  # noqa: E402
 
 from radflow.db import Instance, make_engine, make_sessionmaker  # noqa: E402
+from radflow.receiver import count_waiting, spool_folders  # noqa: E402
 from radflow.settings import Settings  # noqa: E402
 
 SLICES = 200
 PARALLEL = 4
+WORKERS = 2  # RADFLOW_RECEIVER_WORKERS of the second Radflow receiver: one per core here
 ROWS = COLUMNS = 512
 
 
@@ -110,8 +114,12 @@ def send(port: int, aet: str, folders: list[Path]) -> float:
 
 
 @contextmanager
-def radflow_receiver(work: Path) -> Iterator[tuple[int, Settings, subprocess.Popen[bytes]]]:
-    settings = Settings(data_dir=work / "radflow", receiver_host="127.0.0.1")
+def radflow_receiver(
+    work: Path, workers: int = 1
+) -> Iterator[tuple[int, Settings, subprocess.Popen[bytes]]]:
+    settings = Settings(
+        data_dir=work / "radflow", receiver_host="127.0.0.1", receiver_workers=workers
+    )
     port = free_port()
     command = [sys.executable, "-m", "radflow.cli", "receive", "--port", str(port)]
     process = subprocess.Popen(command, env=radflow_env(settings))
@@ -151,12 +159,23 @@ def indexed_count(settings: Settings) -> int:
 
 def wait_indexed(settings: Settings, expected: int, timeout: float = 1800) -> None:
     deadline = time.monotonic() + timeout
-    ready = settings.spool / "ready"
     while time.monotonic() < deadline:
-        if not any(ready.iterdir()) and indexed_count(settings) >= expected:
+        waiting = sum(count_waiting(folder) for folder in spool_folders(settings.spool))
+        if not waiting and indexed_count(settings) >= expected:
             return
         time.sleep(0.05)
     raise TimeoutError(f"not all {expected} instances indexed after {timeout} s")
+
+
+def wait_reaped(settings: Settings, timeout: float = 600) -> None:
+    """Until the receiver has deleted its consumed spool files: that I/O would otherwise slow
+    whichever target is measured next."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(any((f / "done").iterdir()) for f in spool_folders(settings.spool)):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"spool files not deleted after {timeout} s")
 
 
 def objects_stored(settings: Settings) -> int:
@@ -193,6 +212,7 @@ def run(work: Path, big_slices: int, rounds: int) -> dict[str, Any]:
 
     with (
         radflow_receiver(work / "radflow") as (port, settings, _),
+        radflow_receiver(work / "radflow-workers", WORKERS) as (w_port, w_settings, _),
         Orthanc(work / "orthanc") as pacs,
         storescp(work / "scp") as scp_port,
     ):
@@ -204,9 +224,15 @@ def run(work: Path, big_slices: int, rounds: int) -> dict[str, Any]:
                 timed(f"radflow_spool{suffix}", send(port, "RADFLOW", folders))
                 wait_indexed(settings, expected)
                 timed(f"radflow_indexed{suffix}", time.perf_counter() - start)
+                wait_reaped(settings)
+                start = time.perf_counter()
+                timed(f"radflow_workers_spool{suffix}", send(w_port, "RADFLOW", folders))
+                wait_indexed(w_settings, expected)
+                timed(f"radflow_workers_indexed{suffix}", time.perf_counter() - start)
+                wait_reaped(w_settings)
                 timed(f"orthanc{suffix}", send(pacs.dicom_port, pacs.aet, folders))
                 timed(f"storescp{suffix}", send(scp_port, "STORESCP", folders))
-        assert objects_stored(settings) == expected
+        assert objects_stored(settings) == objects_stored(w_settings) == expected
         assert pacs.request("GET", "/statistics")["CountInstances"] == expected
 
     results: dict[str, Any] = {"slices": SLICES, "megabytes": round(megabytes, 1)}
@@ -217,15 +243,22 @@ def run(work: Path, big_slices: int, rounds: int) -> dict[str, Any]:
         results[f"{key}_inst_per_s"] = round(SLICES / median, 1)
         results[f"{key}_mb_per_s"] = round(megabytes / median, 1)
         results[f"{key}_inst_per_s_each_round"] = [round(SLICES / v, 1) for v in values]
-    for name in ("radflow_spool", "radflow_indexed", "storescp"):
+    for name in (
+        "radflow_spool",
+        "radflow_indexed",
+        "radflow_workers_spool",
+        "radflow_workers_indexed",
+        "storescp",
+    ):
         for suffix in ("", "_4x"):
             key = f"{name}{suffix}"
             results[f"{key}_vs_orthanc"] = round(
                 results[f"orthanc{suffix}_s"] / results[f"{key}_s"], 2
             )
-    results["radflow_indexed_vs_spool_time"] = round(
-        results["radflow_indexed_s"] / results["radflow_spool_s"], 2
-    )
+    for name in ("radflow", "radflow_workers"):
+        results[f"{name}_indexed_vs_spool_time"] = round(
+            results[f"{name}_indexed_s"] / results[f"{name}_spool_s"], 2
+        )
     for folder in work.glob("r*-*"):
         shutil.rmtree(folder)
     if big_slices:
@@ -258,6 +291,8 @@ def report(r: dict[str, Any]) -> None:
     rows = [
         ("Radflow receiver, durably spooled", "radflow_spool"),
         ("Radflow receiver, indexed + stored", "radflow_indexed"),
+        (f"Radflow, {WORKERS} worker processes, spooled", "radflow_workers_spool"),
+        (f"Radflow, {WORKERS} worker processes, indexed", "radflow_workers_indexed"),
         ("Orthanc (SQLite index)", "orthanc"),
         ("DCMTK storescp (files, ceiling)", "storescp"),
     ]
@@ -274,7 +309,10 @@ def report(r: dict[str, Any]) -> None:
         line += f" {r.get(f'{key}_4x_vs_orthanc', 1.0):>9}"
         print(line)
     print(f"4 parallel associations = 4 series of {SLICES // PARALLEL} slices (same 200 slices)")
-    print(f"indexed+stored time / spool time: {r['radflow_indexed_vs_spool_time']}")
+    print(
+        f"indexed+stored time / spool time: {r['radflow_indexed_vs_spool_time']} (1 process), "
+        f"{r['radflow_workers_indexed_vs_spool_time']} ({WORKERS} workers)"
+    )
     if "receiver_peak_rss_mb" in r:
         print(
             f"receiver peak RSS receiving {r['big_study_slices']} slices "
@@ -284,10 +322,16 @@ def report(r: dict[str, Any]) -> None:
     floors = {
         "spool >= 1.0x Orthanc (1 assoc)": r["radflow_spool_vs_orthanc"] >= 1.0,
         "indexed within 2x spool time": r["radflow_indexed_vs_spool_time"] <= 2.0,
+        f"indexed within 2x spool time ({WORKERS} workers)": (
+            r["radflow_workers_indexed_vs_spool_time"] <= 2.0
+        ),
         "peak RSS < 500 MB (2 GB study)": (
             r["receiver_peak_rss_mb"] < 500 if "receiver_peak_rss_mb" in r else None
         ),
         "goal: spool >= 1.5x Orthanc (4 assoc)": r["radflow_spool_4x_vs_orthanc"] >= 1.5,
+        f"goal: spool >= 1.5x Orthanc (4 assoc, {WORKERS} workers)": (
+            r["radflow_workers_spool_4x_vs_orthanc"] >= 1.5
+        ),
     }
     for name, ok in floors.items():
         print(f"  [{'not measured' if ok is None else 'ok' if ok else 'MISSED'}] {name}")

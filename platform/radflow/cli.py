@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default RADFLOW_RECEIVER_PORT (11112)")
     p.add_argument("--ae-title", default=None, help="default RADFLOW_RECEIVER_AE_TITLE (RADFLOW)")
     p.add_argument("--host", default=None, help="default RADFLOW_RECEIVER_HOST (0.0.0.0)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # supervisor's
     p = add("watch", cmd_watch, "ingest files and zips dropped in the inbox (a polling loop)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p = add("export", cmd_export, "write de-identified copies of a study (PS3.15 Basic profile)")
@@ -216,20 +217,44 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
-    from flows.trigger import stabilise_and_process
-    from radflow.receiver import Receiver
+    from radflow.receiver import Receiver, Supervisor, drain_orphans, worker_spool
     from radflow.runtime import Runtime
 
+    host = args.host or settings.receiver_host
+    port = settings.receiver_port if args.port is None else args.port
+    ae_title = args.ae_title or settings.receiver_ae_title
+    if args.worker is not None:  # one of a supervisor's workers: receive, index, nothing else
+        with Runtime.open(settings, migrate=False) as rt:
+            Receiver(
+                settings,
+                session_factory=rt.session_factory,
+                store=rt.store,
+                host=host,
+                port=port,
+                ae_title=ae_title,
+                spool=worker_spool(settings.spool, args.worker),
+                shared_port=True,
+            ).serve_forever()
+        return 0
+    from flows.trigger import stabilise_and_process
+
     with Runtime.open(settings) as rt:
-        receiver = Receiver(
-            settings,
-            session_factory=rt.session_factory,
-            store=rt.store,
-            host=args.host,
-            port=args.port,
-            ae_title=args.ae_title,
-        )
-        receiver.serve_forever(tick=lambda: _keep_serving(stabilise_and_process, rt))
+        service: Receiver | Supervisor
+        if settings.receiver_workers > 1:
+            service = Supervisor(settings, host=host, port=port, ae_title=ae_title)
+            owned = service.owned_spools()
+        else:
+            service = Receiver(
+                settings,
+                session_factory=rt.session_factory,
+                store=rt.store,
+                host=host,
+                port=port,
+                ae_title=ae_title,
+            )
+            owned = {settings.spool}
+        drain_orphans(settings, owned, session_factory=rt.session_factory, store=rt.store)
+        service.serve_forever(tick=lambda: _keep_serving(stabilise_and_process, rt))
     return 0
 
 

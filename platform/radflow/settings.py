@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     receiver_host: str = Field(
         default="0.0.0.0", description="Address the receiver listens on (127.0.0.1: this host only)"
     )
+    receiver_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Receiver processes sharing the port (SO_REUSEPORT), each with its own spool "
+        "folder and indexer: about one per CPU core when several modalities send at once",
+    )
     receiver_ae_title: str = Field(
         default="RADFLOW", min_length=1, max_length=16, description="AE title of the receiver"
     )

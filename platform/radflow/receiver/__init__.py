@@ -5,6 +5,7 @@ from radflow.receiver.indexer import Indexer
 from radflow.receiver.scp import Receiver
 from radflow.receiver.spool import Spool, SpoolBusy, count_waiting
 from radflow.receiver.statuses import FAILURE_STATUS, failure_status
+from radflow.receiver.workers import Supervisor, drain_orphans, spool_folders, worker_spool
 
 __all__ = [
     "FAILURE_STATUS",
@@ -13,7 +14,11 @@ __all__ = [
     "ReceiverCounters",
     "Spool",
     "SpoolBusy",
+    "Supervisor",
     "count_waiting",
+    "drain_orphans",
     "failure_status",
     "load_counters",
+    "spool_folders",
+    "worker_spool",
 ]

@@ -11,12 +11,9 @@ The indexer thread stores and indexes the spool behind the senders' backs.
 from __future__ import annotations
 
 import logging
-import signal
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 import pydicom.config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
@@ -34,6 +31,7 @@ from radflow.receiver.indexer import Indexer
 from radflow.receiver.spool import Spool
 from radflow.receiver.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
 from radflow.receiver.transport import start_server
+from radflow.receiver.workers import until_signal
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
@@ -62,13 +60,17 @@ class Receiver:
         host: str | None = None,
         port: int | None = None,
         ae_title: str | None = None,
+        spool: Path | None = None,
+        shared_port: bool = False,
     ) -> None:
+        """``spool`` and ``shared_port``: set for one of several workers (receiver/workers.py)."""
         self.settings = settings
         self.session_factory = session_factory
         self.host = settings.receiver_host if host is None else host
         self.requested_port = settings.receiver_port if port is None else port
         self.ae_title = ae_title or settings.receiver_ae_title
-        self.spool = Spool(settings.spool)
+        self.spool = Spool(spool or settings.spool)
+        self.shared_port = shared_port
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.counters = ReceiverCounters(self.spool.stats_path)
         self.indexer = Indexer(
@@ -111,6 +113,7 @@ class Receiver:
             ae,
             (self.host, self.requested_port),
             [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)],
+            shared_port=self.shared_port,
         )
         logger.info(
             "DICOM receiver %s listening on %s:%d, spool %s",
@@ -161,21 +164,14 @@ class Receiver:
         ``tick`` runs every ``tick_seconds`` in the main thread: the CLI uses it to promote quiet
         studies to stable and start their processing (radflow must not import the flows itself).
         """
-        stopped = threading.Event()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stopped.set()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.start()
-        try:
-            while not stopped.wait(tick_seconds):
-                if tick is not None:
-                    tick()
-        finally:
-            self.stop()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with until_signal() as stopped:
+            self.start()
+            try:
+                while not stopped.wait(tick_seconds):
+                    if tick is not None:
+                        tick()
+            finally:
+                self.stop()
 
     def wait_indexed(self, timeout: float = 60.0) -> bool:
         """Block until every spooled instance is indexed; False on timeout."""

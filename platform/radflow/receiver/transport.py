@@ -61,14 +61,25 @@ class ReceiverRequestHandler(RequestHandler):
         return assoc
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """A server whose port other receiver processes listen on too (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind sets its own options and ignores socketserver's
+        # allow_reuse_port, so the option is set here, before it binds.
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any]
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], *, shared_port: bool = False
 ) -> ThreadedAssociationServer:
     """Start ``ae``'s association server on ``address`` in a background thread."""
     server = ae.make_server(
         address,
         evt_handlers=evt_handlers,
-        server_class=ThreadedAssociationServer,
+        server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
         request_handler=ReceiverRequestHandler,
     )
     # Registered as AE.start_server does: server.shutdown() and AE.shutdown() look it up there.

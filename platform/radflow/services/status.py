@@ -55,20 +55,25 @@ def rejection_counts(session: Session) -> dict[str, dict[str, int]]:
 
 
 def receiver_status(session: Session, spool: Path) -> dict[str, Any]:
-    """The DICOM receiver's counters, its spool backlog and its rejections by reason."""
-    from radflow.receiver import count_waiting, load_counters
+    """The DICOM receiver's counters, its spool backlog and its rejections by reason.
 
-    counters = load_counters(spool / "stats.json") or {}
+    Summed over the spool folders of all receiver processes (RADFLOW_RECEIVER_WORKERS).
+    """
+    from radflow.receiver import count_waiting, load_counters, spool_folders
+
+    folders = spool_folders(spool)
+    saved = [load_counters(folder / "stats.json") or {} for folder in folders]
     by_reason = session.execute(
         select(Rejection.reason, func.count())
         .where(Rejection.source == "receiver")
         .group_by(Rejection.reason)
     ).all()
+    totals = {
+        name: sum(int(counters.get(name, 0)) for counters in saved)
+        for name in ("received", "spooled", "indexed", "duplicates")
+    }
     return {
-        "received": counters.get("received", 0),
-        "spooled": counters.get("spooled", 0),
-        "indexed": counters.get("indexed", 0),
-        "duplicates": counters.get("duplicates", 0),
-        "spool_waiting": count_waiting(spool),
+        **totals,
+        "spool_waiting": sum(count_waiting(folder) for folder in folders),
         "rejected": {reason: n for reason, n in sorted(by_reason)},
     }
