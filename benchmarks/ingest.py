@@ -172,7 +172,8 @@ def wait_reaped(settings: Settings, timeout: float = 600) -> None:
     whichever target is measured next."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(any((f / "done").iterdir()) for f in spool_folders(settings.spool)):
+        done = [f / "done" for f in spool_folders(settings.spool) if (f / "done").is_dir()]
+        if not any(any(folder.iterdir()) for folder in done):
             return
         time.sleep(0.05)
     raise TimeoutError(f"spool files not deleted after {timeout} s")

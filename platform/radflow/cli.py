@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default RADFLOW_RECEIVER_PORT (11112)")
     p.add_argument("--ae-title", default=None, help="default RADFLOW_RECEIVER_AE_TITLE (RADFLOW)")
     p.add_argument("--host", default=None, help="default RADFLOW_RECEIVER_HOST (0.0.0.0)")
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # supervisor's
+    # A supervisor's worker (radflow.receiver.workers): its number and the shared socket.
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p = add("watch", cmd_watch, "ingest files and zips dropped in the inbox (a polling loop)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p = add("export", cmd_export, "write de-identified copies of a study (PS3.15 Basic profile)")
@@ -233,7 +235,7 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
                 port=port,
                 ae_title=ae_title,
                 spool=worker_spool(settings.spool, args.worker),
-                shared_port=True,
+                listen_fd=args.listen_fd,
             ).serve_forever()
         return 0
     from flows.trigger import stabilise_and_process

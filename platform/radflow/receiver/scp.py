@@ -61,16 +61,16 @@ class Receiver:
         port: int | None = None,
         ae_title: str | None = None,
         spool: Path | None = None,
-        shared_port: bool = False,
+        listen_fd: int | None = None,
     ) -> None:
-        """``spool`` and ``shared_port``: set for one of several workers (receiver/workers.py)."""
+        """``spool`` and ``listen_fd``: set for one of several workers (receiver/workers.py)."""
         self.settings = settings
         self.session_factory = session_factory
         self.host = settings.receiver_host if host is None else host
         self.requested_port = settings.receiver_port if port is None else port
         self.ae_title = ae_title or settings.receiver_ae_title
         self.spool = Spool(spool or settings.spool)
-        self.shared_port = shared_port
+        self.listen_fd = listen_fd
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self.counters = ReceiverCounters(self.spool.stats_path)
         self.indexer = Indexer(
@@ -113,7 +113,7 @@ class Receiver:
             ae,
             (self.host, self.requested_port),
             [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)],
-            shared_port=self.shared_port,
+            listen_fd=self.listen_fd,
         )
         logger.info(
             "DICOM receiver %s listening on %s:%d, spool %s",

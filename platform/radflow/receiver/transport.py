@@ -61,27 +61,51 @@ class ReceiverRequestHandler(RequestHandler):
         return assoc
 
 
-class SharedPortServer(ThreadedAssociationServer):
-    """A server whose port other receiver processes listen on too (SO_REUSEPORT)."""
+class SharedListenerServer(ThreadedAssociationServer):
+    """A server accepting from a listening socket that other receiver processes share.
+
+    The supervisor (receiver/workers.py) opens the socket and hands it down; every worker
+    waits on it and the first free one takes the next connection, so the load follows the
+    workers' actual business (SO_REUSEPORT would spread connections by address hash instead,
+    and two of four senders on one worker is then as likely as not).
+    """
+
+    def __init__(self, *args: Any, listen_fd: int, **kwargs: Any) -> None:
+        self.listen_fd = listen_fd
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        # pynetdicom's server_bind sets its own options and ignores socketserver's
-        # allow_reuse_port, so the option is set here, before it binds.
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.socket is not None:
+            self.socket.close()  # the one socketserver made: this server uses the shared one
+        self.socket = socket.socket(fileno=self.listen_fd)
+        # Several workers wake for one connection; the others must not block in accept().
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
 
 
 def start_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any], *, shared_port: bool = False
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], *, listen_fd: int | None = None
 ) -> ThreadedAssociationServer:
-    """Start ``ae``'s association server on ``address`` in a background thread."""
-    server = ae.make_server(
-        address,
-        evt_handlers=evt_handlers,
-        server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
-        request_handler=ReceiverRequestHandler,
-    )
+    """Start ``ae``'s association server in a background thread.
+
+    On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's).
+    """
+    server: ThreadedAssociationServer
+    if listen_fd is None:
+        server = ae.make_server(
+            address,
+            evt_handlers=evt_handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=ReceiverRequestHandler,
+        )
+    else:
+        server = ae.make_server(
+            address,
+            evt_handlers=evt_handlers,
+            server_class=SharedListenerServer,
+            request_handler=ReceiverRequestHandler,
+            listen_fd=listen_fd,
+        )
     # Registered as AE.start_server does: server.shutdown() and AE.shutdown() look it up there.
     ae._servers.append(server)
     thread = threading.Thread(

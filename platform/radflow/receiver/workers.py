@@ -2,8 +2,8 @@
 
 pynetdicom runs every association as threads of one Python process: one receiver uses about one
 core however many modalities send at once. With ``RADFLOW_RECEIVER_WORKERS=N`` (N > 1),
-``radflow receive`` becomes a supervisor that starts N receiver processes listening on the same
-port (``SO_REUSEPORT``: the kernel spreads new connections over them). Each worker has its own
+``radflow receive`` becomes a supervisor that opens the listening socket and starts N receiver
+processes accepting from it (the first free worker takes the next association). Each has its own
 spool folder ``<spool>/worker-<n>`` and its own indexer, exactly as a single receiver has; the
 supervisor runs the periodic step (stable studies -> processing) once for all, restarts a
 worker that dies, and stops them all on SIGTERM or Ctrl-C.
@@ -82,16 +82,10 @@ def drain_orphans(
                 counters.save(force=True)
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, not listening, SO_REUSEPORT socket: holds ``port`` (or picks one for 0).
-
-    Connections go only to listening sockets, the workers'; this one just keeps the port number
-    taken while they (re)start.
-    """
-    holder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host, port))
-    return holder
+def open_listener(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share (port 0: a free one is chosen)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
 
 
 class Supervisor:
@@ -101,17 +95,18 @@ class Supervisor:
         self.settings = settings
         self.host, self.ae_title = host, ae_title
         self.workers = settings.receiver_workers
-        self._holder = reserve_port(host, port)
-        self.port = int(self._holder.getsockname()[1])
+        self._listener = open_listener(host, port)
+        self.port = int(self._listener.getsockname()[1])
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
 
     def owned_spools(self) -> set[Path]:
         return {worker_spool(self.settings.spool, k) for k in range(self.workers)}
 
     def _start(self, index: int) -> None:
+        fd = self._listener.fileno()
         command = [sys.executable, "-m", "radflow.cli", "receive", "--worker", str(index)]
-        command += ["--host", self.host, "--port", str(self.port), "--ae-title", self.ae_title]
-        self._processes[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        command += ["--listen-fd", str(fd), "--ae-title", self.ae_title]
+        self._processes[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(fd,))
 
     def _restart_dead(self) -> None:
         for index, process in list(self._processes.items()):
@@ -154,7 +149,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 process.kill()
         self._processes.clear()
-        self._holder.close()
+        self._listener.close()
 
 
 @contextmanager
