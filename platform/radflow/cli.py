@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,7 +195,32 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             print(f"Demo login ({role.value}): {name} / {password}")
     if args.no_serve:
         return 0
-    return cmd_dashboard(argparse.Namespace(port=None), settings)
+    with _demo_receiver(settings):
+        return cmd_dashboard(argparse.Namespace(port=None), settings)
+
+
+@contextmanager
+def _demo_receiver(settings: Settings) -> Iterator[None]:
+    """The DICOM receiver next to the demo dashboard, so a study sent to it shows up there."""
+    port, host = settings.receiver_port, settings.receiver_host
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        print(f"DICOM receiver not started: port {port} is not free ({exc.strerror})")
+        yield
+        return
+    receiver = subprocess.Popen([sys.executable, "-m", "radflow.cli", "receive"])
+    print(
+        f"DICOM receiver {settings.receiver_ae_title} on port {port}: "
+        f"storescu -aec {settings.receiver_ae_title} localhost {port} FILE.dcm",
+        flush=True,
+    )
+    try:
+        yield
+    finally:
+        receiver.terminate()
+        receiver.wait(60)
 
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
