@@ -6,8 +6,23 @@ In a fresh data directory, side by side in one run:
 
 1. training throughput (images/s) of the train flow (a retrain, so the cache is warm) vs a plain
    MONAI/PyTorch loop with the same network, batch size, transforms and per-epoch validation;
-2. batch scoring through the process flow (DICOM decode, preprocessing, database, object store)
-   vs the bare model forward on the same preprocessed tensors; with and without Grad-CAM;
+2. batch scoring through the process flow, timed end to end (a Prefect flow run: pending
+   studies from the database, routing, preprocessed tensors, the network, predictions and
+   triage written, Grad-CAM maps stored) vs the bare model forward (``predict``, same threads
+   and batch size) on the same preprocessed tensors, in studies (images) per second:
+   - ``score_flow_per_s``: the goal's figure. The studies were trained on, so their tensors are
+     in the preprocessing cache, as they are in use the other way round (scoring fills the
+     cache; the labelled studies a retrain reads were scored first);
+   - ``score_flow_gradcam_per_s``: the same with a Grad-CAM map per study (after a promotion,
+     so every study is pending again);
+   - ``score_flow_cold_per_s``: the same with an empty cache (every DICOM decoded), after
+     registering the champion's weights again as a new version;
+   - ``score_flow_task_s`` / ``score_flow_network_s``: of the first run's wall time, the
+     seconds inside the scoring task, and of those, in the network (``predict``) alone;
+   - ``score_flow_run_overhead_s``: a process flow run with nothing to score: what a run
+     costs whatever its size, mostly Prefect's (API calls, and joining its heartbeat thread,
+     which sleeps in 1 s steps: 0-1 s at the end of every run, ~1 s for a short one). Not
+     subtracted from anything: in a run that scores, that wait is anywhere from 0 to 1 s;
 3. data-loading time of the second training vs the first (the preprocessing cache).
 
 The last line is one JSON object with the ratios.
@@ -56,6 +71,7 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     import dataclasses
+    import shutil
 
     import torch
     from sqlalchemy import select
@@ -67,7 +83,7 @@ def main() -> int:
     from radflow.db import Instance, ModelVersion, TrainingRun, unit_of_work
     from radflow.device import cpu_threads, select_device
     from radflow.importers import import_npz
-    from radflow.registry import load_network, promote, require_champion
+    from radflow.registry import load_network, promote, register, require_champion
     from radflow.runtime import Runtime
     from radflow.settings import Settings
     from radflow.training import predict
@@ -137,8 +153,32 @@ def main() -> int:
     started = time.perf_counter()
     cam_scored = process_flow(name)
     cam_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    assert process_flow(name)["scored"] == 0
+    run_overhead = time.perf_counter() - started
+
+    # Cold: the champion's weights as a new version (every study pending again), no cache.
+    os.environ["RADFLOW_GRADCAM"] = "false"
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        current = require_champion(session, name)
+        again = register(
+            session,
+            rt.store,
+            task,
+            load_network(rt.store, current, device),
+            metrics={},
+            threshold=current.threshold,
+            training_run=None,
+        )
+        promote(session, again, actor="benchmark", reason="benchmark: score with no cache")
+    shutil.rmtree(settings.cache_dir)
+    started = time.perf_counter()
+    cold_scored = process_flow(name)
+    cold_seconds = time.perf_counter() - started
+
     n_scored = int(plain_scored["scored"])
     score_ips, cam_ips = n_scored / score_seconds, int(cam_scored["scored"]) / cam_seconds
+    cold_ips = int(cold_scored["scored"]) / cold_seconds
 
     with Runtime.open(settings) as rt, rt.session_factory() as session:
         network = load_network(rt.store, require_champion(session, name), device)
@@ -147,8 +187,9 @@ def main() -> int:
         predict(network, x_all, device, settings.batch_size)
     bare_ips = len(x_all) / (time.perf_counter() - started)
     print(
-        f"scoring: process flow {score_ips:.1f} studies/s, with Grad-CAM {cam_ips:.1f}; "
-        f"bare forward {bare_ips:.1f} img/s"
+        f"scoring: process flow {score_ips:.1f} studies/s, with Grad-CAM {cam_ips:.1f}, "
+        f"no cache {cold_ips:.1f}; bare forward {bare_ips:.1f} img/s; "
+        f"{run_overhead:.2f} s per flow run"
     )
     result = {
         "train_flow_images_per_s": round(flow_ips, 1),
@@ -159,6 +200,13 @@ def main() -> int:
         "score_bare_per_s": round(bare_ips, 1),
         "score_ratio": round(score_ips / bare_ips, 3),
         "score_ratio_gradcam": round(cam_ips / bare_ips, 3),
+        "score_flow_seconds": round(score_seconds, 2),
+        "score_flow_task_s": round(float(plain_scored["seconds"]), 2),
+        "score_flow_network_s": round(float(plain_scored["network_seconds"]), 2),
+        "score_bare_seconds": round(len(x_all) / bare_ips, 2),
+        "score_flow_cold_per_s": round(cold_ips, 1),
+        "score_ratio_cold": round(cold_ips / bare_ips, 3),
+        "score_flow_run_overhead_s": round(run_overhead, 2),
         "data_seconds_first": round(data_first, 2),
         "data_seconds_second": round(data_second, 2),
         "data_ratio": round(data_second / data_first, 3),

@@ -27,6 +27,7 @@ def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
         explain=rt.settings.gradcam,
         threads=rt.settings.torch_threads or None,
         rules=rules_for(rt.settings),
+        cache_dir=rt.settings.cache_dir,
     )
 
 
@@ -41,4 +42,6 @@ def process_flow(task_name: str = "pneumonia-cxr") -> dict[str, object]:
         "scored": report.scored,
         "no_model": report.no_model,
         "failed": report.failed,
+        "seconds": report.seconds,
+        "network_seconds": report.network_seconds,
     }

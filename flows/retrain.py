@@ -5,7 +5,9 @@
   the train flow with ``if_due``, and an hourly schedule on the same deployment catches up on
   anything the events missed (a server restart, labels written while no server ran).
 - The embedded default (no server): after labels are recorded, the due check runs here and,
-  when due, the train flow is called directly.
+  when due, the train flow is called directly (the CLI waits for it), or started as a
+  background ``radflow retrain --if-due`` process (the dashboard: a training takes minutes, and
+  the radiologist's page must not wait for it).
 
 Either way the train flow itself decides from the database whether the task is due, so a
 trigger that fires twice, or late, trains at most once.
@@ -13,9 +15,15 @@ trigger that fires twice, or late, trains at most once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
+import sys
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect.deployments.runner import RunnerDeployment
@@ -39,26 +47,73 @@ def task_resource(task_name: str) -> dict[str, str]:
     return {"prefect.resource.id": f"radflow.task.{task_name}", "radflow.task": task_name}
 
 
-def labels_recorded(
-    task_name: str, count: int = 1, *, mode: TriggerMode | None = None
-) -> dict[str, Any] | None:
-    """Announce ``count`` new labels; on the embedded default, retrain now if due.
+@dataclass(frozen=True)
+class BackgroundRetrain:
+    """A training started in a background process on this machine."""
 
-    Returns the train flow's result when a training ran here, else None.
+    task: str
+    pid: int
+    log: Path
+
+
+def labels_recorded(
+    task_name: str,
+    count: int = 1,
+    *,
+    mode: TriggerMode | None = None,
+    wait: bool = True,
+    rt: Runtime | None = None,
+) -> dict[str, Any] | BackgroundRetrain | None:
+    """Announce ``count`` new labels; on the embedded default, retrain if due.
+
+    With ``wait`` (the CLI), a due training runs here and its train flow result is returned;
+    without (the dashboard), it starts in a background process, returned as BackgroundRetrain.
+    None: events were emitted, or the task is not due. ``rt``: the caller's runtime, if it has
+    one open (else one is opened from the environment's settings).
     """
     if (mode or trigger_mode()) == "event":
         for _ in range(count):
             emit_event(event=LABEL_EVENT, resource=task_resource(task_name))
         return None
-    from flows.train import train_flow
-
     # Checked here first, cheaply: most labels do not make a task due, and a flow run costs more.
-    with Runtime.open(Settings()) as rt, unit_of_work(rt.session_factory) as session:
-        due = retrain_status(session, task_name, rt.settings.retrain_after_labels).due
+    with contextlib.nullcontext(rt) if rt else Runtime.open(Settings()) as runtime:
+        with unit_of_work(runtime.session_factory) as session:
+            due = retrain_status(session, task_name, runtime.settings.retrain_after_labels).due
+        data_dir = runtime.settings.data_dir
     if not due:
         return None
+    if not wait:
+        return start_background_retrain(data_dir, task_name)
+    from flows.train import train_flow
+
     result: dict[str, Any] = train_flow(task_name, progress=False, if_due=True)
     return result if result.get("trained") else None
+
+
+def start_background_retrain(data_dir: Path, task_name: str) -> BackgroundRetrain:
+    """``radflow retrain --task T --if-due`` as a detached process, logging to the data dir.
+
+    It reads the same RADFLOW_* environment as its caller, decides again whether the task is
+    due, and trains at most once however many reviews started it: a second one finds the first
+    training running (radflow.training.running_run, the Prefect concurrency limit), or no new
+    labels left once it is done (flows/train.py checks again inside the limit).
+    """
+    log = data_dir / "logs" / f"retrain-{task_name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = ["retrain", "--task", task_name, "--if-due", "--no-progress"]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "radflow.cli", *command],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives the dashboard (a restart, a closed tab)
+        )
+    # Collect its exit status when it ends, so a long-lived caller (the dashboard server)
+    # does not keep a zombie process per retraining.
+    threading.Thread(target=process.wait, name=f"retrain-{task_name}", daemon=True).start()
+    logger.info("%s is due: retraining in process %d (log %s)", task_name, process.pid, log)
+    return BackgroundRetrain(task_name, process.pid, log)
 
 
 def retrain_triggers(

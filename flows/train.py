@@ -69,13 +69,19 @@ def train_flow(
     """Train ``task_name``; with ``if_due``, only when enough new labels have arrived."""
     logger = get_run_logger()
     with Runtime.open(Settings()) as rt:
-        if if_due:
+
+        def not_due() -> str | None:
             with unit_of_work(rt.session_factory) as session:
                 status = retrain_status(session, task_name, rt.settings.retrain_after_labels)
             logger.info(status.describe())
-            if not status.due:
-                return {"trained": False, "reason": status.describe()}
+            return None if status.due else status.describe()
+
+        if if_due and (reason := not_due()):
+            return {"trained": False, "reason": reason}
         with concurrency(ensure_concurrency_limit(task_name), occupy=1):
+            # Again once the slot is ours: a training that held it may have used the labels.
+            if if_due and (reason := not_due()):
+                return {"trained": False, "reason": reason}
             result = train_version(rt, task_name, progress)
     create_table_artifact(
         key=f"{task_name}-epochs",

@@ -10,6 +10,7 @@ import streamlit as st
 from numpy.typing import NDArray
 
 from dashboard import context
+from flows.retrain import BackgroundRetrain, labels_recorded
 from radflow.services.review import Verdict, next_unreviewed, submit_review
 from radflow.services.study_view import (
     OverlayUnreadable,
@@ -221,7 +222,13 @@ def _review_form(principal: Principal, view: StudyView) -> None:
             value=value,
             comment=comment,
         )
-    st.session_state["radflow_saved"] = f"Saved: {result.task} = {result.value} ({result.verdict})"
+    saved = f"Saved: {result.task} = {result.value} ({result.verdict})"
+    # The label counts toward retraining like any other (flows/retrain.py decides); a due
+    # training starts in the background, never in this page's process.
+    started = labels_recorded(result.task, wait=False, rt=context.runtime())
+    if isinstance(started, BackgroundRetrain):
+        saved += f". Enough new labels: retraining {started.task} (process {started.pid})."
+    st.session_state["radflow_saved"] = saved
     st.rerun()
 
 

@@ -177,8 +177,8 @@ def after_labels(task: str, count: int = 1) -> None:
     """Labels were recorded: announce them, or retrain here if due (flows/retrain.py)."""
     from flows.retrain import labels_recorded
 
-    result = labels_recorded(task, count)
-    if result is not None:
+    result = labels_recorded(task, count)  # waits for a due training: never in the background
+    if isinstance(result, dict):
         print(
             f"{count} label(s) made {task} due for retraining: trained {result['model']} "
             f"({result['status']}): {result.get('decision', '')}"

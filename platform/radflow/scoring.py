@@ -1,27 +1,73 @@
-"""Scoring: stable studies -> the task's champion -> prediction rows."""
+"""Scoring: stable studies -> the task's champion -> prediction rows.
+
+Made for a backlog of thousands of studies as much as for the one that just arrived, so the
+cost per study is the network's and little else:
+
+- pending studies are found by one query per page of ids, then scored a chunk at a time, one
+  transaction per chunk (``BATCHES_PER_TRANSACTION`` network batches);
+- images come from the preprocessing cache (radflow.cache: content digest + transform digest),
+  which training filled; a miss is fetched and decoded on threads and cached for the next
+  scoring or training;
+- a chunk's predictions are one INSERT, and its studies' status and triage pointer one
+  executemany UPDATE, instead of a flush and two hook statements per prediction;
+- Grad-CAM maps are computed per network batch and written by threads, without an fsync each.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
-from sqlalchemy import exists, select
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Table,
+    bindparam,
+    case,
+    exists,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from torch import nn
 
-from radflow.db import ModelVersion, Prediction, Series, Study, StudyStatus, unit_of_work
+from radflow.cache import CachedImage, CacheStats, PreprocessCache
+from radflow.db import (
+    ModelVersion,
+    Prediction,
+    Series,
+    Study,
+    StudyStatus,
+    unit_of_work,
+)
+from radflow.db.base import utcnow
+from radflow.db.triage import rank
 from radflow.device import cpu_threads, select_device
-from radflow.explain import GRADCAM_NAME, Explainer, heatmap_png
-from radflow.preprocess import load_image, plain_tensors, preprocess
+from radflow.explain import GRADCAM_NAME, Explainer, save_heatmaps
 from radflow.registry import load_network, require_champion
 from radflow.routing import RoutingRules, route
-from radflow.store import ObjectNotFound, ObjectStore, keys
+from radflow.store import ObjectStore, keys
 from radflow.tasks import Task, get_task
 from radflow.training import predict
 
 logger = logging.getLogger(__name__)
+
+BATCHES_PER_TRANSACTION = 8
+"""Network batches per transaction: a commit, the queries and the bulk writes are paid once per
+chunk, and a failure loses at most one chunk's work (it is scored again on the next run)."""
+PENDING_PAGE = 4096
+"""Study ids fetched per pending query; the query runs again until nothing is left."""
+SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED)
 
 
 @dataclass
@@ -30,34 +76,79 @@ class ScoreReport:
     scored: int = 0
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    seconds: float = 0.0
+    network_seconds: float = 0.0  # of ``seconds``: the network (and Grad-CAM) alone
 
     def summary(self) -> str:
         return (
             f"{self.model}: scored {self.scored}, no applicable model {self.no_model}, "
-            f"failed {len(self.failed)}"
+            f"failed {len(self.failed)} in {self.seconds:.2f} s, {self.network_seconds:.2f} s "
+            f"of it in the network (preprocessing cache: {self.cache_hits} hits, "
+            f"{self.cache_misses} decoded)"
         )
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What every chunk of one scoring run uses."""
+
+    task: Task
+    champion: ModelVersion
+    network: nn.Module
+    explainer: Explainer | None
+    device: torch.device
+    batch_size: int
+    store: ObjectStore
+    cache: PreprocessCache
+    rules: RoutingRules | None
+
+
+def _not_scored_by(model_version_id: int) -> ColumnElement[bool]:
+    current = exists().where(
+        Prediction.study_id == Study.id,
+        Prediction.model_version_id == model_version_id,
+        # Spelled as the partial unique index uq_prediction_current spells it: SQLite uses a
+        # partial index only for a condition it can match, and renders ~superseded as
+        # "superseded = 0", which it does not (it then scans the version's predictions for
+        # every study). PostgreSQL plans either spelling as an anti-join on that index.
+        text(f"NOT {Prediction.__tablename__}.superseded"),
+    )
+    return ~current
+
+
+def _pending_ids(session: Session, model_version_id: int, limit: int) -> list[int]:
+    """Ids of stable studies without a current prediction from this model version, oldest first.
+
+    A reopened study's earlier predictions are superseded (radflow.stability), so it is scored
+    again as one whole study; after a promotion, studies scored by an earlier champion (and not
+    reviewed yet) are pending again.
+    """
+    return list(
+        session.scalars(
+            select(Study.id)
+            .where(Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
+            .order_by(Study.received_at, Study.id)
+            .limit(limit)
+        )
+    )
+
+
+def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[Study]:
+    """The studies of ``ids`` still pending in this transaction, with series and instances."""
+    found = session.scalars(
+        select(Study)
+        .where(Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
+        .options(selectinload(Study.series).selectinload(Series.instances))
+    )
+    by_id = {study.id: study for study in found}
+    return [by_id[i] for i in ids if i in by_id]
 
 
 def _pending(session: Session, model_version_id: int, limit: int) -> list[Study]:
-    """Stable studies without a current prediction from this model version, oldest first.
-
-    A reopened study's earlier predictions are superseded (radflow.stability), so it is scored
-    again as one whole study.
-    """
-    already = exists().where(
-        Prediction.study_id == Study.id,
-        Prediction.model_version_id == model_version_id,
-        ~Prediction.superseded,
-    )
-    return list(
-        session.scalars(
-            select(Study)
-            .where(Study.status.in_((StudyStatus.STABLE, StudyStatus.SCORED)), ~already)
-            .order_by(Study.received_at, Study.id)
-            .limit(limit)
-            .options(selectinload(Study.series).selectinload(Series.instances))
-        )
-    )
+    """Pending studies (see _pending_ids), oldest first, with series and instances."""
+    return _load_pending(session, model_version_id, _pending_ids(session, model_version_id, limit))
 
 
 def score_stable(
@@ -69,113 +160,212 @@ def score_stable(
     explain: bool = True,
     threads: int | None = None,
     rules: RoutingRules | None = None,
+    cache_dir: Path | None = None,
 ) -> ScoreReport:
-    """Score every stable study with the task's champion, one batch per transaction.
+    """Score every stable study with the task's champion, one chunk of batches per transaction.
 
     Studies scored by an earlier champion and not reviewed yet count as pending too: after a
     promotion they are scored again (the earlier predictions stay, for history). With
     ``explain``, each prediction also stores a Grad-CAM heat map (radflow.explain). ``rules``:
     the site's routing rules (radflow.routing.rules_for(settings)); None means the packaged ones.
+    ``cache_dir``: the preprocessing cache (``settings.cache_dir``); None decodes every image.
     """
+    started = time.perf_counter()
     task = get_task(task_name)
     device = select_device()
     with unit_of_work(session_factory) as session:
         champion = require_champion(session, task.name)
     network = load_network(store, champion, device)
     cam_layer = champion.config.get("cam_layer", task.network.cam_layer)
-    model = Explainer(network, cam_layer) if explain and cam_layer else None
+    scorer = _Scorer(
+        task=task,
+        champion=champion,
+        network=network,
+        explainer=Explainer(network, cam_layer) if explain and cam_layer else None,
+        device=device,
+        batch_size=batch_size,
+        store=store,
+        cache=PreprocessCache(cache_dir, task),
+        rules=rules,
+    )
     report = ScoreReport(model=champion.name)
-    with cpu_threads(threads), plain_tensors():
-        _score_pending(
-            session_factory,
-            store,
-            task,
-            network,
-            model,
-            champion,
-            device,
-            batch_size,
-            report,
-            rules,
-        )
-    return report
+    size = batch_size * BATCHES_PER_TRANSACTION
+    # Sequential on purpose: a reader thread overlapping the next chunk with the network was
+    # slower here (the GIL handoffs between ORM work and PyTorch's Python layers cost more than
+    # the overlap saved, measured with benchmarks/overhead.py on 2 cores).
+    with cpu_threads(threads), _heap_frozen():
+        while True:
+            with session_factory() as session:
+                ids = _pending_ids(session, champion.id, PENDING_PAGE)
+            if not ids:
+                report.seconds = time.perf_counter() - started
+                return report
+            for i in range(0, len(ids), size):
+                _score_chunk(
+                    scorer, _read_chunk(session_factory, scorer, ids[i : i + size]), report
+                )
 
 
-def _score_pending(
-    session_factory: sessionmaker[Session],
-    store: ObjectStore,
-    task: Task,
-    network: nn.Module,
-    model: Explainer | None,
-    champion: ModelVersion,
-    device: torch.device,
-    batch_size: int,
-    report: ScoreReport,
-    rules: RoutingRules | None,
-) -> None:
-    while True:
-        with unit_of_work(session_factory) as session:
-            studies = _pending(session, champion.id, batch_size)
-            if not studies:
-                return
-            routable = []
-            for study in studies:
-                routed = route(study, task, rules)
-                if routed.instance is None:
-                    study.status, study.status_reason = StudyStatus.NO_MODEL, routed.reason
-                    report.no_model += 1
-                else:
-                    routable.append((study, routed.instance.object_key))
-            _score_batch(session, store, network, model, champion, routable, device, report)
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Python's cyclic GC skips the objects that exist now (gc.freeze) until the block ends.
+
+    Loading a chunk's rows allocates thousands of ORM objects, which set off full collections;
+    each walks every long-lived object of the process (PyTorch, MONAI, Prefect, pydantic
+    models), which made the reading of a chunk three times slower. Objects made inside the
+    block are collected as usual; unfreezing hands the rest back to the collector.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
-def _score_batch(
-    session: Session,
-    store: ObjectStore,
-    network: nn.Module,
-    explainer: Explainer | None,
-    champion: ModelVersion,
-    routable: list[tuple[Study, str]],
-    device: torch.device,
-    report: ScoreReport,
-) -> None:
-    task = get_task(champion.task)
+@dataclass
+class _Chunk:
+    """One transaction's studies, read and preprocessed, waiting for the network."""
+
+    session: Session
+    started: float
+    studies: list[Study]
+    images: torch.Tensor
+    no_model: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    stats: CacheStats = field(default_factory=CacheStats)
+
+
+def _read_chunk(
+    session_factory: sessionmaker[Session], scorer: _Scorer, ids: Sequence[int]
+) -> _Chunk:
+    """The studies of ``ids`` still pending, routed, with their images (in an open session)."""
     started = time.perf_counter()
-    images, ok = [], []
-    transform = task.preprocessing()
-    for study, key in routable:
-        try:
-            images.append(preprocess(task, load_image(store, key), transform))
-            ok.append(study)
-        except (ValueError, RuntimeError, OSError, NotImplementedError, ObjectNotFound) as exc:
-            # One undecodable image fails its own study, visibly, and not the batch.
-            study.status, study.status_reason = StudyStatus.FAILED, f"preprocessing: {exc}"[:255]
-            report.failed[study.study_uid] = str(exc)
-            logger.warning("study %s failed preprocessing: %s", study.id, exc)
-    if not ok:
-        return
-    batch = torch.stack(images)
-    derived: list[dict[str, str]] = [{} for _ in ok]
-    if explainer is None:
-        scores = predict(network, batch, device, len(ok))
-    else:
-        scores, maps = explainer(batch, device)
-        for study, heat, keys_out in zip(ok, maps, derived, strict=True):
-            key = keys.derived(study.study_uid, task.name, champion.version, GRADCAM_NAME)
-            store.put_bytes(key, heatmap_png(heat), content_type="image/png")
-            keys_out["gradcam"] = key
-    per_study_ms = (time.perf_counter() - started) * 1000 / len(ok)
-    for study, score, derived_keys in zip(ok, scores, derived, strict=True):
-        session.add(
-            Prediction(
-                study_id=study.id,
-                model_version_id=champion.id,
-                task=task.name,
-                score=float(score),
-                scores={task.positive: float(score)},
-                derived_keys=derived_keys,
-                latency_ms=per_study_ms,
-            )
+    session = session_factory()
+    try:
+        session.begin()
+        no_model, routable = 0, []
+        for study in _load_pending(session, scorer.champion.id, ids):
+            routed = route(study, scorer.task, scorer.rules)
+            if routed.instance is None:
+                study.status, study.status_reason = StudyStatus.NO_MODEL, routed.reason
+                no_model += 1
+            else:
+                routable.append((study, routed.instance))
+        arrays, stats = scorer.cache.arrays(
+            scorer.store, [CachedImage(i.sha256, i.object_key) for _, i in routable]
         )
-        study.status, study.status_reason = StudyStatus.SCORED, None
-        report.scored += 1
+        failed, ok, images = {}, [], []
+        for (study, _), array in zip(routable, arrays, strict=True):
+            if isinstance(array, Exception):
+                # One undecodable image fails its own study, visibly, and not the chunk.
+                reason = f"preprocessing: {array}"
+                study.status, study.status_reason = StudyStatus.FAILED, reason[:255]
+                failed[study.study_uid] = str(array)
+                logger.warning("study %s failed preprocessing: %s", study.id, array)
+            else:
+                ok.append(study)
+                images.append(array)
+        return _Chunk(session, started, ok, scorer.cache.stack(images), no_model, failed, stats)
+    except BaseException:
+        session.close()
+        raise
+
+
+def _score_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> None:
+    """Scores (and heat maps) of a read chunk, written and committed in its transaction."""
+    try:
+        if chunk.studies:
+            inferring = time.perf_counter()
+            scores, derived = _infer(scorer, chunk.studies, chunk.images)
+            report.network_seconds += time.perf_counter() - inferring
+            # The chunk's time shared by its studies: what one study costs in a backlog.
+            latency_ms = (time.perf_counter() - chunk.started) * 1000 / len(chunk.studies)
+            _record(chunk.session, scorer, chunk.studies, scores, derived, latency_ms)
+        chunk.session.commit()
+    finally:
+        chunk.session.close()  # rolls back what was not committed
+    report.scored += len(chunk.studies)
+    report.no_model += chunk.no_model
+    report.failed.update(chunk.failed)
+    report.cache_hits += chunk.stats.hits
+    report.cache_misses += chunk.stats.misses
+
+
+def _infer(
+    scorer: _Scorer, studies: Sequence[Study], batch: torch.Tensor
+) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Scores, and with an explainer each study's stored heat map key."""
+    if scorer.explainer is None:
+        return predict(scorer.network, batch, scorer.device, scorer.batch_size), [
+            {} for _ in studies
+        ]
+    scores, maps = [], []
+    for part in torch.split(batch, scorer.batch_size):
+        part_scores, part_maps = scorer.explainer(part, scorer.device)
+        scores.append(part_scores)
+        maps.append(part_maps)
+    task, version = scorer.task.name, scorer.champion.version
+    map_keys = [keys.derived(s.study_uid, task, version, GRADCAM_NAME) for s in studies]
+    save_heatmaps(scorer.store, map_keys, np.concatenate(maps))
+    return np.concatenate(scores), [{"gradcam": key} for key in map_keys]
+
+
+def _record(
+    session: Session,
+    scorer: _Scorer,
+    studies: Sequence[Study],
+    scores: np.ndarray,
+    derived: Sequence[dict[str, str]],
+    latency_ms: float,
+) -> None:
+    """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers.
+
+    A bulk INSERT skips the per-row ORM hook of radflow.db.triage, so the same rule is applied
+    here in one statement: the pointer moves only to a newer (higher) prediction id.
+    """
+    task, champion = scorer.task, scorer.champion
+    created = utcnow()
+    ids = session.scalars(
+        insert(Prediction).returning(Prediction.id, sort_by_parameter_order=True),
+        [
+            {
+                "study_id": study.id,
+                "model_version_id": champion.id,
+                "task": task.name,
+                "score": float(score),
+                "scores": {task.positive: float(score)},
+                "derived_keys": keys_out,
+                "latency_ms": latency_ms,
+                "created_at": created,
+                "superseded": False,
+            }
+            for study, score, keys_out in zip(studies, scores, derived, strict=True)
+        ],
+    ).all()
+    study_table: Table = Study.__table__  # type: ignore[assignment]  # mapped to a Table
+    table = study_table.c
+    newer = or_(
+        table.latest_prediction_id.is_(None),
+        table.latest_prediction_id < bindparam("b_prediction", type_=Integer),
+    )
+    session.connection().execute(
+        update(study_table)
+        .where(table.id == bindparam("b_study", type_=Integer))
+        .values(
+            status=StudyStatus.SCORED,
+            status_reason=None,
+            latest_prediction_id=case(
+                (newer, bindparam("b_prediction", type_=Integer)),
+                else_=table.latest_prediction_id,
+            ),
+            triage_rank=case((newer, bindparam("b_rank", type_=Integer)), else_=table.triage_rank),
+        ),
+        [
+            {
+                "b_study": study.id,
+                "b_prediction": prediction_id,
+                "b_rank": rank(float(score), champion.threshold),
+            }
+            for study, prediction_id, score in zip(studies, ids, scores, strict=True)
+        ],
+    )

@@ -21,7 +21,17 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from dashboard.context import AUTH_KEY
-from radflow.db import AuditEvent, Label, ModelStatus, ModelVersion, StudyStatus, unit_of_work
+from flows import retrain
+from radflow.db import (
+    AuditEvent,
+    Label,
+    ModelStatus,
+    ModelVersion,
+    StudyStatus,
+    TrainingRun,
+    unit_of_work,
+)
+from radflow.labels import add_label
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 from radflow.users import Role
@@ -252,6 +262,72 @@ def test_agree_writes_a_review_label_and_audit_event(runtime: Runtime) -> None:
     assert "Saved: pneumonia-cxr = pneumonia" in at.success[0].value
     next(b for b in at.button if b.label == "Next unreviewed").click().run()
     assert at.title[0].value == "Study NEXT"
+
+
+def labelled(runtime: Runtime, labels: int, unlabelled: int) -> list[str]:
+    """Studies with noise images, the first ``labels`` labelled by an import (both classes);
+    returns the Study UIDs of the unlabelled ones."""
+    rng = np.random.default_rng(7)
+    with unit_of_work(runtime.session_factory) as session:
+        studies = [
+            make_study(session, runtime.store, pixels=rng.integers(0, 4096, (64, 64)))
+            for _ in range(labels + unlabelled)
+        ]
+        for i, study in enumerate(studies[:labels]):
+            value = "pneumonia" if i % 2 else "normal"
+            add_label(session, study.study_uid, "pneumonia-cxr", value, source="import", author="t")
+        return [s.study_uid for s in studies[labels:]]
+
+
+@pytest.fixture
+def embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded default: no Prefect server (the flow tests' harness may be running in this
+    test session, and it sets the process-wide Prefect API URL)."""
+    monkeypatch.setattr(retrain, "trigger_mode", lambda: "direct")
+
+
+def set_label(uid: str, value: str) -> AppTest:
+    at = study_page(uid)
+    at.selectbox(key="review_label").set_value(value)
+    next(b for b in at.button if b.label == "Set label").click().run()
+    assert not at.exception
+    return at
+
+
+def test_a_review_below_the_retrain_threshold_starts_no_training(
+    runtime: Runtime, embedded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RADFLOW_RETRAIN_AFTER_LABELS", "22")
+    (uid,) = labelled(runtime, 20, 1)
+    at = set_label(uid, "pneumonia")
+    assert at.success[0].value == "Saved: pneumonia-cxr = pneumonia (label)"
+    assert not (runtime.settings.data_dir / "logs").exists()
+    with runtime.session_factory() as session:
+        assert session.scalars(select(TrainingRun)).all() == []
+
+
+def test_the_review_that_makes_a_task_due_starts_a_background_retrain(
+    runtime: Runtime, embedded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the embedded default the dashboard starts `radflow retrain --if-due` in the background
+    (the page returns at once) and that process trains on every label, the review included."""
+    monkeypatch.setenv("RADFLOW_RETRAIN_AFTER_LABELS", "21")
+    (uid,) = labelled(runtime, 20, 1)
+    started = time.monotonic()
+    at = set_label(uid, "pneumonia")
+    assert time.monotonic() - started < 30  # the page did not train
+    message = at.success[0].value
+    assert message.startswith("Saved: pneumonia-cxr = pneumonia (label). Enough new labels")
+    pid = int(message.rsplit("(process ", 1)[1].rstrip(").").strip())
+
+    _, status = os.waitpid(pid, 0)  # our child: the background training, to its end
+    log = (runtime.settings.data_dir / "logs" / "retrain-pneumonia-cxr.log").read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, log
+    with runtime.session_factory() as session:
+        (run,) = session.scalars(select(TrainingRun)).all()
+        version = session.scalars(select(ModelVersion)).one()
+    assert (run.status, len(run.label_ids)) == ("completed", 21)
+    assert (version.version, version.status) == (1, ModelStatus.CHAMPION)
 
 
 def test_ml_engineer_promotes_but_cannot_review(runtime: Runtime) -> None:

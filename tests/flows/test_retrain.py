@@ -58,7 +58,7 @@ def test_enough_new_labels_retrain_by_themselves_and_the_registry_says_why(
     _label(flow_env, quick_task, studies[23:24])
     result = labels_recorded(quick_task, 1, mode="direct")
 
-    assert result is not None and result["model"] == f"{quick_task}:v2"
+    assert isinstance(result, dict) and result["model"] == f"{quick_task}:v2"
     engine = make_engine(flow_env.database_url)
     with make_sessionmaker(engine)() as session:
         v1, v2 = session.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()

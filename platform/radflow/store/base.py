@@ -20,9 +20,15 @@ class ObjectStore(Protocol):
         """Store the file at ``path`` under ``key``, replacing what was there."""
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        durable: bool = True,
     ) -> None:
-        """Store ``data`` under ``key``."""
+        """Store ``data`` under ``key``. ``durable=False``: a derived object that can be made
+        again (a heat map), so a backend may skip forcing it to disk before returning."""
 
     def get_bytes(self, key: str) -> bytes:
         """Return the object's bytes; raise ObjectNotFound if there is none."""

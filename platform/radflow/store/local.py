@@ -35,11 +35,16 @@ class LocalStore:
             self._write(key, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        durable: bool = True,
     ) -> None:
-        self._write(key, lambda dst: dst.write(data))
+        self._write(key, lambda dst: dst.write(data), durable=durable)
 
-    def _write(self, key: str, fill: object) -> None:
+    def _write(self, key: str, fill: object, *, durable: bool = True) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
@@ -47,7 +52,8 @@ class LocalStore:
             with os.fdopen(fd, "wb") as dst:
                 fill(dst)  # type: ignore[operator]
                 dst.flush()
-                os.fsync(dst.fileno())
+                if durable:  # an fsync costs milliseconds; re-creatable objects skip it
+                    os.fsync(dst.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

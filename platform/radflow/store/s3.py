@@ -35,7 +35,12 @@ class S3Store:
         )
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        durable: bool = True,  # S3 acknowledges a PUT once stored: nothing to skip
     ) -> None:
         self.client.put_object(
             bucket_name=self.bucket,
