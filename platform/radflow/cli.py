@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from radflow.cli_learning import add_commands as add_learning_commands
@@ -239,10 +241,17 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     }
     command = [sys.executable, "-m", "streamlit", "run", str(app)]
     command += [arg for name, value in options.items() for arg in (f"--{name}", value)]
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C: subprocess.call then stops the
+    # dashboard, and the demo's receiver is stopped on the way out, instead of both orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
         return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
