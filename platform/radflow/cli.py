@@ -255,44 +255,32 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.receiver import Receiver, Supervisor, drain_orphans, worker_spool
+    from radflow.receiver.service import serve, serve_worker
     from radflow.runtime import Runtime
 
-    host = args.host or settings.receiver_host
-    port = settings.receiver_port if args.port is None else args.port
-    ae_title = args.ae_title or settings.receiver_ae_title
-    if args.worker is not None:  # one of a supervisor's workers: receive, index, nothing else
+    if args.worker is not None:  # started by a supervisor (radflow.receiver.workers)
         with Runtime.open(settings, migrate=False) as rt:
-            Receiver(
+            serve_worker(
                 settings,
+                args.worker,
+                args.listen_fd,
                 session_factory=rt.session_factory,
                 store=rt.store,
-                host=host,
-                port=port,
-                ae_title=ae_title,
-                spool=worker_spool(settings.spool, args.worker),
-                listen_fd=args.listen_fd,
-            ).serve_forever()
+                ae_title=args.ae_title,
+            )
         return 0
     from flows.trigger import stabilise_and_process
 
     with Runtime.open(settings) as rt:
-        service: Receiver | Supervisor
-        if settings.receiver_workers > 1:
-            service = Supervisor(settings, host=host, port=port, ae_title=ae_title)
-            owned = service.owned_spools()
-        else:
-            service = Receiver(
-                settings,
-                session_factory=rt.session_factory,
-                store=rt.store,
-                host=host,
-                port=port,
-                ae_title=ae_title,
-            )
-            owned = {settings.spool}
-        drain_orphans(settings, owned, session_factory=rt.session_factory, store=rt.store)
-        service.serve_forever(tick=lambda: _keep_serving(stabilise_and_process, rt))
+        serve(
+            settings,
+            session_factory=rt.session_factory,
+            store=rt.store,
+            host=args.host,
+            port=args.port,
+            ae_title=args.ae_title,
+            tick=lambda: _keep_serving(stabilise_and_process, rt),
+        )
     return 0
 
 

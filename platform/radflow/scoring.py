@@ -27,16 +27,10 @@ import numpy as np
 import torch
 from sqlalchemy import (
     ColumnElement,
-    Integer,
-    Table,
-    bindparam,
-    case,
     exists,
     insert,
-    or_,
     select,
     text,
-    update,
 )
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from torch import nn
@@ -48,10 +42,10 @@ from radflow.db import (
     Series,
     Study,
     StudyStatus,
+    triage,
     unit_of_work,
 )
 from radflow.db.base import utcnow
-from radflow.db.triage import rank
 from radflow.device import cpu_threads, select_device
 from radflow.explain import GRADCAM_NAME, Explainer, save_heatmaps
 from radflow.registry import load_network, require_champion
@@ -318,11 +312,7 @@ def _record(
     derived: Sequence[dict[str, str]],
     latency_ms: float,
 ) -> None:
-    """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers.
-
-    A bulk INSERT skips the per-row ORM hook of radflow.db.triage, so the same rule is applied
-    here in one statement: the pointer moves only to a newer (higher) prediction id.
-    """
+    """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers."""
     task, champion = scorer.task, scorer.champion
     created = utcnow()
     ids = session.scalars(
@@ -342,30 +332,13 @@ def _record(
             for study, score, keys_out in zip(studies, scores, derived, strict=True)
         ],
     ).all()
-    study_table: Table = Study.__table__  # type: ignore[assignment]  # mapped to a Table
-    table = study_table.c
-    newer = or_(
-        table.latest_prediction_id.is_(None),
-        table.latest_prediction_id < bindparam("b_prediction", type_=Integer),
-    )
-    session.connection().execute(
-        update(study_table)
-        .where(table.id == bindparam("b_study", type_=Integer))
-        .values(
-            status=StudyStatus.SCORED,
-            status_reason=None,
-            latest_prediction_id=case(
-                (newer, bindparam("b_prediction", type_=Integer)),
-                else_=table.latest_prediction_id,
-            ),
-            triage_rank=case((newer, bindparam("b_rank", type_=Integer)), else_=table.triage_rank),
-        ),
+    # A bulk INSERT skips the per-row ORM hook, so the triage pointers move here, in bulk.
+    triage.advance(
+        session.connection(),
         [
-            {
-                "b_study": study.id,
-                "b_prediction": prediction_id,
-                "b_rank": rank(float(score), champion.threshold),
-            }
+            triage.Move(study.id, prediction_id, triage.rank(float(score), champion.threshold))
             for study, prediction_id, score in zip(studies, ids, scores, strict=True)
         ],
+        status=StudyStatus.SCORED,
+        status_reason=None,
     )
