@@ -2,28 +2,30 @@
 
     python benchmarks/overhead.py [--npz ../shared/data/pneumoniamnist_trainval.npz] [--n 1500]
 
-In a fresh data directory, side by side in one run:
+In a fresh data directory, side by side in one run, in ``--rounds`` interleaved rounds (this
+machine's speed drifts by up to 2x within minutes, so each round compares neighbours in time;
+the figures are medians, and every round's ratio is in the JSON):
 
-1. training throughput (images/s) of the train flow (a retrain, so the cache is warm) vs a plain
-   MONAI/PyTorch loop with the same network, batch size, transforms and per-epoch validation;
+1. training throughput (images/s) of a retrain through the train flow (warm cache), timed end
+   to end (data, fit, evaluation, registration, the promotion test), vs a plain MONAI/PyTorch
+   loop with the same network, batch size, transforms and per-epoch validation;
 2. batch scoring through the process flow, timed end to end (a Prefect flow run: pending
    studies from the database, routing, preprocessed tensors, the network, predictions and
-   triage written, Grad-CAM maps stored) vs the bare model forward (``predict``, same threads
-   and batch size) on the same preprocessed tensors, in studies (images) per second:
+   triage written) vs the bare model forward (``predict``, same threads and batch size) on the
+   same preprocessed tensors, in studies (images) per second. Each round first registers the
+   champion's weights again as a new champion, so every study is pending:
    - ``score_flow_per_s``: the goal's figure. The studies were trained on, so their tensors are
      in the preprocessing cache, as they are in use the other way round (scoring fills the
      cache; the labelled studies a retrain reads were scored first);
-   - ``score_flow_gradcam_per_s``: the same with a Grad-CAM map per study (after a promotion,
-     so every study is pending again);
-   - ``score_flow_cold_per_s``: the same with an empty cache (every DICOM decoded), after
-     registering the champion's weights again as a new version;
-   - ``score_flow_task_s`` / ``score_flow_network_s``: of the first run's wall time, the
-     seconds inside the scoring task, and of those, in the network (``predict``) alone;
+   - ``score_flow_gradcam_per_s``: the same with a Grad-CAM map per study (one run);
+   - ``score_flow_cold_per_s``: the same with an empty cache (every DICOM decoded; one run);
+   - ``score_flow_task_s`` / ``score_flow_network_s``: of the median round's run, the seconds
+     inside the scoring task, and of those, in the network (``predict``) alone;
    - ``score_flow_run_overhead_s``: a process flow run with nothing to score: what a run
-     costs whatever its size, mostly Prefect's (API calls, and joining its heartbeat thread,
-     which sleeps in 1 s steps: 0-1 s at the end of every run, ~1 s for a short one). Not
-     subtracted from anything: in a run that scores, that wait is anywhere from 0 to 1 s;
-3. data-loading time of the second training vs the first (the preprocessing cache).
+     costs whatever its size, mostly Prefect's API calls (flows/embedded.py: no heartbeat
+     thread on the embedded default, as the CLI and the receiver run flows). Not subtracted
+     from anything;
+3. data-loading time of a retrain vs the first training (the preprocessing cache).
 
 The last line is one JSON object with the ratios.
 """
@@ -62,6 +64,9 @@ def main() -> int:
     )
     parser.add_argument("--n", type=int, default=1500, help="train images (val: n/5)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of each comparison (medians)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radflow-overhead-"))
@@ -70,8 +75,16 @@ def main() -> int:
     os.environ["RADFLOW_DATA_DIR"] = str(work / "data")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+    from flows.embedded import run_settings
+
+    with run_settings():  # flow runs as the CLI and the receiver start them
+        return _measure(args, work)
+
+
+def _measure(args: argparse.Namespace, work: Path) -> int:
     import dataclasses
     import shutil
+    import statistics
 
     import torch
     from sqlalchemy import select
@@ -112,19 +125,29 @@ def main() -> int:
             run = session.get_one(TrainingRun, version.training_run_id)
             return float(run.history["data_loading"]["seconds"]), int(run.params["n_train"])
 
-    first = train_flow(name, progress=False)
-    data_first, n_train = run_stats(first["model"])
-    started = time.perf_counter()
-    second = train_flow(name, progress=False)
-    flow_seconds = time.perf_counter() - started
-    data_second, _ = run_stats(second["model"])
-    flow_ips = n_train * args.epochs / flow_seconds
-    print(
-        f"train flow (warm cache): {flow_ips:.1f} img/s; "
-        f"data loading {data_first:.1f} s -> {data_second:.2f} s"
-    )
+    def new_champion(reason: str) -> None:
+        """The champion's weights again, as a new champion: every study is pending again."""
+        with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+            current = require_champion(session, name)
+            again = register(
+                session,
+                rt.store,
+                task,
+                load_network(rt.store, current, device),
+                metrics={},
+                threshold=current.threshold,
+                training_run=None,
+            )
+            promote(session, again, actor="benchmark", reason=f"benchmark: {reason}")
 
-    # The plain loop: the same tensors in memory, the same fit loop body written out by hand.
+    def timed(fn, *fn_args):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        result = fn(*fn_args)
+        return result, time.perf_counter() - started
+
+    first = train_flow(name, progress=False)  # fills the preprocessing cache
+    data_first, n_train = run_stats(first["model"])
+    # The plain loop's data: the same tensors, in memory.
     with Runtime.open(settings) as rt, rt.session_factory() as session:
         images = session.execute(select(Instance.sha256, Instance.object_key)).all()
         cache = PreprocessCache(settings.cache_dir, task)
@@ -133,86 +156,85 @@ def main() -> int:
     targets = torch.from_numpy(rng.integers(0, 2, len(x_all)).astype(np.float32))
     train = (x_all[:n_train], targets[:n_train])
     val = (x_all[n_train:], targets[n_train:])
-    plain_ips = _plain_loop(task, train, val, device, threads, args.epochs)
-    print(f"plain MONAI/PyTorch loop: {plain_ips:.1f} img/s", flush=True)
 
-    # Scoring: every imported study, first without Grad-CAM, then (after a promotion, so every
-    # study is pending again) with it.
-    os.environ["RADFLOW_GRADCAM"] = "false"
-    started = time.perf_counter()
-    plain_scored = process_flow(name)
-    score_seconds = time.perf_counter() - started
-    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-        current = require_champion(session, name)
-        other = session.scalars(
-            select(ModelVersion).where(ModelVersion.task == name, ModelVersion.id != current.id)
-        ).first()
-        assert other is not None
-        promote(session, other, actor="benchmark", reason="benchmark: score again")
-    os.environ["RADFLOW_GRADCAM"] = "true"
-    started = time.perf_counter()
-    cam_scored = process_flow(name)
-    cam_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    assert process_flow(name)["scored"] == 0
-    run_overhead = time.perf_counter() - started
-
-    # Cold: the champion's weights as a new version (every study pending again), no cache.
-    os.environ["RADFLOW_GRADCAM"] = "false"
-    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-        current = require_champion(session, name)
-        again = register(
-            session,
-            rt.store,
-            task,
-            load_network(rt.store, current, device),
-            metrics={},
-            threshold=current.threshold,
-            training_run=None,
+    # Training, interleaved (this machine's speed drifts by up to 2x within minutes): each round
+    # runs the plain loop, then a retrain through the flow (warm cache), timed end to end.
+    flow_ips, plain_ips, data_seconds = [], [], []
+    for r in range(args.rounds):
+        plain_ips.append(_plain_loop(task, train, val, device, threads, args.epochs))
+        retrained, seconds = timed(lambda: train_flow(name, progress=False))
+        flow_ips.append(n_train * args.epochs / seconds)
+        data_seconds.append(run_stats(retrained["model"])[0])
+        print(
+            f"training round {r + 1}: train flow {flow_ips[-1]:.1f} img/s, plain loop "
+            f"{plain_ips[-1]:.1f} img/s; data loading {data_first:.1f} s -> "
+            f"{data_seconds[-1]:.2f} s",
+            flush=True,
         )
-        promote(session, again, actor="benchmark", reason="benchmark: score with no cache")
+
+    # Scoring, interleaved too: each round makes every study pending (a new champion with the
+    # same weights), scores them all through the process flow, then runs the bare forward.
+    os.environ["RADFLOW_GRADCAM"] = "false"
+    score_ips, bare_ips, score_results = [], [], []
+    for r in range(args.rounds):
+        new_champion("score again")
+        scored, seconds = timed(process_flow, name)
+        score_results.append(scored)
+        score_ips.append(int(scored["scored"]) / seconds)
+        with Runtime.open(settings) as rt, rt.session_factory() as session:
+            network = load_network(rt.store, require_champion(session, name), device)
+        with cpu_threads(threads):
+            _, seconds = timed(predict, network, x_all, device, settings.batch_size)
+        bare_ips.append(len(x_all) / seconds)
+        print(
+            f"scoring round {r + 1}: process flow {score_ips[-1]:.1f} studies/s "
+            f"({scored['scored']} scored), bare forward {bare_ips[-1]:.1f} img/s",
+            flush=True,
+        )
+    _, run_overhead = timed(process_flow, name)  # nothing left to score
+
+    os.environ["RADFLOW_GRADCAM"] = "true"
+    new_champion("score with Grad-CAM")
+    cam_scored, cam_seconds = timed(process_flow, name)
+    os.environ["RADFLOW_GRADCAM"] = "false"
+    new_champion("score with no cache")
     shutil.rmtree(settings.cache_dir)
-    started = time.perf_counter()
-    cold_scored = process_flow(name)
-    cold_seconds = time.perf_counter() - started
+    cold_scored, cold_seconds = timed(process_flow, name)
 
-    n_scored = int(plain_scored["scored"])
-    score_ips, cam_ips = n_scored / score_seconds, int(cam_scored["scored"]) / cam_seconds
+    median = statistics.median
+    ratio = median(s / b for s, b in zip(score_ips, bare_ips, strict=True))
+    train_ratio = median(f / p for f, p in zip(flow_ips, plain_ips, strict=True))
+    cam_ips = int(cam_scored["scored"]) / cam_seconds
     cold_ips = int(cold_scored["scored"]) / cold_seconds
-
-    with Runtime.open(settings) as rt, rt.session_factory() as session:
-        network = load_network(rt.store, require_champion(session, name), device)
-    started = time.perf_counter()
-    with cpu_threads(threads):
-        predict(network, x_all, device, settings.batch_size)
-    bare_ips = len(x_all) / (time.perf_counter() - started)
+    mid = score_results[len(score_results) // 2]
     print(
-        f"scoring: process flow {score_ips:.1f} studies/s, with Grad-CAM {cam_ips:.1f}, "
-        f"no cache {cold_ips:.1f}; bare forward {bare_ips:.1f} img/s; "
+        f"scoring: process flow {median(score_ips):.1f} studies/s, with Grad-CAM {cam_ips:.1f}, "
+        f"no cache {cold_ips:.1f}; bare forward {median(bare_ips):.1f} img/s; "
         f"{run_overhead:.2f} s per flow run"
     )
     result = {
-        "train_flow_images_per_s": round(flow_ips, 1),
-        "train_plain_images_per_s": round(plain_ips, 1),
-        "train_ratio": round(flow_ips / plain_ips, 3),
-        "score_flow_per_s": round(score_ips, 1),
+        "train_flow_images_per_s": round(median(flow_ips), 1),
+        "train_plain_images_per_s": round(median(plain_ips), 1),
+        "train_ratio": round(train_ratio, 3),
+        "train_ratio_rounds": [round(f / p, 3) for f, p in zip(flow_ips, plain_ips, strict=True)],
+        "score_flow_per_s": round(median(score_ips), 1),
         "score_flow_gradcam_per_s": round(cam_ips, 1),
-        "score_bare_per_s": round(bare_ips, 1),
-        "score_ratio": round(score_ips / bare_ips, 3),
-        "score_ratio_gradcam": round(cam_ips / bare_ips, 3),
-        "score_flow_seconds": round(score_seconds, 2),
-        "score_flow_task_s": round(float(plain_scored["seconds"]), 2),
-        "score_flow_network_s": round(float(plain_scored["network_seconds"]), 2),
-        "score_bare_seconds": round(len(x_all) / bare_ips, 2),
+        "score_bare_per_s": round(median(bare_ips), 1),
+        "score_ratio": round(ratio, 3),
+        "score_ratio_rounds": [round(s / b, 3) for s, b in zip(score_ips, bare_ips, strict=True)],
+        "score_ratio_gradcam": round(cam_ips / median(bare_ips), 3),
+        "score_flow_task_s": round(float(mid["seconds"]), 2),
+        "score_flow_network_s": round(float(mid["network_seconds"]), 2),
         "score_flow_cold_per_s": round(cold_ips, 1),
-        "score_ratio_cold": round(cold_ips / bare_ips, 3),
+        "score_ratio_cold": round(cold_ips / median(bare_ips), 3),
         "score_flow_run_overhead_s": round(run_overhead, 2),
         "data_seconds_first": round(data_first, 2),
-        "data_seconds_second": round(data_second, 2),
-        "data_ratio": round(data_second / data_first, 3),
+        "data_seconds_second": round(median(data_seconds), 2),
+        "data_ratio": round(median(data_seconds) / data_first, 3),
         "n_train": n_train,
-        "n_scored": n_scored,
+        "n_scored": int(mid["scored"]),
         "epochs": args.epochs,
+        "rounds": args.rounds,
     }
     print(json.dumps(result))
     return 0

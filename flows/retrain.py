@@ -84,9 +84,11 @@ def labels_recorded(
         return None
     if not wait:
         return start_background_retrain(data_dir, task_name)
+    from flows.embedded import run_settings
     from flows.train import train_flow
 
-    result: dict[str, Any] = train_flow(task_name, progress=False, if_due=True)
+    with run_settings():
+        result: dict[str, Any] = train_flow(task_name, progress=False, if_due=True)
     return result if result.get("trained") else None
 
 

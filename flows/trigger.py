@@ -69,10 +69,12 @@ def stabilise_and_process(
         return result
     # Imported only when there is something to score: the flow imports Prefect's engine, about a
     # second of CPU that a receiver process would otherwise spend while studies arrive.
+    from flows.embedded import run_settings
     from flows.process import process_flow
 
-    for task_name in tasks:
-        result.processed[task_name] = process_flow(task_name)
+    with run_settings():
+        for task_name in tasks:
+            result.processed[task_name] = process_flow(task_name)
     return result
 
 

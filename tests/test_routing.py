@@ -5,9 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import Instance, Series, Study
-from radflow.routing import InvalidRoutingRules, default_rules, load_rules, parse_rules, route
+from radflow.db import Instance, Patient, Series, Study
+from radflow.routing import (
+    InvalidRoutingRules,
+    candidates,
+    default_rules,
+    load_rules,
+    parse_rules,
+    route,
+    route_series,
+)
 from radflow.tasks import get_task
 
 TASK = get_task("pneumonia-cxr")
@@ -105,3 +114,62 @@ def test_packaged_rules_cover_every_task() -> None:
     from radflow.tasks import TASKS
 
     assert {rule.task for rule in default_rules().rules} == set(TASKS)
+
+
+def _stored_series(number: int | None, description: str, instance_numbers: list[int]) -> Series:
+    uid = f"1.2.840.99.{number}"
+    return Series(
+        series_uid=uid,
+        number=number,
+        modality="DX",
+        body_part="CHEST",
+        description=description,
+        image_type="ORIGINAL\\PRIMARY",
+        instances=[
+            Instance(
+                sop_instance_uid=f"{uid}.{n}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                number=n,
+                object_key=f"originals/{uid}/{n}.dcm",
+                size_bytes=1,
+                sha256=f"{number}-{n}",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                rows=512,
+                columns=512,
+            )
+            for n in instance_numbers
+        ],
+    )
+
+
+def test_candidates_route_a_batch_of_stored_studies_as_route_does_one(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """The batch path (scoring, training) reads each series' first image by instance number and
+    picks the same image as routing the loaded ORM study."""
+    with session_factory.begin() as session:
+        study = Study(
+            study_uid="1.2.840.99",
+            patient=Patient(pseudonym="PSN-ROUTE"),
+            series=[
+                _stored_series(3, "CHEST PA", []),  # no instances
+                _stored_series(2, "CHEST PA", [3, 1, 2]),
+                _stored_series(1, "CHEST LATERAL", [1]),
+            ],
+        )
+        empty = Study(study_uid="1.2.840.98", patient=Patient(pseudonym="PSN-EMPTY"))
+        session.add_all([study, empty])
+        session.flush()
+        ids = (study.id, empty.id)
+    with session_factory() as session:
+        found = candidates(session, ids)
+        assert set(found) == {ids[0]}  # a study without series has no candidates
+        series = found[ids[0]]
+        assert [s.number for s, _ in series] == [1, 2, 3]
+        assert [first.sha256 if first else None for _, first in series] == ["1-1", "2-1", None]
+        routed = route_series(series, TASK)
+        assert routed.instance is not None
+        assert routed.instance.object_key == "originals/1.2.840.99.2/1.dcm"
+        loaded = session.get_one(Study, ids[0])
+        assert route(loaded, TASK).instance.object_key == routed.instance.object_key  # type: ignore[union-attr]
+        assert route_series([], TASK).reason == "no series for pneumonia-cxr ()"

@@ -129,6 +129,38 @@ def test_after_a_promotion_unreviewed_studies_are_scored_again_and_history_is_ke
         assert session.get_one(Study, studies[0].id).latest_prediction_id is None
 
 
+def test_a_study_reopened_while_its_chunk_is_in_the_network_is_not_written(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A late instance reopens a study (radflow.stability) after its chunk was read: the write
+    leaves it RECEIVING, unscored, to be scored whole once it is stable again."""
+    with unit_of_work(session_factory) as session:
+        studies = _studies(session, store, 3)
+        _register(session, store, threshold=0.5)
+    reopened = studies[1].id
+    infer = scoring._infer
+
+    def late_instance_arrives(*args: object, **kwargs: object) -> object:
+        with unit_of_work(session_factory) as session:
+            session.get_one(Study, reopened).status = StudyStatus.RECEIVING
+        return infer(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scoring, "_infer", late_instance_arrives)
+    report = score_stable(
+        session_factory, store, TASK.name, 4, explain=False, cache_dir=settings.cache_dir
+    )
+
+    assert report.scored == 2
+    with session_factory() as session:
+        scored = set(session.scalars(select(Prediction.study_id)))
+        assert scored == {studies[0].id, studies[2].id}
+        study = session.get_one(Study, reopened)
+        assert (study.status, study.latest_prediction_id) == (StudyStatus.RECEIVING, None)
+
+
 def test_a_cached_tensor_cut_short_is_made_again(
     settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore
 ) -> None:

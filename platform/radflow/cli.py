@@ -115,9 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
     from flows.ingest import ingest_flow
 
-    result = ingest_flow(str(args.folder))
+    with run_settings():
+        result = ingest_flow(str(args.folder))
     rejected: dict[str, str] = result["rejected"]
     print(
         f"stored {result['stored']}, duplicates {result['duplicates']}, "
@@ -129,17 +131,21 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
     from flows.train import train_flow
 
-    result = train_flow(args.task, progress=not args.no_progress)
+    with run_settings():
+        result = train_flow(args.task, progress=not args.no_progress)
     print(json.dumps(result, default=str))
     return 0
 
 
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
     from flows.process import process_flow
 
-    result = process_flow(args.task)
+    with run_settings():
+        result = process_flow(args.task)
     print(json.dumps(result, default=str))
     return 0
 
@@ -171,6 +177,23 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
+    from radflow import demo
+    from radflow.runtime import Runtime
+
+    with run_settings():
+        _demo_pipeline(args, settings)
+    with Runtime.open(settings) as rt:
+        for name, role, password in demo.create_demo_users(rt):
+            print(f"Demo login ({role.value}): {name} / {password}")
+    if args.no_serve:
+        return 0
+    with _demo_receiver(settings):
+        return cmd_dashboard(argparse.Namespace(port=None), settings)
+
+
+def _demo_pipeline(args: argparse.Namespace, settings: Settings) -> None:
+    """Synthetic studies ingested, a share labelled, a model trained, every study scored."""
     from flows.ingest import ingest_flow
     from flows.process import process_flow
     from flows.train import train_flow
@@ -192,13 +215,6 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
     scored = process_flow(demo.TASK)
     print(f"Scored {scored['scored']} studies with {scored['model']}")
-    with Runtime.open(settings) as rt:
-        for name, role, password in demo.create_demo_users(rt):
-            print(f"Demo login ({role.value}): {name} / {password}")
-    if args.no_serve:
-        return 0
-    with _demo_receiver(settings):
-        return cmd_dashboard(argparse.Namespace(port=None), settings)
 
 
 @contextmanager

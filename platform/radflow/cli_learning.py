@@ -84,9 +84,11 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
     from flows.train import train_flow
 
-    result = train_flow(args.task, progress=not args.no_progress, if_due=args.if_due)
+    with run_settings():
+        result = train_flow(args.task, progress=not args.no_progress, if_due=args.if_due)
     print(json.dumps(result, default=str))
     return 0
 

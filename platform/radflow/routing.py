@@ -3,18 +3,27 @@
 The rules are data (YAML, ``routing_rules.yaml`` in this package by default, or
 ``settings.routing_file``), validated on load: a typo in a rule file is an error that names the
 rule and the field, never a task that silently stops receiving studies.
+
+A rule looks at a series' attributes and at its first image only. Scoring and training route
+thousands of studies at a time, so they read just that (:func:`candidates`: one query for a
+whole batch of studies, no ORM objects, never every instance of a 500-slice CT series);
+:func:`route` takes a loaded ORM study, for one study at hand.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from radflow.db import Instance, Series, Study
 from radflow.errors import RadflowError
@@ -22,6 +31,56 @@ from radflow.settings import Settings
 from radflow.tasks import TASKS, Task
 
 Size = Annotated[int, Field(ge=1)]
+
+
+class SeriesAttributes(Protocol):
+    """What a rule reads of a series (an ORM Series, or a :class:`SeriesView`)."""
+
+    @property
+    def modality(self) -> str | None: ...
+    @property
+    def body_part(self) -> str | None: ...
+    @property
+    def description(self) -> str | None: ...
+    @property
+    def image_type(self) -> str | None: ...
+    @property
+    def number(self) -> int | None: ...
+
+
+class Image(Protocol):
+    """What a rule reads of a series' first image, and what a task then loads (ORM Instance, or
+    :class:`FirstImage`)."""
+
+    @property
+    def rows(self) -> int | None: ...
+    @property
+    def columns(self) -> int | None: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def object_key(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    modality: str | None
+    body_part: str | None
+    description: str | None
+    image_type: str | None
+    number: int | None
+
+
+@dataclass(frozen=True)
+class FirstImage:
+    rows: int | None
+    columns: int | None
+    sha256: str
+    object_key: str
+
+
+Candidate = tuple[SeriesAttributes, Image | None]
+"""A series of a study and its first image (None for a series without instances)."""
 
 
 class InvalidRoutingRules(RadflowError):
@@ -68,7 +127,7 @@ class Rule(BaseModel):
             raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
         return task
 
-    def mismatch(self, series: Series, first: Instance | None) -> str | None:
+    def mismatch(self, series: SeriesAttributes, first: Image | None) -> str | None:
         """None when ``series`` matches, else why it does not (for people)."""
         if self.modality and (series.modality or "").upper() not in self.modality:
             return f"modality {series.modality or '(none)'} not in {list(self.modality)}"
@@ -86,7 +145,7 @@ class Rule(BaseModel):
             return f"image type is {present}"
         return self._size_mismatch(first)
 
-    def _size_mismatch(self, first: Instance | None) -> str | None:
+    def _size_mismatch(self, first: Image | None) -> str | None:
         rows = first.rows if first is not None else None
         columns = first.columns if first is not None else None
         for what, value, low, high in (
@@ -160,23 +219,87 @@ def default_rules() -> RoutingRules:
 
 @dataclass(frozen=True)
 class Routed:
-    instance: Instance | None
+    instance: Image | None
     reason: str | None  # why nothing matched, when instance is None
 
 
 def route(study: Study, task: Task, rules: RoutingRules | None = None) -> Routed:
-    """The first image of the first series a rule of ``task`` matches (packaged rules default)."""
+    """The first image of the first series of a loaded ``study`` that a rule of ``task`` matches."""
+    return route_series(
+        [(series, series.instances[0] if series.instances else None) for series in study.series],
+        task,
+        rules,
+    )
+
+
+def route_series(
+    series: Sequence[Candidate], task: Task, rules: RoutingRules | None = None
+) -> Routed:
+    """The first image of the first series (in series number order) a rule of ``task`` matches.
+
+    ``rules``: the site's rules (:func:`rules_for`); None means the packaged ones.
+    """
     task_rules = (rules or default_rules()).for_task(task.name)
     if not task_rules:
         return Routed(None, f"no routing rule for {task.name}")
     reasons = []
-    for series in study.series:
-        first = series.instances[0] if series.instances else None
+    for attributes, first in series:
         why = []
         for rule in task_rules:
-            mismatch = rule.mismatch(series, first)
+            mismatch = rule.mismatch(attributes, first)
             if mismatch is None and first is not None:
                 return Routed(first, None)
             why.append(f"{rule.name}: {mismatch or 'no instances'}")
-        reasons.append(f"series {series.number or '?'}: " + ", ".join(why))
+        reasons.append(f"series {attributes.number or '?'}: " + ", ".join(why))
     return Routed(None, f"no series for {task.name} (" + "; ".join(reasons) + ")")
+
+
+def candidates(session: Session, study_ids: Sequence[int]) -> dict[int, list[Candidate]]:
+    """Each study's series (in number order, as Study.series) with its first image, by study id.
+
+    One query for all of ``study_ids``; a study without series maps to no entry.
+    """
+    if not study_ids:
+        return {}
+    first = (
+        select(
+            Instance.series_id,
+            Instance.rows,
+            Instance.columns,
+            Instance.sha256,
+            Instance.object_key,
+            func.row_number()
+            .over(partition_by=Instance.series_id, order_by=(Instance.number, Instance.id))
+            .label("position"),
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id.in_(study_ids))
+        .subquery()
+    )
+    rows = session.execute(
+        select(
+            Series.study_id,
+            Series.modality,
+            Series.body_part,
+            Series.description,
+            Series.image_type,
+            Series.number,
+            first.c.rows,
+            first.c.columns,
+            first.c.sha256,
+            first.c.object_key,
+        )
+        .outerjoin(first, (first.c.series_id == Series.id) & (first.c.position == 1))
+        .where(Series.study_id.in_(study_ids))
+        .order_by(Series.study_id, Series.number, Series.id)
+    )
+    found: defaultdict[int, list[Candidate]] = defaultdict(list)
+    for study_id, modality, body_part, description, image_type, number, *image in rows:
+        rows_, columns, sha256, object_key = image
+        found[study_id].append(
+            (
+                SeriesView(modality, body_part, description, image_type, number),
+                FirstImage(rows_, columns, sha256, object_key) if object_key is not None else None,
+            )
+        )
+    return dict(found)

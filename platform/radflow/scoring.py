@@ -5,6 +5,8 @@ cost per study is the network's and little else:
 
 - pending studies are found by one query per page of ids, then scored a chunk at a time, one
   transaction per chunk (``BATCHES_PER_TRANSACTION`` network batches);
+- a chunk is read as rows, not ORM objects: its studies' ids, then their series and each
+  series' first image for routing (radflow.routing.candidates), in one query each;
 - images come from the preprocessing cache (radflow.cache: content digest + transform digest),
   which training filled; a miss is fetched and decoded on threads and cached for the next
   scoring or training;
@@ -20,26 +22,29 @@ import gc
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from sqlalchemy import (
     ColumnElement,
+    Table,
     exists,
     insert,
     select,
     text,
+    update,
 )
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from radflow.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.db import (
     ModelVersion,
     Prediction,
-    Series,
     Study,
     StudyStatus,
     triage,
@@ -49,7 +54,7 @@ from radflow.db.base import utcnow
 from radflow.device import cpu_threads, select_device
 from radflow.explain import GRADCAM_NAME, Explainer, save_heatmaps
 from radflow.registry import load_network, require_champion
-from radflow.routing import RoutingRules, route
+from radflow.routing import Image, RoutingRules, candidates, route_series
 from radflow.store import ObjectStore, keys
 from radflow.tasks import Task, get_task
 from radflow.training import predict
@@ -129,19 +134,24 @@ def _pending_ids(session: Session, model_version_id: int, limit: int) -> list[in
     )
 
 
-def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[Study]:
-    """The studies of ``ids`` still pending in this transaction, with series and instances."""
-    found = session.scalars(
-        select(Study)
-        .where(Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
-        .options(selectinload(Study.series).selectinload(Series.instances))
+class _Pending(NamedTuple):
+    id: int
+    study_uid: str
+
+
+def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[_Pending]:
+    """The studies of ``ids`` still pending in this transaction, in the order of ``ids``."""
+    found = session.execute(
+        select(Study.id, Study.study_uid).where(
+            Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+        )
     )
-    by_id = {study.id: study for study in found}
+    by_id = {row.id: _Pending(row.id, row.study_uid) for row in found}
     return [by_id[i] for i in ids if i in by_id]
 
 
-def _pending(session: Session, model_version_id: int, limit: int) -> list[Study]:
-    """Pending studies (see _pending_ids), oldest first, with series and instances."""
+def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pending]:
+    """Pending studies (see _pending_ids), oldest first."""
     return _load_pending(session, model_version_id, _pending_ids(session, model_version_id, limit))
 
 
@@ -183,21 +193,48 @@ def score_stable(
         rules=rules,
     )
     report = ScoreReport(model=champion.name)
-    size = batch_size * BATCHES_PER_TRANSACTION
-    # Sequential on purpose: a reader thread overlapping the next chunk with the network was
-    # slower here (the GIL handoffs between ORM work and PyTorch's Python layers cost more than
-    # the overlap saved, measured with benchmarks/overhead.py on 2 cores).
-    with cpu_threads(threads), _heap_frozen():
+    with (
+        cpu_threads(threads),
+        _heap_frozen(),
+        ThreadPoolExecutor(1, thread_name_prefix="radflow-scoring-io") as io,
+    ):
         while True:
             with session_factory() as session:
                 ids = _pending_ids(session, champion.id, PENDING_PAGE)
             if not ids:
                 report.seconds = time.perf_counter() - started
                 return report
-            for i in range(0, len(ids), size):
-                _score_chunk(
-                    scorer, _read_chunk(session_factory, scorer, ids[i : i + size]), report
-                )
+            _score_page(session_factory, scorer, ids, io, report)
+
+
+def _score_page(
+    session_factory: sessionmaker[Session],
+    scorer: _Scorer,
+    ids: Sequence[int],
+    io: ThreadPoolExecutor,
+    report: ScoreReport,
+) -> None:
+    """Score a page of pending ids, a chunk at a time, the database work beside the network.
+
+    The network spends most of its time in PyTorch kernels, outside the GIL; meanwhile the
+    ``io`` thread reads the next chunk (rows, cached tensors) and writes the previous one's
+    predictions, in that order, one transaction per chunk (a failed write is raised here, at
+    the latest one chunk later; its studies stay pending for the next run).
+    """
+    size = scorer.batch_size * BATCHES_PER_TRANSACTION
+    parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+    upcoming = io.submit(_read_chunk, session_factory, scorer, parts[0])
+    writing: Future[int] | None = None
+    for part in [*parts[1:], None]:
+        chunk = upcoming.result()
+        if part is not None:
+            upcoming = io.submit(_read_chunk, session_factory, scorer, part)
+        scored = _infer_chunk(scorer, chunk, report)
+        if writing is not None:
+            report.scored += writing.result()
+        writing = io.submit(_write_chunk, session_factory, scorer, chunk, scored)
+    if writing is not None:
+        report.scored += writing.result()
 
 
 @contextlib.contextmanager
@@ -218,12 +255,12 @@ def _heap_frozen() -> Iterator[None]:
 
 @dataclass
 class _Chunk:
-    """One transaction's studies, read and preprocessed, waiting for the network."""
+    """One chunk's studies, read and preprocessed, waiting for the network."""
 
-    session: Session
     started: float
-    studies: list[Study]
+    studies: list[_Pending]
     images: torch.Tensor
+    ended: list[_Ended] = field(default_factory=list)  # studies that end unscored
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
@@ -232,61 +269,107 @@ class _Chunk:
 def _read_chunk(
     session_factory: sessionmaker[Session], scorer: _Scorer, ids: Sequence[int]
 ) -> _Chunk:
-    """The studies of ``ids`` still pending, routed, with their images (in an open session)."""
+    """The studies of ``ids`` still pending, routed, with their images.
+
+    Reads only: the chunk's writes happen in :func:`_score_chunk`'s transaction, so a chunk read
+    ahead holds no lock (SQLite) while the one before it commits.
+    """
     started = time.perf_counter()
-    session = session_factory()
-    try:
-        session.begin()
-        no_model, routable = 0, []
-        for study in _load_pending(session, scorer.champion.id, ids):
-            routed = route(study, scorer.task, scorer.rules)
-            if routed.instance is None:
-                study.status, study.status_reason = StudyStatus.NO_MODEL, routed.reason
-                no_model += 1
-            else:
-                routable.append((study, routed.instance))
-        arrays, stats = scorer.cache.arrays(
-            scorer.store, [CachedImage(i.sha256, i.object_key) for _, i in routable]
-        )
-        failed, ok, images = {}, [], []
-        for (study, _), array in zip(routable, arrays, strict=True):
-            if isinstance(array, Exception):
-                # One undecodable image fails its own study, visibly, and not the chunk.
-                reason = f"preprocessing: {array}"
-                study.status, study.status_reason = StudyStatus.FAILED, reason[:255]
-                failed[study.study_uid] = str(array)
-                logger.warning("study %s failed preprocessing: %s", study.id, array)
-            else:
-                ok.append(study)
-                images.append(array)
-        return _Chunk(session, started, ok, scorer.cache.stack(images), no_model, failed, stats)
-    except BaseException:
-        session.close()
-        raise
+    with session_factory() as session:
+        pending = _load_pending(session, scorer.champion.id, ids)
+        series = candidates(session, [study.id for study in pending])
+    ended: list[_Ended] = []
+    routable: list[tuple[_Pending, Image]] = []
+    for study in pending:
+        routed = route_series(series.get(study.id, []), scorer.task, scorer.rules)
+        if routed.instance is None:
+            ended.append(_Ended(study.id, StudyStatus.NO_MODEL, routed.reason or ""))
+        else:
+            routable.append((study, routed.instance))
+    no_model = len(ended)
+    arrays, stats = scorer.cache.arrays(
+        scorer.store, [CachedImage(i.sha256, i.object_key) for _, i in routable]
+    )
+    failed, ok, images = {}, [], []
+    for (study, _), array in zip(routable, arrays, strict=True):
+        if isinstance(array, Exception):
+            # One undecodable image fails its own study, visibly, and not the chunk.
+            ended.append(_Ended(study.id, StudyStatus.FAILED, f"preprocessing: {array}"))
+            failed[study.study_uid] = str(array)
+            logger.warning("study %s failed preprocessing: %s", study.id, array)
+        else:
+            ok.append(study)
+            images.append(array)
+    stacked = scorer.cache.stack(images)
+    return _Chunk(started, ok, stacked, ended, no_model, failed, stats)
 
 
-def _score_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> None:
-    """Scores (and heat maps) of a read chunk, written and committed in its transaction."""
-    try:
-        if chunk.studies:
-            inferring = time.perf_counter()
-            scores, derived = _infer(scorer, chunk.studies, chunk.images)
-            report.network_seconds += time.perf_counter() - inferring
-            # The chunk's time shared by its studies: what one study costs in a backlog.
-            latency_ms = (time.perf_counter() - chunk.started) * 1000 / len(chunk.studies)
-            _record(chunk.session, scorer, chunk.studies, scores, derived, latency_ms)
-        chunk.session.commit()
-    finally:
-        chunk.session.close()  # rolls back what was not committed
-    report.scored += len(chunk.studies)
+class _Ended(NamedTuple):
+    """A study that ends its scoring without a score: NO_MODEL or FAILED, and why."""
+
+    id: int
+    status: StudyStatus
+    reason: str
+
+    def row(self) -> dict[str, object]:
+        """As a row of an ORM bulk UPDATE by primary key."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "status_reason": self.reason[:255],
+            "updated_at": utcnow(),
+        }
+
+
+class _Scored(NamedTuple):
+    scores: np.ndarray
+    derived: list[dict[str, str]]  # each study's derived objects (heat map keys)
+
+
+def _infer_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> _Scored:
+    """The network's scores (and stored heat maps) for a read chunk."""
     report.no_model += chunk.no_model
     report.failed.update(chunk.failed)
     report.cache_hits += chunk.stats.hits
     report.cache_misses += chunk.stats.misses
+    if not chunk.studies:
+        return _Scored(np.zeros(0), [])
+    inferring = time.perf_counter()
+    scores, derived = _infer(scorer, chunk.studies, chunk.images)
+    report.network_seconds += time.perf_counter() - inferring
+    return _Scored(scores, derived)
+
+
+def _write_chunk(
+    session_factory: sessionmaker[Session], scorer: _Scorer, chunk: _Chunk, scored: _Scored
+) -> int:
+    """A chunk's predictions and outcomes in one transaction; how many studies were scored.
+
+    Only studies still pending when the transaction writes are written: one reopened by a late
+    instance (radflow.stability) or scored by another run meanwhile is left as it now is.
+    """
+    with unit_of_work(session_factory) as session:
+        ids = [study.id for study in chunk.studies] + [study.id for study in chunk.ended]
+        still = {study.id for study in _load_pending(session, scorer.champion.id, ids)}
+        if ended := [study.row() for study in chunk.ended if study.id in still]:
+            session.execute(update(Study), ended)
+        keep = [i for i, study in enumerate(chunk.studies) if study.id in still]
+        if keep:
+            # The chunk's time shared by its studies: what one study costs in a backlog.
+            latency_ms = (time.perf_counter() - chunk.started) * 1000 / len(chunk.studies)
+            _record(
+                session,
+                scorer,
+                [chunk.studies[i] for i in keep],
+                scored.scores[keep],
+                [scored.derived[i] for i in keep],
+                latency_ms,
+            )
+    return len(keep)
 
 
 def _infer(
-    scorer: _Scorer, studies: Sequence[Study], batch: torch.Tensor
+    scorer: _Scorer, studies: Sequence[_Pending], batch: torch.Tensor
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Scores, and with an explainer each study's stored heat map key."""
     if scorer.explainer is None:
@@ -307,7 +390,7 @@ def _infer(
 def _record(
     session: Session,
     scorer: _Scorer,
-    studies: Sequence[Study],
+    studies: Sequence[_Pending],
     scores: np.ndarray,
     derived: Sequence[dict[str, str]],
     latency_ms: float,
@@ -315,23 +398,29 @@ def _record(
     """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers."""
     task, champion = scorer.task, scorer.champion
     created = utcnow()
-    ids = session.scalars(
-        insert(Prediction).returning(Prediction.id, sort_by_parameter_order=True),
-        [
-            {
-                "study_id": study.id,
-                "model_version_id": champion.id,
-                "task": task.name,
-                "score": float(score),
-                "scores": {task.positive: float(score)},
-                "derived_keys": keys_out,
-                "latency_ms": latency_ms,
-                "created_at": created,
-                "superseded": False,
-            }
-            for study, score, keys_out in zip(studies, scores, derived, strict=True)
-        ],
-    ).all()
+    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again.
+    table: Table = Prediction.__table__  # type: ignore[assignment]  # mapped to a Table
+    ids = (
+        session.connection()
+        .scalars(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True),
+            [
+                {
+                    "study_id": study.id,
+                    "model_version_id": champion.id,
+                    "task": task.name,
+                    "score": float(score),
+                    "scores": {task.positive: float(score)},
+                    "derived_keys": keys_out,
+                    "latency_ms": latency_ms,
+                    "created_at": created,
+                    "superseded": False,
+                }
+                for study, score, keys_out in zip(studies, scores, derived, strict=True)
+            ],
+        )
+        .all()
+    )
     # A bulk INSERT skips the per-row ORM hook, so the triage pointers move here, in bulk.
     triage.advance(
         session.connection(),

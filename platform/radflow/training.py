@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 from tqdm import tqdm
 
@@ -22,7 +22,7 @@ from radflow.db import (
     EvaluationSet,
     Label,
     ModelVersion,
-    Series,
+    Patient,
     Study,
     TrainingRun,
     unit_of_work,
@@ -33,7 +33,7 @@ from radflow.errors import NotEnoughLabels, RadflowError
 from radflow.evaluation import choose_threshold, evaluate
 from radflow.metrics import binary_metrics
 from radflow.registry import champion, judge, load_network, register
-from radflow.routing import RoutingRules, route, rules_for
+from radflow.routing import RoutingRules, candidates, route_series, rules_for
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 from radflow.tasks import Task, get_task
@@ -58,27 +58,24 @@ def labelled_examples(
     session: Session, task: Task, rules: RoutingRules | None = None
 ) -> list[Example]:
     """The latest label of each labelled study for ``task`` that has a routable image."""
-    labels = session.scalars(
-        select(Label)
+    labels = session.execute(
+        select(Label.id, Label.study_id, Label.value, Label.split, Patient.pseudonym)
+        .join(Study, Study.id == Label.study_id)
+        .join(Patient, Patient.id == Study.patient_id)
         .where(Label.task == task.name)
         .order_by(Label.study_id, Label.created_at.desc(), Label.id.desc())
-        .options(
-            selectinload(Label.study).selectinload(Study.series).selectinload(Series.instances),
-            selectinload(Label.study).selectinload(Study.patient),
-        )
     ).all()
-    examples, seen = [], set()
-    for label in labels:
-        if label.study_id in seen:
-            continue
-        seen.add(label.study_id)
-        routed = route(label.study, task, rules)
+    latest = list({label.study_id: label for label in reversed(labels)}.values())
+    series = candidates(session, [label.study_id for label in latest])
+    examples = []
+    for label in sorted(latest, key=lambda row: row.study_id):
+        routed = route_series(series.get(label.study_id, []), task, rules)
         if routed.instance is not None:
             examples.append(
                 Example(
                     label.id,
                     routed.instance.object_key,
-                    label.study.patient.pseudonym,
+                    label.pseudonym,
                     task.target(label.value),
                     sha256=routed.instance.sha256,
                     study_id=label.study_id,
