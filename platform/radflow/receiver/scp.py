@@ -1,9 +1,10 @@
 """The DICOM receiver: a C-ECHO and C-STORE SCP (pynetdicom) in front of the spool and indexer.
 
-Each association runs in its own pynetdicom thread. A C-STORE dataset is streamed by pynetdicom
-into a temporary file in ``spool/incoming`` (``STORE_RECV_CHUNKED_DATASET``: memory does not grow
-with the instance or study size), validated with :func:`radflow.dicom.instance.read_header`,
-renamed into ``spool/ready`` and fsynced; only then does the sender get the success status.
+Each association runs in its own pynetdicom thread. A C-STORE dataset is streamed into a
+temporary file in ``spool/incoming`` (by :mod:`radflow.receiver.dimse`, or by pynetdicom with
+``STORE_RECV_CHUNKED_DATASET``: memory does not grow with the instance or study size),
+validated with :func:`radflow.dicom.instance.read_header`, renamed into ``spool/ready`` and
+fsynced; only then does the sender get the success status.
 Refused instances get the failure status of :mod:`radflow.receiver.statuses` and a Rejection row.
 The indexer thread stores and indexes the spool behind the senders' backs.
 """
@@ -113,6 +114,7 @@ class Receiver:
             ae,
             (self.host, self.requested_port),
             [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)],
+            incoming=self.spool.incoming,
             listen_fd=self.listen_fd,
         )
         logger.info(

@@ -13,7 +13,11 @@ of the receiver's time per instance, and this module changes just those:
   with ``TCP_NODELAY=1``): a C-STORE response held back by Nagle's algorithm waits for the
   sender's delayed ACK, up to 40 ms on Linux.
 
-Everything else (association negotiation, the state machine, DIMSE, the C-STORE service) is
+- **C-STORE without pydicom datasets.** Each association gets the DIMSE provider of
+  :mod:`radflow.receiver.dimse` (C-STORE requests and responses encoded and decoded directly,
+  datasets streamed into ``spool/incoming``), when pynetdicom is the version it was written for.
+
+Everything else (association negotiation, the state machine, the C-STORE service) is
 pynetdicom's own, plugged in through its server extension point (``AE.make_server(server_class=,
 request_handler=)``); tests/receiver exercise it with DCMTK and Orthanc. pynetdicom's reactors
 also poll every millisecond (pynetdicom issues #120, #650); waking them on data instead was
@@ -22,19 +26,72 @@ tried and measured no faster here (the 1 ms naps let a whole slice arrive before
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from radflow.receiver import dimse
+
 READ_CHUNK = 256 * 1024
+# Seconds the DUL thread waits for incoming data per look (see BulkReadSocket.ready).
+READY_WAIT = 0.005
 
 
 class BulkReadSocket(AssociationSocket):
-    """An association socket that reads what the kernel has, up to :data:`READ_CHUNK` a call."""
+    """An association socket that reads what the kernel has, up to :data:`READ_CHUNK` a call.
+
+    Its sends are serialised: the receiver's DIMSE provider sends C-STORE responses from the
+    association's thread (radflow/receiver/dimse.py), pynetdicom everything else from its DUL
+    thread, and two PDUs must never interleave on the wire.
+    """
+
+    _send_lock: threading.Lock
+    ready_wait = READY_WAIT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._send_lock = threading.Lock()
+
+    @classmethod
+    def adopt(cls, sock: AssociationSocket) -> BulkReadSocket:
+        """Turn the socket pynetdicom made into one of these (its constructor cannot run twice:
+        it also queues the transport event)."""
+        sock.__class__ = cls
+        adopted = cast(BulkReadSocket, sock)
+        adopted._send_lock = threading.Lock()
+        return adopted
+
+    def send(self, bytestream: bytes) -> None:
+        with self._send_lock:
+            super().send(bytestream)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a PDU is arriving, waiting up to :data:`READY_WAIT` seconds for one.
+
+        pynetdicom's DUL thread asks this between 1 ms naps, with no wait: a request from a
+        sender waiting for our previous response then sits up to a millisecond unread, once
+        per instance. Waiting in ``select`` wakes the thread as soon as the bytes arrive; what
+        the DUL thread otherwise checks between naps (primitives queued by the association
+        thread: a C-ECHO response, a release response; its timers) is seen at most
+        :data:`READY_WAIT` later. C-STORE responses do not wait for it (dimse.py sends them).
+        """
+        if not self.ready_wait or self.socket is None or self._is_connected is False:
+            return bool(super().ready)
+        if self.assoc.dul.to_provider_queue.qsize():
+            return bool(super().ready)  # something to send: do not delay it
+        try:
+            readable, _, _ = select.select([self.socket], [], [], self.ready_wait)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # as pynetdicom: the connection is gone
+            return False
+        return bool(readable)
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closes the connection), as pynetdicom does."""
@@ -55,13 +112,25 @@ class ReceiverRequestHandler(RequestHandler):
         connection: socket.socket = self.request
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc = super()._create_association()
-        # pynetdicom has just wrapped the connection in its AssociationSocket (whose constructor
-        # also queues the transport event, so it cannot be made twice); only reading differs.
-        assoc.dul.socket.__class__ = BulkReadSocket
+        # pynetdicom has just wrapped the connection in its AssociationSocket.
+        BulkReadSocket.adopt(cast(AssociationSocket, assoc.dul.socket))
+        server = cast(ReceiverServer, self.server)
+        if server.fast_dimse:
+            assoc.dimse = dimse.ReceiverDIMSE(assoc, server.incoming)
         return assoc
 
 
-class SharedListenerServer(ThreadedAssociationServer):
+class ReceiverServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, knowing where the receiver streams incoming datasets."""
+
+    def __init__(self, *args: Any, incoming: Path, **kwargs: Any) -> None:
+        self.incoming = incoming
+        # Checked once per server: a pynetdicom other than the pinned one gets one warning.
+        self.fast_dimse = dimse.supported()
+        super().__init__(*args, **kwargs)
+
+
+class SharedListenerServer(ReceiverServer):
     """A server accepting from a listening socket that other receiver processes share.
 
     The supervisor (receiver/workers.py) opens the socket and hands it down; every worker
@@ -84,19 +153,26 @@ class SharedListenerServer(ThreadedAssociationServer):
 
 
 def start_server(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any], *, listen_fd: int | None = None
-) -> ThreadedAssociationServer:
+    ae: AE,
+    address: tuple[str, int],
+    evt_handlers: list[Any],
+    *,
+    incoming: Path,
+    listen_fd: int | None = None,
+) -> ReceiverServer:
     """Start ``ae``'s association server in a background thread.
 
-    On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's).
+    On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's). Received
+    datasets are streamed into files in ``incoming``.
     """
     server: ThreadedAssociationServer
     if listen_fd is None:
         server = ae.make_server(
             address,
             evt_handlers=evt_handlers,
-            server_class=ThreadedAssociationServer,
+            server_class=ReceiverServer,
             request_handler=ReceiverRequestHandler,
+            incoming=incoming,
         )
     else:
         server = ae.make_server(
@@ -104,6 +180,7 @@ def start_server(
             evt_handlers=evt_handlers,
             server_class=SharedListenerServer,
             request_handler=ReceiverRequestHandler,
+            incoming=incoming,
             listen_fd=listen_fd,
         )
     # Registered as AE.start_server does: server.shutdown() and AE.shutdown() look it up there.
@@ -112,4 +189,4 @@ def start_server(
         target=server.serve_forever, name="radflow-dicom-acceptor", daemon=True
     )
     thread.start()
-    return server
+    return cast(ReceiverServer, server)
