@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from radflow import ingest
 from radflow.db import Instance, Patient, Series, Study, StudyStatus, unit_of_work
+from radflow.dicom.instance import InstanceHeader, read_header
 from radflow.settings import Settings
 from radflow.store import ObjectStore, keys
 
@@ -194,3 +195,60 @@ def test_mark_stable_and_late_instance_reopens_study(
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a folder"):
         list(ingest.find_files(tmp_path / "nope"))
+
+
+def _headers(folder: Path, datas: list[bytes]) -> list[tuple[Path, InstanceHeader]]:
+    paths = [_write(folder, f"{n}.dcm", data) for n, data in enumerate(datas)]
+    return [(p, read_header(p, 10**8)) for p in paths]
+
+
+def test_a_batch_indexes_new_instances_once_and_counts_repeats_as_duplicates(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    datas = [dicom_bytes(study_uid=study, series_uid=series) for _ in range(4)]
+    first = ingest.ingest_batch(
+        _headers(tmp_path / "a", datas[:2] + datas[:1]),  # one instance twice in the batch
+        settings=settings,
+        session_factory=session_factory,
+        store=store,
+        immutable=True,
+    )
+    second = ingest.ingest_batch(
+        _headers(tmp_path / "b", datas),  # two already indexed, two new
+        settings=settings,
+        session_factory=session_factory,
+        store=store,
+    )
+    assert (first.stored, first.duplicates, second.stored, second.duplicates) == (2, 1, 2, 2)
+    assert [_count(session_factory, m) for m in (Patient, Study, Series, Instance)] == [1, 1, 1, 4]
+    assert len(list(store.list("originals/"))) == 4
+
+
+def test_a_conflict_in_a_batch_rejects_only_that_instance(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
+) -> None:
+    uids = {
+        "study_uid": generate_uid(),
+        "series_uid": generate_uid(),
+        "sop_instance_uid": generate_uid(),
+    }
+    ingest.ingest_batch(
+        _headers(tmp_path / "a", [dicom_bytes(**uids)]),
+        settings=settings,
+        session_factory=session_factory,
+        store=store,
+    )
+    items = _headers(
+        tmp_path / "b",
+        [
+            dicom_bytes(study_uid=uids["study_uid"]),
+            dicom_bytes(np.ones((64, 64), np.uint16), **uids),
+        ],
+    )
+    report = ingest.ingest_batch(
+        items, settings=settings, session_factory=session_factory, store=store, immutable=True
+    )
+    assert (report.stored, report.reasons) == (1, {"uid-conflict": 1})
+    assert list(report.rejected) == [str(items[1][0])]
+    assert _count(session_factory, Instance) == 2

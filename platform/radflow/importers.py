@@ -251,7 +251,11 @@ def _ingest_chunk(
         # receiver's batch path): a commit per image would dominate the import time.
         headers = [(p, read_header(p, settings.max_pixels)) for p in paths]
         ingested = ingest.ingest_batch(
-            headers, settings=settings, session_factory=session_factory, store=store
+            headers,
+            settings=settings,
+            session_factory=session_factory,
+            store=store,
+            immutable=True,  # written here, only deleted afterwards
         )
     if ingested.rejected:
         raise ValueError(f"ingest rejected imported images: {ingested.rejected}")

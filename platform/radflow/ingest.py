@@ -36,6 +36,9 @@ from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
 
+# SOP Instance UIDs per lookup query: well under every backend's bound-parameter limit.
+_UID_CHUNK = 500
+
 
 @dataclass
 class IngestReport:
@@ -111,8 +114,8 @@ def ingest_file(
     """
     header = read_header(path, settings.max_pixels)
     with unit_of_work(session_factory) as session:
-        is_new = ingest_instance(
-            session, store, header, path, settings.pseudonym_key.get_secret_value()
+        (is_new,) = index_instances(
+            session, store, [(path, header)], settings.pseudonym_key.get_secret_value()
         )
     return header, is_new
 
@@ -123,32 +126,34 @@ def ingest_batch(
     settings: Settings,
     session_factory: sessionmaker[Session],
     store: ObjectStore,
+    immutable: bool = False,
 ) -> IngestReport:
     """Store and index already validated instances with one commit for the whole batch.
 
-    For the receiver's spool: one transaction per batch instead of one per file. If the batch
-    meets a refused instance (``uid-conflict``) or a concurrent writer of the same rows, it is
-    rolled back and every file is retried in its own transaction, so one bad instance never holds
-    back the others. Outages (database, object store) propagate: the caller keeps the files.
-    ``report.rejected`` is keyed by path.
+    For the receiver's spool and the importer: one transaction per batch instead of one per
+    file. If the batch meets a refused instance (``uid-conflict``) or a concurrent writer of the
+    same rows, it is rolled back and every file is retried in its own transaction, so one bad
+    instance never holds back the others. Outages (database, object store) propagate: the
+    caller keeps the files. ``report.rejected`` is keyed by path. ``immutable``: the caller
+    never changes the files (see :meth:`radflow.store.ObjectStore.put_files`).
     """
     key = settings.pseudonym_key.get_secret_value()
     report = IngestReport()
     try:
         with unit_of_work(session_factory) as session:
-            new = [ingest_instance(session, store, header, path, key) for path, header in items]
+            new = index_instances(session, store, items, key, immutable=immutable)
     except (InvalidInstance, IntegrityError):
         logger.info("batch of %d refused as a whole; indexing its files one by one", len(items))
         new = []
-        for path, header in items:
+        for item in items:
             try:
                 with unit_of_work(session_factory) as session:
-                    new.append(ingest_instance(session, store, header, path, key))
+                    new += index_instances(session, store, [item], key, immutable=immutable)
             except InvalidInstance as exc:
-                report.rejected[str(path)] = f"{exc.reason}: {exc}"
+                report.rejected[str(item[0])] = f"{exc.reason}: {exc}"
                 report.reasons[exc.reason] += 1
                 continue
-            report.study_uids.add(header.study_uid)
+            report.study_uids.add(item[1].study_uid)
         report.stored, report.duplicates = sum(new), len(new) - sum(new)
         return report
     report.stored, report.duplicates = sum(new), len(new) - sum(new)
@@ -169,42 +174,88 @@ def rejection(
     )
 
 
-def ingest_instance(
-    session: Session, store: ObjectStore, header: InstanceHeader, path: Path, pseudonym_key: str
-) -> bool:
-    """Store and index one instance; False when it was already there (same UID, same bytes)."""
-    existing = session.scalar(
-        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-    )
-    if existing is not None:
-        if existing.sha256 != header.sha256:
+def index_instances(
+    session: Session,
+    store: ObjectStore,
+    items: Sequence[tuple[Path, InstanceHeader]],
+    pseudonym_key: str,
+    *,
+    immutable: bool = False,
+) -> list[bool]:
+    """Store and index instances; per item, False when it was already there (same UID, bytes).
+
+    Set-wise, so a batch costs a few queries and one store write, not several per instance:
+    one lookup of the UIDs already indexed, one per new series, one ``put_files``. Raises
+    ConflictingInstance for a UID already indexed (or twice in ``items``) with other bytes.
+    """
+    known = _indexed_digests(session, [header.sop_instance_uid for _, header in items])
+    is_new: list[bool] = []
+    fresh: list[tuple[Path, InstanceHeader]] = []
+    for path, header in items:
+        digest = known.get(header.sop_instance_uid)
+        if digest is None:  # new (a second copy further on in ``items`` is a duplicate)
+            known[header.sop_instance_uid] = header.sha256
+            fresh.append((path, header))
+        elif digest != header.sha256:
             raise ConflictingInstance(header.sop_instance_uid)
-        return False
-    object_key = keys.original(header.study_uid, header.series_uid, header.sop_instance_uid)
-    store.put_file(object_key, path, content_type="application/dicom")
-    series = _series(session, header, pseudonym_key)
-    session.add(
-        Instance(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            series=series,
-            number=header.instance_number,
-            object_key=object_key,
-            size_bytes=header.size_bytes,
-            sha256=header.sha256,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            rows=header.rows,
-            columns=header.columns,
-            frames=header.frames,
-        )
+        is_new.append(digest is None)
+    store.put_files(
+        [(_object_key(header), path) for path, header in fresh],
+        "application/dicom",
+        immutable=immutable,
     )
-    study = series.study
+    series: dict[str, Series] = {}
+    for _, header in fresh:
+        if header.series_uid not in series:
+            series[header.series_uid] = _series(session, header, pseudonym_key)
+        session.add(_instance_row(header, series[header.series_uid]))
+    for study in {id(s.study): s.study for s in series.values()}.values():
+        _touch(study)
+    return is_new
+
+
+def _indexed_digests(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of those already indexed (in chunks: bound parameters)."""
+    digests: dict[str, str] = {}
+    unique = sorted(set(sop_instance_uids))
+    for start in range(0, len(unique), _UID_CHUNK):
+        chunk = unique[start : start + _UID_CHUNK]
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.sha256).where(
+                Instance.sop_instance_uid.in_(chunk)
+            )
+        )
+        digests.update((uid, sha) for uid, sha in rows)
+    return digests
+
+
+def _object_key(header: InstanceHeader) -> str:
+    return keys.original(header.study_uid, header.series_uid, header.sop_instance_uid)
+
+
+def _instance_row(header: InstanceHeader, series: Series) -> Instance:
+    return Instance(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series=series,
+        number=header.instance_number,
+        object_key=_object_key(header),
+        size_bytes=header.size_bytes,
+        sha256=header.sha256,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        rows=header.rows,
+        columns=header.columns,
+        frames=header.frames,
+    )
+
+
+def _touch(study: Study) -> None:
+    """New instances arrived: the quiet period restarts, and a complete study reopens."""
     study.last_instance_at = utcnow()
     if study.status not in (StudyStatus.RECEIVING,):
         # A late instance reopens a study that was already complete: it is processed again whole.
         study.status = StudyStatus.RECEIVING
         study.status_reason = "new instance arrived"
-    return True
 
 
 def _series(session: Session, header: InstanceHeader, pseudonym_key: str) -> Series:

@@ -202,3 +202,43 @@ def test_local_store_lists_no_temporary_files(tmp_path: Path) -> None:
     store.put_bytes("a/b", b"1")
     (store.root / "a" / ".tmp-half-written").write_bytes(b"partial")
     assert list(store.list()) == ["a/b"]
+
+
+def test_put_files_stores_each_file_and_replaces_what_was_there(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    sources = {}
+    for n in range(3):
+        sources[keys.original(STUDY, SERIES, f"{SOP}{n}")] = tmp_path / f"{n}.dcm"
+        sources[keys.original(STUDY, SERIES, f"{SOP}{n}")].write_bytes(b"DICM" * (n + 1))
+    store.put_bytes(keys.original(STUDY, SERIES, f"{SOP}0"), b"older")
+    store.put_files(list(sources.items()), "application/dicom", immutable=True)
+    for key, path in sources.items():
+        assert store.get_bytes(key) == path.read_bytes()
+    assert list(store.list("originals/")) == sorted(sources)
+
+
+def test_immutable_files_are_linked_not_copied_and_outlive_their_source(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "objects")
+    spooled, inbox = tmp_path / "spooled.dcm", tmp_path / "inbox.dcm"
+    spooled.write_bytes(b"received once")
+    inbox.write_bytes(b"a user's file")
+    store.put_files([("a/spooled", spooled)], immutable=True)
+    store.put_files([("a/inbox", inbox)])
+    # The spool's file and the object are one inode: no bytes copied, no second data fsync.
+    assert (store.root / "a" / "spooled").stat().st_ino == spooled.stat().st_ino
+    # A file its owner may still change is copied.
+    assert (store.root / "a" / "inbox").stat().st_ino != inbox.stat().st_ino
+    inbox.write_bytes(b"changed later")
+    spooled.unlink()
+    assert store.get_bytes("a/spooled") == b"received once"
+    assert store.get_bytes("a/inbox") == b"a user's file"
+
+
+def test_put_files_leaves_no_temporary_file_when_a_source_is_missing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "objects")
+    present = tmp_path / "present"
+    present.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError):
+        store.put_files([("a/1", present), ("a/2", tmp_path / "missing")], immutable=True)
+    assert [p.name for p in store.root.rglob("*") if p.is_file()] == []

@@ -158,8 +158,13 @@ class Indexer:
                 items.append((path, header))
         if not items:
             return
+        # Spool files never change once acknowledged: the store may share their bytes.
         report = ingest_batch(
-            items, settings=self.settings, session_factory=self.session_factory, store=self.store
+            items,
+            settings=self.settings,
+            session_factory=self.session_factory,
+            store=self.store,
+            immutable=True,
         )
         for path, _ in items:
             reason = report.rejected.get(str(path))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -18,6 +18,20 @@ class ObjectStore(Protocol):
         self, key: str, path: Path, content_type: str = "application/octet-stream"
     ) -> None:
         """Store the file at ``path`` under ``key``, replacing what was there."""
+
+    def put_files(
+        self,
+        items: Sequence[tuple[str, Path]],
+        content_type: str = "application/octet-stream",
+        *,
+        immutable: bool = False,
+    ) -> None:
+        """Store each ``(key, path)``; every object is durable when this returns.
+
+        ``immutable=True``: the caller never changes these files again (the receiver's spool, a
+        temporary file it only deletes), so a backend may keep their bytes without copying them
+        (a local store hard-links them).
+        """
 
     def put_bytes(
         self,

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from radflow.store.base import ObjectNotFound
+
+# Objects being written; never listed.
+TEMP_PREFIX = ".tmp-"
 
 
 class LocalStore:
@@ -31,8 +36,41 @@ class LocalStore:
     def put_file(
         self, key: str, path: Path, content_type: str = "application/octet-stream"
     ) -> None:
-        with path.open("rb") as src:
-            self._write(key, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+        self.put_files([(key, path)], content_type)
+
+    def put_files(
+        self,
+        items: Sequence[tuple[str, Path]],
+        content_type: str = "application/octet-stream",
+        *,
+        immutable: bool = False,
+    ) -> None:
+        """Copy (or, for ``immutable`` sources on this filesystem, hard-link) each file in.
+
+        Every object goes to a temporary name, then all are fsynced, renamed into place and
+        their folders fsynced: one batch costs about one journal commit, not one per file. A
+        hard link shares the source's bytes, so the store never sees a change made to the source
+        later: only callers that never change their files may ask for it.
+        """
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for key, source in items:
+                target = self._path(key)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+                if not (immutable and _hard_link(source, tmp)):
+                    shutil.copyfile(source, tmp)
+                staged.append((tmp, target))
+            for tmp, _ in staged:
+                _fsync(tmp)
+            for tmp, target in staged:
+                os.replace(tmp, target)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for folder in {target.parent for _, target in staged}:
+            _fsync(folder)
 
     def put_bytes(
         self,
@@ -42,15 +80,12 @@ class LocalStore:
         *,
         durable: bool = True,
     ) -> None:
-        self._write(key, lambda dst: dst.write(data), durable=durable)
-
-    def _write(self, key: str, fill: object, *, durable: bool = True) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as dst:
-                fill(dst)  # type: ignore[operator]
+                dst.write(data)
                 dst.flush()
                 if durable:  # an fsync costs milliseconds; re-creatable objects skip it
                     os.fsync(dst.fileno())
@@ -58,6 +93,8 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if durable:
+            _fsync(target.parent)  # the new name, too
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
@@ -79,6 +116,26 @@ class LocalStore:
         keys = (
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not p.name.startswith(TEMP_PREFIX)
         )
         yield from sorted(k for k in keys if k.startswith(prefix))
+
+
+def _hard_link(source: Path, link: Path) -> bool:
+    """Link ``source`` at ``link``; False where the filesystem cannot (another device, no links)."""
+    try:
+        os.link(source, link)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Force a file's or a folder's (its entries') changes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +33,16 @@ class S3Store:
         self.client.fput_object(
             bucket_name=self.bucket, object_name=key, file_path=str(path), content_type=content_type
         )
+
+    def put_files(
+        self,
+        items: Sequence[tuple[str, Path]],
+        content_type: str = "application/octet-stream",
+        *,
+        immutable: bool = False,  # every PUT copies the bytes: nothing to share
+    ) -> None:
+        for key, path in items:
+            self.put_file(key, path, content_type)
 
     def put_bytes(
         self,
