@@ -33,7 +33,6 @@ DIMSE messages are skipped only while their logger would discard what they log a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import struct
@@ -209,13 +208,10 @@ def store_request(elements: dict[int, bytes]) -> C_STORE | None:
 
 
 class _Incoming:
-    """The dataset of one C-STORE-RQ being streamed into its spool file, and hashed."""
+    """The dataset of one C-STORE-RQ being streamed into its spool file."""
 
     def __init__(self, request: C_STORE, context_id: int, path: Path, header: bytes) -> None:
         self.request, self.context_id, self.path = request, context_id, path
-        # The file's SHA-256 (the index's content check) as it arrives: hashlib releases the
-        # GIL for each fragment, and the C-STORE handler no longer waits for a hash of its own.
-        self.sha256 = hashlib.sha256()
         # Unbuffered: one write system call per PDV, nothing to flush.
         self.file = FileIO(path, "xb")
         try:
@@ -229,7 +225,6 @@ class _Incoming:
         request._context_id = context_id
 
     def write(self, data: memoryview) -> None:
-        self.sha256.update(data)
         while data:
             written = self.file.write(data)
             data = data[written or 0 :]
@@ -252,8 +247,6 @@ class ReceiverDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self.incoming = incoming
         self._store: _Incoming | None = None
-        # SHA-256 of each dataset file received whole, until its C-STORE handler takes it.
-        self.digests: dict[Path, str] = {}
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         pdvs = primitive.presentation_data_value_list
@@ -306,7 +299,6 @@ class ReceiverDIMSE(DIMSEServiceProvider):
             raise
         if data[0] & LAST_FRAGMENT_BIT:
             self._store = None
-            self.digests[store.path] = store.sha256.hexdigest()
             self.msg_queue.put((store.context_id, store.request))
 
     def send_msg(self, primitive: DimsePrimitiveType, context_id: int) -> None:
@@ -372,12 +364,6 @@ class ReceiverDIMSE(DIMSEServiceProvider):
             str(primitive.AffectedSOPInstanceUID),
             cast(int, primitive.Status),
         )
-
-
-def take_digest(assoc: Association, path: Path) -> str | None:
-    """The SHA-256 of a dataset file this module received (None if pynetdicom received it)."""
-    provider = assoc.dimse
-    return provider.digests.pop(path, None) if isinstance(provider, ReceiverDIMSE) else None
 
 
 def _fits(command: bytes, max_pdu: int) -> bool:

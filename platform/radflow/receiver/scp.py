@@ -27,7 +27,6 @@ from radflow.db import unit_of_work
 from radflow.dicom.instance import SUPPORTED_TRANSFER_SYNTAXES, read_header
 from radflow.errors import InvalidInstance
 from radflow.ingest import rejection
-from radflow.receiver import dimse
 from radflow.receiver.counters import ReceiverCounters
 from radflow.receiver.indexer import Indexer
 from radflow.receiver.spool import Spool
@@ -186,9 +185,8 @@ class Receiver:
         self.counters.add("received")
         origin = str(event.assoc.requestor.ae_title)
         received = Path(event.dataset_path)
-        # The file's fsync (and its digest, unless it was hashed as it arrived) run in a worker
-        # while the header is read and checked.
-        syncing = self.spool.start_sync(received, dimse.take_digest(event.assoc, received))
+        # The file's digest and fsync run in a worker while the header is read and checked.
+        syncing = self.spool.start_sync(received)
         try:
             header = read_header(received, self.settings.max_pixels, digest=syncing.digest.result)
             spooled = self.spool.accept(received, header.sop_instance_uid, syncing)

@@ -109,20 +109,17 @@ class Spool:
     ) -> None:
         self.close()
 
-    def start_sync(self, received: Path, sha256: str | None = None) -> Syncing:
+    def start_sync(self, received: Path) -> Syncing:
         """Start writing a fully received file's data to disk and hashing it, in the background.
 
         The caller validates the file meanwhile (CPU work that holds the GIL; the fsync and the
-        hashing do not), then hands the result to :meth:`accept`. ``sha256``: the file's
-        digest, when it was computed as the file arrived.
+        hashing do not), then hands the result to :meth:`accept`.
         """
         assert self._syncer is not None, "Spool.open() first"
-        if sha256 is None:
-            digest = self._syncer.submit(file_sha256, received)
-        else:
-            digest = Future()
-            digest.set_result(sha256)
-        return Syncing(synced=self._syncer.submit(_fsync_file, received), digest=digest)
+        return Syncing(
+            synced=self._syncer.submit(_fsync_file, received),
+            digest=self._syncer.submit(file_sha256, received),
+        )
 
     def accept(self, received: Path, sop_instance_uid: str, syncing: Syncing) -> Path:
         """Make a fully received file durable in ``ready/``; return its spool path.
