@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pydicom
+from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from radflow.errors import InvalidInstance
@@ -74,11 +79,46 @@ def read_header(
     return header_from_dataset(ds, path, max_pixels, digest or (lambda: file_sha256(path)))
 
 
+# The elements read_header looks at. pydicom still walks every element header but keeps only
+# these (and SpecificCharacterSet, which it always keeps), skipping the other values unread.
+# Plain ints: a BaseTag key would make every dict lookup call BaseTag.__eq__ in Python.
+_TAGS = {
+    keyword: int(Tag(keyword))
+    for keyword in (
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyDescription",
+        "SeriesDescription",
+        "Modality",
+        "BodyPartExamined",
+        "SeriesNumber",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "ImageType",
+        "PixelData",
+        "FloatPixelData",
+    )
+}
+# As BaseTags: dcmread passes each through Tag(), which returns a BaseTag at once.
+_SPECIFIC_TAGS: list[BaseTag | int] = [BaseTag(tag) for tag in _TAGS.values()]
+_SPECIFIC_CHARACTER_SET = int(Tag("SpecificCharacterSet"))
+# Values longer than this stay on disk: in practice only pixel data, which is checked for
+# presence and length but never loaded. Every element with a 16-bit length (all those above
+# but pixel data) is shorter, so none of them is deferred in explicit VR; in implicit VR one
+# that were would be read back on demand by pydicom.
+_DEFER_BYTES = 64 * 1024
+
+
 def _read(path: Path) -> Dataset:
     try:
-        # Pixel data is not decoded here, only checked for presence; deferring large elements
-        # keeps memory flat for big multi-frame files.
-        return pydicom.dcmread(path, defer_size="1 MB")
+        return pydicom.dcmread(path, defer_size=_DEFER_BYTES, specific_tags=_SPECIFIC_TAGS)
     except InvalidDicomError:
         raise InvalidInstance(
             "not-dicom", f"{path.name}: not a DICOM file (no DICM preamble or readable header)"
@@ -98,21 +138,32 @@ def header_from_dataset(
         raise InvalidInstance(
             "unreadable", f"{path.name}: no TransferSyntaxUID in the file meta (truncated header?)"
         )
-    if UID(tsyntax) not in SUPPORTED_TRANSFER_SYNTAXES:
+    # strip() is all UID() would add here (besides a validation warning): the set holds UIDs,
+    # which compare and hash as str.
+    if tsyntax.strip() not in SUPPORTED_TRANSFER_SYNTAXES:
         raise InvalidInstance(
             "unsupported-transfer-syntax",
             f"{path.name}: transfer syntax {tsyntax} is not supported; send it uncompressed or "
             "as JPEG, JPEG-LS, JPEG 2000 or RLE",
         )
+    values = _Values(ds)
     uids = {
-        name: _uid(ds, name, path)
+        name: _uid(values, name, path)
         for name in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID")
     }
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+    pixels = values.raw.get(_TAGS["PixelData"]) or values.raw.get(_TAGS["FloatPixelData"])
+    if pixels is None:
         raise InvalidInstance("no-pixel-data", f"{path.name}: instance has no pixel data")
-    _check_complete(ds, path)
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    size = path.stat().st_size
+    _check_complete(pixels, path, tsyntax, size)
+    try:
+        rows, columns = values.us("Rows"), values.us("Columns")
+        digits = values.digits("NumberOfFrames")
+        frames = int(ds.get("NumberOfFrames", 1) or 1) if digits is None else int(digits or 1) or 1
+    except (TypeError, ValueError):  # "abc", several values: a sender's bug, not ours
+        raise InvalidInstance(
+            "bad-dimensions", f"{path.name}: Rows, Columns or NumberOfFrames is not one number"
+        ) from None
     if rows <= 0 or columns <= 0:
         raise InvalidInstance("bad-dimensions", f"{path.name}: Rows/Columns missing or zero")
     if rows * columns * frames > max_pixels:
@@ -121,27 +172,28 @@ def header_from_dataset(
             f"{path.name}: {rows}x{columns}x{frames} pixels exceeds the limit of {max_pixels} "
             "(RADFLOW_MAX_PIXELS)",
         )
+    patient_id = values.ascii("PatientID", "LO")
     return InstanceHeader(
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
         series_uid=uids["SeriesInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
         transfer_syntax_uid=tsyntax,
-        patient_id=str(ds.get("PatientID", "") or ""),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_description=_text(ds, "StudyDescription", 64),
-        series_description=_text(ds, "SeriesDescription", 64),
-        modality=_text(ds, "Modality", 16),
-        body_part=_text(ds, "BodyPartExamined", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        instance_number=_int(ds, "InstanceNumber"),
+        patient_id=str(ds.get("PatientID", "") or "") if patient_id is None else patient_id,
+        accession_number=_text(values, "AccessionNumber", "SH", 16),
+        study_date=_text(values, "StudyDate", "DA", 8),
+        study_description=_text(values, "StudyDescription", "LO", 64),
+        series_description=_text(values, "SeriesDescription", "LO", 64),
+        modality=_text(values, "Modality", "CS", 16),
+        body_part=_text(values, "BodyPartExamined", "CS", 16),
+        series_number=_int(values, "SeriesNumber"),
+        instance_number=_int(values, "InstanceNumber"),
         rows=rows,
         columns=columns,
         frames=frames,
-        size_bytes=path.stat().st_size,
+        size_bytes=size,
         sha256=digest(),
-        image_type=_image_type(ds),
+        image_type=_image_type(values),
     )
 
 
@@ -149,21 +201,21 @@ _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _check_complete(ds: Dataset, path: Path) -> None:
+def _check_complete(
+    pixels: DataElement | RawDataElement, path: Path, tsyntax: str, size: int
+) -> None:
     """Reject a file cut short in its pixel data (an interrupted copy or transfer).
 
     pydicom reads such a file without complaint because the pixel data is only decoded later;
     catching it here keeps a half file from being acknowledged and stored as if it were whole.
+    ``pixels`` is the element as read, never loaded: only its position and length are needed.
     """
-    meta = getattr(ds, "file_meta", None)
-    if str(getattr(meta, "TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+    if tsyntax == "1.2.840.10008.1.2.1.99":
         # Deflated: positions are in the inflated stream, not the file; a cut stream fails to
         # inflate instead (zlib raises while reading).
         return
-    element = ds.get_item("PixelData") or ds.get_item("FloatPixelData")
-    size = path.stat().st_size
-    tell = getattr(element, "value_tell", None)
-    length = getattr(element, "length", None)
+    tell = getattr(pixels, "value_tell", None)
+    length = getattr(pixels, "length", None)
     if tell is None or length is None:
         return
     if length == _UNDEFINED_LENGTH:
@@ -178,8 +230,82 @@ def _check_complete(ds: Dataset, path: Path) -> None:
         )
 
 
-def _uid(ds: Dataset, name: str, path: Path) -> str:
-    value = str(ds.get(name, "") or "").strip()
+# pydicom turns each value read (ds.get) into a DataElement through its raw-element hooks, VR
+# lookup and value validation: ~30 µs apiece, half of read_header's time. For the usual value, a
+# single printable-ASCII string in the element's standard VR, that conversion comes down to
+# decoding the bytes and dropping trailing NUL/space padding. So _Values reads the raw bytes in
+# that case and the callers hand anything else (deferred, another VR, non-ASCII or escape
+# sequences, several values, signs...) to pydicom exactly as before.
+_PRINTABLE = re.compile(rb"[ -\[\]-~]*")  # printable ASCII but backslash, the value separator
+_PRINTABLE_MULTI = re.compile(rb"[ -~]*")
+# pydicom decodes these VRs with the SpecificCharacterSet, the others always as ISO-IR 6.
+_CHARSET_VRS = frozenset({"SH", "LO"})
+
+
+class _Values:
+    """A dataset's values read from its raw elements where pydicom's conversion is trivial."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        # Deferred elements stay as they are here (value None): never read, only measured.
+        self.raw = {int(element.tag): element for element in ds.values()}
+
+    def ascii(self, name: str, vr: str, *, multi: bool = False) -> str | None:
+        """The value as pydicom would decode it if that is plain ASCII ("" if absent: callers
+        treat both alike), else None: convert it with pydicom."""
+        raw = self.raw.get(_TAGS[name])
+        if raw is None:
+            return ""
+        if not isinstance(raw, RawDataElement) or raw.VR not in (vr, None):  # None: implicit
+            return None
+        value = raw.value
+        if not isinstance(value, bytes):
+            return None
+        value = value.rstrip(b"\0 ")
+        if not (_PRINTABLE_MULTI if multi else _PRINTABLE).fullmatch(value):
+            return None
+        if vr in _CHARSET_VRS and not self.ascii_charset:
+            return None
+        return value.decode("ascii")
+
+    @cached_property
+    def ascii_charset(self) -> bool:
+        """Whether printable ASCII decodes to itself in the dataset's SpecificCharacterSet.
+
+        True of every character set DICOM defines (checked in the tests), but pydicom also
+        takes any Python codec name there (say "cp037", EBCDIC): then only pydicom decodes right.
+        """
+        element = self.raw.get(_SPECIFIC_CHARACTER_SET)
+        if element is None:
+            return True
+        value = element.value  # pydicom has usually converted this one already
+        if isinstance(value, bytes):
+            value = value.rstrip(b"\0 ").decode("latin-1").split("\\")
+        terms = [value or ""] if value is None or isinstance(value, str) else list(value)
+        return all(term in python_encoding for term in terms)
+
+    def digits(self, name: str) -> str | None:
+        """An IS value made of digits only, or "" if empty or absent; else None."""
+        value = self.ascii(name, "IS")
+        return value if value is not None and (value.isdigit() or not value) else None
+
+    def us(self, name: str) -> int:
+        raw = self.raw.get(_TAGS[name])
+        if raw is None:
+            return 0
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.VR in ("US", None)
+            and isinstance(raw.value, bytes)
+            and len(raw.value) == 2
+        ):
+            return int.from_bytes(raw.value, "little" if raw.is_little_endian else "big")
+        return int(self.ds.get(name, 0) or 0)
+
+
+def _uid(values: _Values, name: str, path: Path) -> str:
+    value = values.ascii(name, "UI")
+    value = (str(values.ds.get(name, "") or "") if value is None else value).strip()
     if not value:
         raise InvalidInstance("missing-uid", f"{path.name}: required {name} is missing")
     try:
@@ -188,25 +314,35 @@ def _uid(ds: Dataset, name: str, path: Path) -> str:
         raise InvalidInstance("invalid-uid", f"{path.name}: {exc}") from None
 
 
-def _text(ds: Dataset, name: str, limit: int) -> str | None:
-    value = ds.get(name)
+def _text(values: _Values, name: str, vr: str, limit: int) -> str | None:
+    fast = values.ascii(name, vr)
+    if fast is not None:
+        return fast.strip()[:limit] or None
+    value = values.ds.get(name)
     return str(value).strip()[:limit] or None if value is not None else None
 
 
-def _int(ds: Dataset, name: str) -> int | None:
+def _int(values: _Values, name: str) -> int | None:
+    digits = values.digits(name)
+    if digits is not None:
+        return int(digits) if digits else None
     try:
-        value = ds.get(name)
+        value = values.ds.get(name)
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
 
 
-def _image_type(ds: Dataset) -> str | None:
-    value = ds.get("ImageType")
-    if value is None or value == "":
-        return None
-    values = [value] if isinstance(value, str) else list(value)
-    return "\\".join(str(v).strip().upper() for v in values)[:128] or None
+def _image_type(values: _Values) -> str | None:
+    fast = values.ascii("ImageType", "CS", multi=True)
+    if fast is not None:
+        parts: list[object] = list(fast.split("\\"))
+    else:
+        value = values.ds.get("ImageType")
+        if value is None or value == "":
+            return None
+        parts = [value] if isinstance(value, str) else list(value)
+    return "\\".join(str(v).strip().upper() for v in parts)[:128] or None
 
 
 def file_sha256(path: Path) -> str:
