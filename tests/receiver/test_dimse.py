@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tempfile
@@ -192,6 +193,8 @@ def test_storescu_with_small_pdus_is_stored_byte_for_byte(
     raw = sent.read_bytes()
     dataset_start = 132 + 12 + int.from_bytes(raw[140:144], "little")
     assert stored == meta + raw[dataset_start:]
+    # Hashed by the indexer, after the response: the digest of exactly the bytes stored.
+    assert instance.sha256 == hashlib.sha256(stored).hexdigest()
 
 
 def test_another_pynetdicom_falls_back_to_stock_with_a_warning(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from minio.error import MinioException
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from urllib3.exceptions import HTTPError
 
 from radflow.db import unit_of_work
-from radflow.dicom.instance import InstanceHeader, read_header
+from radflow.dicom.instance import InstanceHeader, file_sha256, read_header
 from radflow.errors import InvalidInstance
 from radflow.ingest import ingest_batch, rejection
 from radflow.receiver.counters import ReceiverCounters
@@ -45,6 +46,9 @@ MAX_BACKOFF_SECONDS = 30.0
 QUIET_SECONDS = 0.25
 MAX_DEFERRED = 1000
 REAP_CHUNK = 16
+# The SHA-256 in a header the receiver submits: hashing is the index's business (duplicate or
+# conflict), so the indexer does it, off the path of the sender waiting for its response.
+UNHASHED = ""
 
 
 class Indexer:
@@ -88,7 +92,7 @@ class Indexer:
         self._thread.join(timeout)
 
     def submit(self, path: Path, header: InstanceHeader) -> None:
-        """A newly spooled instance (its header already read)."""
+        """A newly spooled instance (its header already read; its digest may be UNHASHED)."""
         with self._lock:
             self._headers[path] = header
             self._last_submit = time.monotonic()
@@ -181,6 +185,8 @@ class Indexer:
     def _header(self, path: Path) -> InstanceHeader | None:
         with self._lock:
             header = self._headers.get(path)
+        if header is not None and header.sha256 == UNHASHED:
+            return replace(header, sha256=file_sha256(path))
         if header is not None:
             return header
         try:

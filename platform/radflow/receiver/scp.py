@@ -28,7 +28,7 @@ from radflow.dicom.instance import SUPPORTED_TRANSFER_SYNTAXES, read_header
 from radflow.errors import InvalidInstance
 from radflow.ingest import rejection
 from radflow.receiver.counters import ReceiverCounters
-from radflow.receiver.indexer import Indexer
+from radflow.receiver.indexer import UNHASHED, Indexer
 from radflow.receiver.spool import Spool
 from radflow.receiver.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
 from radflow.receiver.transport import start_server
@@ -185,17 +185,18 @@ class Receiver:
         self.counters.add("received")
         origin = str(event.assoc.requestor.ae_title)
         received = Path(event.dataset_path)
-        # The file's digest and fsync run in a worker while the header is read and checked.
-        syncing = self.spool.start_sync(received)
+        # The file's fsync runs in a worker while the header is read and checked. Its SHA-256
+        # is left to the indexer: the sender waits for neither.
+        synced = self.spool.start_sync(received)
         try:
-            header = read_header(received, self.settings.max_pixels, digest=syncing.digest.result)
-            spooled = self.spool.accept(received, header.sop_instance_uid, syncing)
+            header = read_header(received, self.settings.max_pixels, digest=lambda: UNHASHED)
+            spooled = self.spool.accept(received, header.sop_instance_uid, synced)
         except InvalidInstance as exc:
-            # pynetdicom deletes the refused file once this returns: let the workers finish.
-            syncing.settle()
+            # pynetdicom deletes the refused file once this returns: let the fsync finish.
+            synced.exception()
             return self._refuse(exc, origin)
         except OSError as exc:
-            syncing.settle()
+            synced.exception()
             # Disk full or spool unwritable: refusing (the sender retries later) is the only
             # answer that does not risk acknowledging an instance that is not on disk.
             logger.error("cannot spool an instance from %s: %s", origin, exc)

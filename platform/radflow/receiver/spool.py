@@ -28,9 +28,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
 
-from radflow.dicom.instance import file_sha256
 from radflow.errors import RadflowError
 
 logger = logging.getLogger(__name__)
@@ -42,18 +40,6 @@ class SpoolBusy(RadflowError):
             f"another radflow receiver already uses the spool {folder}; stop it, or give this "
             "one its own RADFLOW_SPOOL_DIR"
         )
-
-
-class Syncing(NamedTuple):
-    """A received file on its way to disk (``synced``) and its SHA-256 digest (``digest``)."""
-
-    synced: Future[None]
-    digest: Future[str]
-
-    def settle(self) -> None:
-        """Wait for both, whatever their outcome (before the file is deleted or moved)."""
-        self.synced.exception()
-        self.digest.exception()
 
 
 class Spool:
@@ -109,28 +95,26 @@ class Spool:
     ) -> None:
         self.close()
 
-    def start_sync(self, received: Path) -> Syncing:
-        """Start writing a fully received file's data to disk and hashing it, in the background.
+    def start_sync(self, received: Path) -> Future[None]:
+        """Start writing a fully received file's data to disk, in the background.
 
-        The caller validates the file meanwhile (CPU work that holds the GIL; the fsync and the
-        hashing do not), then hands the result to :meth:`accept`.
+        The caller validates the file meanwhile (CPU work that holds the GIL; the fsync does
+        not), then hands the future to :meth:`accept`, or waits for it (``.exception()``)
+        before the file is deleted.
         """
         assert self._syncer is not None, "Spool.open() first"
-        return Syncing(
-            synced=self._syncer.submit(_fsync_file, received),
-            digest=self._syncer.submit(file_sha256, received),
-        )
+        return self._syncer.submit(_fsync_file, received)
 
-    def accept(self, received: Path, sop_instance_uid: str, syncing: Syncing) -> Path:
+    def accept(self, received: Path, sop_instance_uid: str, synced: Future[None]) -> Path:
         """Make a fully received file durable in ``ready/``; return its spool path.
 
-        The fsync of ``syncing`` (from :meth:`start_sync`) covers the file's data and inode; the
+        The fsync of ``synced`` (from :meth:`start_sync`) covers the file's data and inode; the
         rename into ``ready/`` comes after it and the directory's fsync makes the new name
         durable, so the sender's success status always follows both. The name keeps the
         (validated) UID for people and a random part so a re-sent instance never replaces one
         still waiting.
         """
-        syncing.synced.result()
+        synced.result()
         target = self.ready / f"{sop_instance_uid}.{uuid.uuid4().hex[:12]}.dcm"
         try:
             os.rename(received, target)
