@@ -34,6 +34,15 @@ def _ingest(folder: Path, settings: Settings, session_factory, store) -> ingest.
     )
 
 
+def _uids() -> dict[str, str]:
+    """Fresh study, series and SOP instance UIDs, as dicom_bytes takes them."""
+    return {
+        "study_uid": generate_uid(),
+        "series_uid": generate_uid(),
+        "sop_instance_uid": generate_uid(),
+    }
+
+
 def _count(session_factory: sessionmaker[Session], model: type) -> int:
     with session_factory() as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
@@ -92,11 +101,7 @@ def test_same_instance_twice_is_stored_once(
 def test_same_uid_with_different_content_is_rejected_not_overwritten(
     settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
 ) -> None:
-    uids = {
-        "study_uid": generate_uid(),
-        "series_uid": generate_uid(),
-        "sop_instance_uid": generate_uid(),
-    }
+    uids = _uids()
     original = dicom_bytes(**uids)
     _write(tmp_path / "a", "x.dcm", original)
     _write(tmp_path / "b", "x.dcm", dicom_bytes(np.zeros((64, 64), np.uint16), **uids))
@@ -228,11 +233,7 @@ def test_a_batch_indexes_new_instances_once_and_counts_repeats_as_duplicates(
 def test_a_conflict_in_a_batch_rejects_only_that_instance(
     settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
 ) -> None:
-    uids = {
-        "study_uid": generate_uid(),
-        "series_uid": generate_uid(),
-        "sop_instance_uid": generate_uid(),
-    }
+    uids = _uids()
     ingest.ingest_batch(
         _headers(tmp_path / "a", [dicom_bytes(**uids)]),
         settings=settings,

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
+from radflow.durable import fsync_path
 from radflow.errors import RadflowError
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class Spool:
         before the file is deleted.
         """
         assert self._syncer is not None, "Spool.open() first"
-        return self._syncer.submit(_fsync_file, received)
+        return self._syncer.submit(fsync_path, received)
 
     def accept(self, received: Path, sop_instance_uid: str, synced: Future[None]) -> Path:
         """Make a fully received file durable in ``ready/``; return its spool path.
@@ -123,7 +124,7 @@ class Spool:
                 raise
             # The temporary file is on another filesystem (temp dir not pointed at incoming/).
             shutil.copyfile(received, target)
-            _fsync_file(target)
+            fsync_path(target)
         assert self._ready_fd is not None, "Spool.open() first"
         os.fsync(self._ready_fd)
         return target
@@ -169,11 +170,3 @@ def count_waiting(root: Path) -> int:
         return sum(1 for entry in os.scandir(root / "ready") if entry.name.endswith(".dcm"))
     except FileNotFoundError:
         return 0
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

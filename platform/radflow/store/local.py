@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from radflow.durable import fsync_path
 from radflow.store.base import ObjectNotFound
 
 # Objects being written; never listed.
@@ -62,7 +63,7 @@ class LocalStore:
                     shutil.copyfile(source, tmp)
                 staged.append((tmp, target))
             for tmp, _ in staged:
-                _fsync(tmp)
+                fsync_path(tmp)
             for tmp, target in staged:
                 os.replace(tmp, target)
         except BaseException:
@@ -70,7 +71,7 @@ class LocalStore:
                 tmp.unlink(missing_ok=True)
             raise
         for folder in {target.parent for _, target in staged}:
-            _fsync(folder)
+            fsync_path(folder)
 
     def put_bytes(
         self,
@@ -94,7 +95,7 @@ class LocalStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         if durable:
-            _fsync(target.parent)  # the new name, too
+            fsync_path(target.parent)  # the new name, too
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
@@ -130,12 +131,3 @@ def _hard_link(source: Path, link: Path) -> bool:
             return False
         raise
     return True
-
-
-def _fsync(path: Path) -> None:
-    """Force a file's or a folder's (its entries') changes to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
