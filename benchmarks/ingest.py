@@ -16,7 +16,7 @@ Then 200 slices as 4 series of 50, sent by 4 storescu processes at once (4 paral
 associations) to each. All run at once and each round sends fresh series to each in turn; the
 figures are each target's median over the rounds (per-round figures are in the JSON). Before the
 rounds, one untimed warm-up send of 10 slices to each; before every send, ``os.sync()`` (no
-target pays for another's dirty pages). Last, the
+target pays for another's dirty pages); each round starts with the next target in turn. Last, the
 receiver's peak RSS (VmHWM) while it receives a ~2 GB study (4000 slices, written to disk one
 by one and deleted afterwards).
 
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -241,21 +241,33 @@ def run(work: Path, big_slices: int, rounds: int) -> dict[str, Any]:
         wait_indexed(settings, WARMUP_SLICES)
         wait_indexed(w_settings, WARMUP_SLICES)
         expected = WARMUP_SLICES
-        for one_folder, four in series:
+
+        def to_radflow(
+            name: str, suffix: str, folders: list[Path], rport: int, rsettings: Settings
+        ) -> None:
+            start = time.perf_counter()
+            timed(f"{name}_spool{suffix}", send(rport, "RADFLOW", folders))
+            wait_indexed(rsettings, expected)
+            timed(f"{name}_indexed{suffix}", time.perf_counter() - start)
+            wait_reaped(rsettings)
+
+        targets: list[Callable[[str, list[Path]], None]] = [
+            lambda suffix, folders: to_radflow("radflow", suffix, folders, port, settings),
+            lambda suffix, folders: to_radflow(
+                "radflow_workers", suffix, folders, w_port, w_settings
+            ),
+            lambda suffix, folders: timed(
+                f"orthanc{suffix}", send(pacs.dicom_port, pacs.aet, folders)
+            ),
+            lambda suffix, folders: timed(f"storescp{suffix}", send(scp_port, "STORESCP", folders)),
+        ]
+        for r, (one_folder, four) in enumerate(series):
             for suffix, folders in (("", [one_folder]), ("_4x", four)):
                 expected += SLICES
-                start = time.perf_counter()
-                timed(f"radflow_spool{suffix}", send(port, "RADFLOW", folders))
-                wait_indexed(settings, expected)
-                timed(f"radflow_indexed{suffix}", time.perf_counter() - start)
-                wait_reaped(settings)
-                start = time.perf_counter()
-                timed(f"radflow_workers_spool{suffix}", send(w_port, "RADFLOW", folders))
-                wait_indexed(w_settings, expected)
-                timed(f"radflow_workers_indexed{suffix}", time.perf_counter() - start)
-                wait_reaped(w_settings)
-                timed(f"orthanc{suffix}", send(pacs.dicom_port, pacs.aet, folders))
-                timed(f"storescp{suffix}", send(scp_port, "STORESCP", folders))
+                # Each round starts with the next target: none always follows the same one
+                # (what a target leaves behind, e.g. the disk still busy, falls on all alike).
+                for target in targets[r % len(targets) :] + targets[: r % len(targets)]:
+                    target(suffix, folders)
         assert objects_stored(settings) == objects_stored(w_settings) == expected
         assert pacs.request("GET", "/statistics")["CountInstances"] == expected
 
