@@ -235,10 +235,13 @@ def test_immutable_files_are_linked_not_copied_and_outlive_their_source(tmp_path
     assert store.get_bytes("a/inbox") == b"a user's file"
 
 
-def test_put_files_leaves_no_temporary_file_when_a_source_is_missing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("immutable", [True, False])
+def test_put_files_leaves_no_temporary_file_when_a_source_is_missing(
+    tmp_path: Path, immutable: bool
+) -> None:
     store = LocalStore(tmp_path / "objects")
     present = tmp_path / "present"
     present.write_bytes(b"x")
     with pytest.raises(FileNotFoundError):
-        store.put_files([("a/1", present), ("a/2", tmp_path / "missing")], immutable=True)
+        store.put_files([("a/1", present), ("a/2", tmp_path / "missing")], immutable=immutable)
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == []

@@ -59,9 +59,9 @@ class LocalStore:
                 target = self._path(key)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+                staged.append((tmp, target))  # first: a copy cut short is cleaned up too
                 if not (immutable and _hard_link(source, tmp)):
                     shutil.copyfile(source, tmp)
-                staged.append((tmp, target))
             for tmp, _ in staged:
                 fsync_path(tmp)
             for tmp, target in staged:
