@@ -1,8 +1,8 @@
 """The receiver's network side: pynetdicom's association server, set up for throughput.
 
 pynetdicom's defaults are made for portability, not for a scanner pushing slices as fast as the
-link allows. Measured with ``benchmarks/ingest.py`` (512x512 CT slices), two of them cost much
-of the receiver's time per instance, and this module changes just those:
+link allows. Measured with ``benchmarks/ingest.py`` (512x512 CT slices), these cost much of the
+receiver's time per instance, and this module changes just those:
 
 - **Large reads.** :class:`~pynetdicom.transport.AssociationSocket` reads a PDU 4 KiB per
   ``recv`` call; a CT slice then costs some 130 Python-level reads and buffer growths, about a
@@ -12,16 +12,20 @@ of the receiver's time per instance, and this module changes just those:
 - **No Nagle delay.** Each response is sent at once (``TCP_NODELAY``, as DCMTK and Orthanc do
   with ``TCP_NODELAY=1``): a C-STORE response held back by Nagle's algorithm waits for the
   sender's delayed ACK, up to 40 ms on Linux.
-
+- **Woken by data, not by 1 ms naps.** pynetdicom's DUL reactor naps a millisecond between
+  polls (pynetdicom issues #120, #650); :attr:`BulkReadSocket.ready` waits in ``select`` for up
+  to :data:`READY_WAIT` instead, so a request from a sender waiting on its previous response is
+  read as soon as it arrives.
 - **C-STORE without pydicom datasets.** Each association gets the DIMSE provider of
   :mod:`radflow.receiver.dimse` (C-STORE requests and responses encoded and decoded directly,
-  datasets streamed into ``spool/incoming``), when pynetdicom is the version it was written for.
+  datasets streamed into ``spool/incoming``, responses sent from the association's thread),
+  when pynetdicom is the version it was written for.
 
 Everything else (association negotiation, the state machine, the C-STORE service) is
 pynetdicom's own, plugged in through its server extension point (``AE.make_server(server_class=,
-request_handler=)``); tests/receiver exercise it with DCMTK and Orthanc. pynetdicom's reactors
-also poll every millisecond (pynetdicom issues #120, #650); waking them on data instead was
-tried and measured no faster here (the 1 ms naps let a whole slice arrive before it is read).
+request_handler=)``); tests/receiver exercise it with DCMTK and Orthanc. Tried and dropped
+(measured slower, benchmarks/README.md): hashing each fragment as it arrives, starting the
+writeback of each fragment early (``sync_file_range``), a shorter GIL switch interval.
 """
 
 from __future__ import annotations
