@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -55,7 +54,6 @@ class Spool:
         self.stats_path = root / "stats.json"
         self._lock_fd: int | None = None
         self._ready_fd: int | None = None
-        self._syncer: ThreadPoolExecutor | None = None
 
     def open(self) -> Spool:
         """Lock the spool for this process and clear what an interrupted receive left behind."""
@@ -69,7 +67,6 @@ class Spool:
             raise SpoolBusy(self.root) from None
         self._lock_fd = fd
         self._ready_fd = os.open(self.ready, os.O_RDONLY | os.O_DIRECTORY)
-        self._syncer = ThreadPoolExecutor(thread_name_prefix="radflow-spool-fsync")
         # Partial datasets of associations cut by a crash: the sender never got a success
         # status for them and sends them again.
         for leftover in self.incoming.iterdir():
@@ -77,9 +74,6 @@ class Spool:
         return self
 
     def close(self) -> None:
-        if self._syncer is not None:
-            self._syncer.shutdown()
-            self._syncer = None
         for fd in (self._ready_fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)
@@ -96,26 +90,22 @@ class Spool:
     ) -> None:
         self.close()
 
-    def start_sync(self, received: Path) -> Future[None]:
-        """Start writing a fully received file's data to disk, in the background.
+    def sync(self, received: Path) -> None:
+        """Force a fully received file's data and inode to disk (before :meth:`accept`).
 
-        The caller validates the file meanwhile (CPU work that holds the GIL; the fsync does
-        not), then hands the future to :meth:`accept`, or waits for it (``.exception()``)
-        before the file is deleted.
+        The fsync waits for the disk without holding the GIL: the receiver checks the file's
+        header in another thread meanwhile (radflow/receiver/scp.py).
         """
-        assert self._syncer is not None, "Spool.open() first"
-        return self._syncer.submit(fsync_path, received)
+        fsync_path(received)
 
-    def accept(self, received: Path, sop_instance_uid: str, synced: Future[None]) -> Path:
-        """Make a fully received file durable in ``ready/``; return its spool path.
+    def accept(self, received: Path, sop_instance_uid: str) -> Path:
+        """Make a fully received, synced file durable in ``ready/``; return its spool path.
 
-        The fsync of ``synced`` (from :meth:`start_sync`) covers the file's data and inode; the
-        rename into ``ready/`` comes after it and the directory's fsync makes the new name
-        durable, so the sender's success status always follows both. The name keeps the
-        (validated) UID for people and a random part so a re-sent instance never replaces one
-        still waiting.
+        The rename into ``ready/`` comes after :meth:`sync` and the directory's fsync makes the
+        new name durable, so the sender's success status always follows both. The name keeps
+        the (validated) UID for people and a random part so a re-sent instance never replaces
+        one still waiting.
         """
-        synced.result()
         target = self.ready / f"{sop_instance_uid}.{uuid.uuid4().hex[:12]}.dcm"
         try:
             os.rename(received, target)
