@@ -185,7 +185,7 @@ def make_study(
         rescale=rescale,
         accession=accession,
     )
-    object_key = keys.original(study_uid, series_uid, sop_uid)
+    object_key = keys.original(study_uid, series_uid, sop_uid, hashlib.sha256(data).hexdigest())
     store.put_bytes(object_key, data, content_type="application/dicom")
 
     study = Study(

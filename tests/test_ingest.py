@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -71,9 +74,10 @@ def test_ingest_stores_originals_and_indexes_them(
 
     assert (report.stored, report.duplicates, report.rejected) == (3, 0, {})
     assert report.study_uids == {study_uid}
-    for uid in uids:
-        original = store.get_bytes(keys.original(study_uid, series_uid, uid))
-        assert pydicom.dcmread(io.BytesIO(original)).SOPInstanceUID == uid
+    for i, uid in enumerate(uids):
+        sent = (folder / "sub" / f"{i}.dcm").read_bytes()
+        digest = hashlib.sha256(sent).hexdigest()
+        assert store.get_bytes(keys.original(study_uid, series_uid, uid, digest)) == sent
     with session_factory() as session:
         study = session.scalar(select(Study).where(Study.study_uid == study_uid))
         assert study is not None and study.status == StudyStatus.RECEIVING
@@ -110,7 +114,63 @@ def test_same_uid_with_different_content_is_rejected_not_overwritten(
     report = _ingest(tmp_path / "b", settings, session_factory, store)
 
     assert report.reasons == {"uid-conflict": 1}
-    assert store.get_bytes(keys.original(*uids.values())) == original
+    assert _stored_original(session_factory, store, uids["sop_instance_uid"]) == original
+    assert len(list(store.list("originals/"))) == 1
+
+
+def _stored_original(
+    session_factory: sessionmaker[Session], store: ObjectStore, sop_instance_uid: str
+) -> bytes:
+    """The bytes the index row of ``sop_instance_uid`` points to (checked against its digest)."""
+    with session_factory() as session:
+        row = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+        assert row is not None
+        data = store.get_bytes(row.object_key)
+        assert hashlib.sha256(data).hexdigest() == row.sha256
+        return data
+
+
+class _RacingStore:
+    """A store that lets ``rival()`` index its file in between a batch's lookup and its write:
+    two writers of one SOP Instance UID at the same moment, deterministically."""
+
+    def __init__(self, store: ObjectStore, rival: Callable[[], object]) -> None:
+        self._store, self._rival = store, rival
+
+    def put_files(self, *args: Any, **kwargs: Any) -> None:
+        rival, self._rival = self._rival, lambda: None
+        rival()
+        self._store.put_files(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_writer_losing_a_race_for_a_uid_never_overwrites_the_winner(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
+) -> None:
+    uids = _uids()
+    winner = _headers(tmp_path / "a", [dicom_bytes(**uids)])
+    loser = _headers(tmp_path / "b", [dicom_bytes(np.ones((64, 64), np.uint16), **uids)])
+
+    def index_winner() -> None:
+        report = ingest.ingest_batch(
+            winner, settings=settings, session_factory=session_factory, store=store
+        )
+        assert report.stored == 1
+
+    report = ingest.ingest_batch(
+        loser,
+        settings=settings,
+        session_factory=session_factory,
+        store=cast(ObjectStore, _RacingStore(store, index_winner)),
+    )
+
+    assert (report.stored, report.reasons) == (0, {"uid-conflict": 1})
+    assert _stored_original(session_factory, store, uids["sop_instance_uid"]) == (
+        winner[0][0].read_bytes()
+    )
+    assert len(list(store.list("originals/"))) == 1  # the loser's object was removed again
 
 
 def _as_mpeg2(ds: pydicom.Dataset) -> None:

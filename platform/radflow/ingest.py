@@ -1,8 +1,9 @@
 """Ingest: validated DICOM files into the object store (originals) and the database (index).
 
-The object is written before the index row, and the key is a function of the UIDs, so a crash
-between the two leaves nothing an ingest re-run does not repair. The same instance twice is
-stored once.
+The object is written before the index row, and the key is a function of the UIDs and the
+content's digest (radflow/store/keys.py), so a crash between the two leaves nothing an ingest
+re-run does not repair, and a refused file never overwrites an indexed one. The same instance
+twice is stored once.
 """
 
 from __future__ import annotations
@@ -113,11 +114,42 @@ def ingest_file(
     Raises InvalidInstance (with its reason code) for a file Radflow refuses.
     """
     header = read_header(path, settings.max_pixels)
-    with unit_of_work(session_factory) as session:
-        (is_new,) = index_instances(
-            session, store, [(path, header)], settings.pseudonym_key.get_secret_value()
-        )
-    return header, is_new
+    key = settings.pseudonym_key.get_secret_value()
+    return header, _index_alone((path, header), key, session_factory, store)
+
+
+def _index_alone(
+    item: tuple[Path, InstanceHeader],
+    pseudonym_key: str,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    *,
+    immutable: bool = False,
+) -> bool:
+    """Index one file in its own transaction; True when it was new, InvalidInstance if refused.
+
+    A concurrent writer may commit the same instance, study, series or patient row between
+    this transaction's lookups and its insert: the IntegrityError that follows is answered by
+    one more attempt, which sees that row. If the concurrent row was the same UID with other
+    bytes, this file's object, written under its own digest's key, is deleted again.
+    """
+
+    def attempt() -> bool:
+        with unit_of_work(session_factory) as session:
+            (is_new,) = index_instances(session, store, [item], pseudonym_key, immutable=immutable)
+        return is_new
+
+    try:
+        try:
+            return attempt()
+        except IntegrityError:
+            logger.info("a concurrent writer indexed rows of this instance first; looking again")
+            return attempt()
+    except ConflictingInstance:
+        # Written by an earlier attempt (this one's or its batch's) and referenced by no row:
+        # the row with this UID holds other bytes, hence another key.
+        store.delete(_object_key(item[1]))
+        raise
 
 
 def ingest_batch(
@@ -147,8 +179,7 @@ def ingest_batch(
         new = []
         for item in items:
             try:
-                with unit_of_work(session_factory) as session:
-                    new += index_instances(session, store, [item], key, immutable=immutable)
+                new.append(_index_alone(item, key, session_factory, store, immutable=immutable))
             except InvalidInstance as exc:
                 report.rejected[str(item[0])] = f"{exc.reason}: {exc}"
                 report.reasons[exc.reason] += 1
@@ -230,7 +261,9 @@ def _indexed_digests(session: Session, sop_instance_uids: Sequence[str]) -> dict
 
 
 def _object_key(header: InstanceHeader) -> str:
-    return keys.original(header.study_uid, header.series_uid, header.sop_instance_uid)
+    return keys.original(
+        header.study_uid, header.series_uid, header.sop_instance_uid, header.sha256
+    )
 
 
 def _instance_row(header: InstanceHeader, series: Series) -> Instance:

@@ -64,7 +64,7 @@ def _instance(series: Series | None, sop_instance_uid: str = SOP, **columns: obj
     return Instance(
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=CR_IMAGE_STORAGE,
-        object_key=keys.original(STUDY, SERIES, sop_instance_uid),
+        object_key=keys.original(STUDY, SERIES, sop_instance_uid, "0" * 64),
         size_bytes=1234,
         sha256="0" * 64,
         transfer_syntax_uid=EXPLICIT_VR_LITTLE_ENDIAN,

@@ -73,9 +73,8 @@ def test_unknown_study_raises_a_lookup_error_naming_it(
 
 
 def put(store: ObjectStore, data: bytes) -> str:
-    key = keys.original(
-        "1.2.3", "1.2.3.4", f"1.2.3.4.{int(hashlib.sha256(data).hexdigest()[:12], 16)}"
-    )
+    digest = hashlib.sha256(data).hexdigest()
+    key = keys.original("1.2.3", "1.2.3.4", f"1.2.3.4.{int(digest[:12], 16)}", digest)
     store.put_bytes(key, data)
     return key
 

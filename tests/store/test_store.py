@@ -13,6 +13,7 @@ from radflow.store import LocalStore, ObjectNotFound, ObjectStore, S3Store, keys
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.1"
 SOP = "1.2.826.0.1.3680043.8.498.1.1.1"
+SHA256 = "0123456789abcdef" * 4
 
 
 def test_settings_select_the_backend(settings: Settings, store: ObjectStore) -> None:
@@ -21,7 +22,7 @@ def test_settings_select_the_backend(settings: Settings, store: ObjectStore) -> 
 
 
 def test_put_bytes_then_get_bytes_round_trips(store: ObjectStore) -> None:
-    key = keys.original(STUDY, SERIES, SOP)
+    key = keys.original(STUDY, SERIES, SOP, SHA256)
     data = bytes(range(256)) * 4
     store.put_bytes(key, data, content_type="application/dicom")
     assert store.get_bytes(key) == data
@@ -54,7 +55,7 @@ def test_put_file_round_trips_a_large_file(store: ObjectStore, tmp_path: Path) -
 
 
 def test_exists_and_delete(store: ObjectStore) -> None:
-    key = keys.original(STUDY, SERIES, SOP)
+    key = keys.original(STUDY, SERIES, SOP, SHA256)
     assert not store.exists(key)
     store.put_bytes(key, b"DICM")
     assert store.exists(key)
@@ -110,7 +111,9 @@ UID_64 = "1." + "2" * 62
 
 
 def test_original_key_layout() -> None:
-    assert keys.original(STUDY, SERIES, SOP) == f"originals/{STUDY}/{SERIES}/{SOP}.dcm"
+    assert keys.original(STUDY, SERIES, SOP, SHA256) == (
+        f"originals/{STUDY}/{SERIES}/{SOP}.{SHA256[:32]}.dcm"
+    )
     assert keys.derived(STUDY, "pneumonia-cxr", 2, "heatmap.png") == (
         f"derived/{STUDY}/pneumonia-cxr/v2/heatmap.png"
     )
@@ -119,7 +122,7 @@ def test_original_key_layout() -> None:
 
 def test_a_64_character_uid_is_accepted() -> None:
     assert len(UID_64) == 64
-    assert keys.original(UID_64, UID_64, UID_64).count(UID_64) == 3
+    assert keys.original(UID_64, UID_64, UID_64, SHA256).count(UID_64) == 3
 
 
 BAD_UIDS = [
@@ -146,7 +149,13 @@ BAD_UIDS = [
 def test_original_rejects_bad_uids(uid: str, position: str) -> None:
     parts = {"study": STUDY, "series": SERIES, "instance": SOP} | {position: uid}
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
-        keys.original(parts["study"], parts["series"], parts["instance"])
+        keys.original(parts["study"], parts["series"], parts["instance"], SHA256)
+
+
+@pytest.mark.parametrize("digest", ["", "0" * 63, "A" * 64, "../" + "0" * 61, "g" * 64])
+def test_original_rejects_what_is_not_a_sha256(digest: str) -> None:
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        keys.original(STUDY, SERIES, SOP, digest)
 
 
 @pytest.mark.parametrize("name", ["../weights.pt", "a/b", ".hidden", "", "a\\b", "x\n", "a b"])
@@ -209,9 +218,9 @@ def test_put_files_stores_each_file_and_replaces_what_was_there(
 ) -> None:
     sources = {}
     for n in range(3):
-        sources[keys.original(STUDY, SERIES, f"{SOP}{n}")] = tmp_path / f"{n}.dcm"
-        sources[keys.original(STUDY, SERIES, f"{SOP}{n}")].write_bytes(b"DICM" * (n + 1))
-    store.put_bytes(keys.original(STUDY, SERIES, f"{SOP}0"), b"older")
+        sources[keys.original(STUDY, SERIES, f"{SOP}{n}", SHA256)] = tmp_path / f"{n}.dcm"
+        sources[keys.original(STUDY, SERIES, f"{SOP}{n}", SHA256)].write_bytes(b"DICM" * (n + 1))
+    store.put_bytes(keys.original(STUDY, SERIES, f"{SOP}0", SHA256), b"older")
     store.put_files(list(sources.items()), "application/dicom", immutable=True)
     for key, path in sources.items():
         assert store.get_bytes(key) == path.read_bytes()

@@ -1,6 +1,6 @@
 """Where things live in the object store. Every key is built here and nowhere else.
 
-originals/<study UID>/<series UID>/<SOP instance UID>.dcm   the received DICOM, untouched
+originals/<study UID>/<series UID>/<SOP instance UID>.<digest>.dcm   the received DICOM, untouched
 derived/<study UID>/<task>/v<version>/<name>                 heat maps, masks, reports
 models/<task>/v<version>/<name>                              weights and bundles
 """
@@ -13,6 +13,10 @@ import re
 # "../../etc" from ever becoming a path or key.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Hex digits of the SHA-256 in an original's name: 128 bits, so two different files never
+# share a name by accident, and the names stay readable.
+DIGEST_CHARS = 32
 
 
 def check_uid(uid: str, what: str = "UID") -> str:
@@ -29,11 +33,20 @@ def _check_name(name: str) -> str:
     return name
 
 
-def original(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
-    return "originals/{}/{}/{}.dcm".format(
+def original(study_uid: str, series_uid: str, sop_instance_uid: str, sha256: str) -> str:
+    """An original's key: its UIDs, and the start of its SHA-256.
+
+    With the digest in the name, a file that reuses an indexed SOP Instance UID with other
+    bytes (refused as ``uid-conflict``) is written under a key of its own: not even two
+    writers racing each other can overwrite the object an index row points to.
+    """
+    if not _SHA256.fullmatch(sha256):
+        raise ValueError(f"{sha256[:80]!r} is not a SHA-256 hex digest (64 lowercase hex digits)")
+    return "originals/{}/{}/{}.{}.dcm".format(
         check_uid(study_uid, "StudyInstanceUID"),
         check_uid(series_uid, "SeriesInstanceUID"),
         check_uid(sop_instance_uid, "SOPInstanceUID"),
+        sha256[:DIGEST_CHARS],
     )
 
 
