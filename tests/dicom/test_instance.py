@@ -322,14 +322,51 @@ def test_pixel_data_cut_short_is_refused_whatever_its_size(tmp_path: Path, cut: 
     assert refused.value.reason == "truncated"
 
 
-def test_encapsulated_pixel_data_without_its_delimiter_is_refused(tmp_path: Path) -> None:
-    ds = _dataset(np.zeros((2, 64, 64), np.uint16))
+def _encapsulated(tmp_path: Path, trailing: bytes | None = None) -> Path:
+    """A 2-frame RLE file (~30 KB of fragments); ``trailing``: Data Set Trailing Padding after
+    the pixel data."""
+    noise = np.random.default_rng(0).integers(0, 4096, (2, 64, 64), dtype=np.uint16)
+    ds = _dataset(noise)
     ds.compress(RLELossless, generate_instance_uid=False)
-    path = _save(ds, tmp_path / "a.dcm", RLELossless)
+    if trailing is not None:
+        ds.add_new(0xFFFCFFFC, "OB", trailing)
+    return _save(ds, tmp_path / "a.dcm", RLELossless)
+
+
+# 1 and 4: in the delimiter (pydicom reads the file); 8 and more: pydicom finds no delimiter and
+# keeps no element at all.
+@pytest.mark.parametrize("cut", [1, 4, 8, 100, 1000])
+def test_encapsulated_pixel_data_cut_short_is_refused_as_truncated(
+    tmp_path: Path, cut: int
+) -> None:
+    path = _encapsulated(tmp_path)
     assert read_header(path, LIMIT).frames == 2
-    path.write_bytes(path.read_bytes()[:-1])
+    path.write_bytes(path.read_bytes()[:-cut])
 
     with pytest.raises(InvalidInstance) as refused:
+        read_header(path, LIMIT)
+
+    assert refused.value.reason == "truncated"
+
+
+def test_elements_after_encapsulated_pixel_data_are_not_mistaken_for_a_cut(
+    tmp_path: Path,
+) -> None:
+    path = _encapsulated(tmp_path, trailing=b"\0" * 64)
+    assert 0xFFFCFFFC in pydicom.dcmread(path)
+
+    assert read_header(path, LIMIT).frames == 2
+
+
+def test_a_malformed_fragment_item_is_refused(tmp_path: Path) -> None:
+    path = _encapsulated(tmp_path, trailing=b"\0" * 64)
+    data = path.read_bytes()
+    # The second item header (the first fragment's) turned into something else.
+    first = data.index(b"\xfe\xff\x00\xe0")
+    second = data.index(b"\xfe\xff\x00\xe0", first + 8)
+    path.write_bytes(data[:second] + b"\x10\x00\x10\x00" + data[second + 4 :])
+
+    with pytest.raises(InvalidInstance, match="malformed") as refused:
         read_header(path, LIMIT)
 
     assert refused.value.reason == "truncated"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.charset import python_encoding
@@ -117,8 +119,22 @@ _DEFER_BYTES = 64 * 1024
 
 
 def _read(path: Path) -> Dataset:
+    ds = _dcmread(path, _SPECIFIC_TAGS)
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    if not len(ds) and "TransferSyntaxUID" in meta and not len(_dcmread(path, None)):
+        # pydicom drops every element it read when the file ends inside an element of
+        # undefined length (a sequence, encapsulated pixel data): only a warning says so.
+        raise InvalidInstance(
+            "truncated",
+            f"{path.name}: no data element could be read; the file ends inside one (cut "
+            "short) or holds nothing but file meta information; resend it",
+        )
+    return ds
+
+
+def _dcmread(path: Path, specific_tags: list[BaseTag | int] | None) -> Dataset:
     try:
-        return pydicom.dcmread(path, defer_size=_DEFER_BYTES, specific_tags=_SPECIFIC_TAGS)
+        return pydicom.dcmread(path, defer_size=_DEFER_BYTES, specific_tags=specific_tags)
     except InvalidDicomError:
         raise InvalidInstance(
             "not-dicom", f"{path.name}: not a DICOM file (no DICM preamble or readable header)"
@@ -197,7 +213,10 @@ def header_from_dataset(
     )
 
 
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+# Encapsulated pixel data (PS3.5 A.4), always little endian: items, then a sequence delimiter.
+_ITEM_HEADER = struct.Struct("<HHL")
+_ITEM = (0xFFFE, 0xE000)
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -220,14 +239,35 @@ def _check_complete(
         return
     if length == _UNDEFINED_LENGTH:
         with path.open("rb") as f:
-            f.seek(max(size - 8, 0))
-            complete = f.read(8) == _SEQUENCE_DELIMITER
+            complete = _encapsulated_end(f, tell, size) is not None
     else:
         complete = tell + length <= size
     if not complete:
         raise InvalidInstance(
-            "truncated", f"{path.name}: pixel data is cut short ({size} bytes on disk); resend it"
+            "truncated",
+            f"{path.name}: pixel data is cut short or its fragments are malformed ({size} bytes "
+            "on disk); resend it",
         )
+
+
+def _encapsulated_end(f: BinaryIO, start: int, size: int) -> int | None:
+    """Where encapsulated pixel data whose value starts at ``start`` ends: the offset after
+    its sequence delimiter. None if the file ends first or an item is malformed.
+
+    Walks the item headers (one per fragment), never reading a fragment: elements may follow
+    the pixel data (Data Set Trailing Padding), so its end is not the end of the file.
+    """
+    position = start
+    while position + _ITEM_HEADER.size <= size:
+        f.seek(position)
+        group, element, length = _ITEM_HEADER.unpack(f.read(_ITEM_HEADER.size))
+        position += _ITEM_HEADER.size
+        if (group, element) == _SEQUENCE_DELIMITER:
+            return position
+        if (group, element) != _ITEM or length == _UNDEFINED_LENGTH:
+            return None
+        position += length
+    return None
 
 
 # pydicom turns each value read (ds.get) into a DataElement through its raw-element hooks, VR
