@@ -96,8 +96,9 @@ class Settings(BaseSettings):
         default=1,
         ge=1,
         le=64,
-        description="Receiver processes sharing the port (SO_REUSEPORT), each with its own spool "
-        "folder and indexer: about one per CPU core when several modalities send at once",
+        description="Receiver processes accepting on one shared listening socket, each with its "
+        "own spool folder and indexer: about one per CPU core when several modalities send at "
+        "once",
     )
     receiver_ae_title: str = Field(
         default="RADFLOW", min_length=1, max_length=16, description="AE title of the receiver"

@@ -2,9 +2,9 @@
 
 Each association runs in its own pynetdicom thread. A C-STORE dataset is streamed into a
 temporary file in ``spool/incoming`` (by :mod:`radflow.receiver.dimse`, or by pynetdicom with
-``STORE_RECV_CHUNKED_DATASET``: memory does not grow with the instance or study size),
-validated with :func:`radflow.dicom.instance.read_header`, renamed into ``spool/ready`` and
-fsynced; only then does the sender get the success status.
+``STORE_RECV_CHUNKED_DATASET``: memory does not grow with the instance or study size), fsynced
+while a worker thread validates it with :func:`radflow.dicom.instance.read_header`, renamed
+into ``spool/ready`` and that folder fsynced; only then does the sender get the success status.
 Refused instances get the failure status of :mod:`radflow.receiver.statuses` and a Rejection row.
 The indexer thread stores and indexes the spool behind the senders' backs.
 """
