@@ -39,6 +39,7 @@ from radflow.receiver.dimse import (
     store_request,
     supported,
 )
+from radflow.receiver.spool import IncomingFiles
 from radflow.receiver.statuses import SUCCESS, UNKNOWN_REASON_STATUS
 from radflow.store import ObjectStore
 
@@ -140,7 +141,7 @@ def test_dataset_split_across_many_pdvs_is_spooled_as_pynetdicom_would(
     dataset = bytes(range(256)) * 2000 + b"\x01"  # odd length: nothing is padded on the way
     pdatas = _store_rq("1.2.3.45", dataset, max_pdu)
     assert max_pdu != 4096 or len(pdatas) > 100
-    ours, our_file = _received(ReceiverDIMSE(association, tmp_path), pdatas)
+    ours, our_file = _received(ReceiverDIMSE(association, IncomingFiles(tmp_path)), pdatas)
 
     chunked, tempdir = _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir
     _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = True, str(tmp_path)
@@ -162,7 +163,7 @@ def test_other_messages_go_to_pynetdicom(association: Association, tmp_path: Pat
     request.AffectedSOPClassUID = "1.2.840.10008.1.1"
     echo = C_ECHO_RQ()
     echo.primitive_to_message(request)
-    provider = ReceiverDIMSE(association, tmp_path)
+    provider = ReceiverDIMSE(association, IncomingFiles(tmp_path))
     for pdata in echo.encode_msg(1, 16384):
         provider.receive_primitive(pdata)
     _, received = provider.get_msg(block=False)

@@ -15,8 +15,10 @@ the common case itself and leaves everything else to pynetdicom, unchanged.
 - **C-STORE-RQ**, command set in one PDV, only the usual elements (:data:`STORE_RQ_TAGS`): the
   command set is read with :mod:`struct`, the request primitive is built directly and the
   dataset is streamed, one unbuffered ``write`` per PDV, into a file in the spool's
-  ``incoming/`` folder after file meta information encoded here. The file is byte for byte what
-  pynetdicom writes (tests/receiver/test_dimse.py compares both).
+  ``incoming/`` folder (made ahead, after the previous response:
+  :class:`radflow.receiver.spool.IncomingFiles`) after file meta information encoded here.
+  The file is byte for byte what pynetdicom writes (tests/receiver/test_dimse.py compares
+  both).
 - **C-STORE-RSP** with a status only: its command set is encoded here, byte for byte what
   pynetdicom sends, and sent from the association's thread instead of being queued for the DUL
   thread's next 1 ms poll (:meth:`ReceiverDIMSE._send_now`).
@@ -36,7 +38,6 @@ from __future__ import annotations
 import logging
 import queue
 import struct
-import uuid
 from collections.abc import Callable
 from io import BytesIO, FileIO
 from pathlib import Path
@@ -52,6 +53,8 @@ from pynetdicom.dimse import DIMSEServiceProvider, _QueueItem
 from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+
+from radflow.receiver.spool import IncomingFiles
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +215,10 @@ class _Incoming:
 
     def __init__(self, request: C_STORE, context_id: int, path: Path, header: bytes) -> None:
         self.request, self.context_id, self.path = request, context_id, path
-        # Unbuffered: one write system call per PDV, nothing to flush.
-        self.file = FileIO(path, "xb")
+        # Unbuffered: one write system call per PDV, nothing to flush. The file exists, empty
+        # (radflow.receiver.spool.IncomingFiles): opened without O_CREAT, which would wait for
+        # the folder's lock while the next file is being made.
+        self.file = FileIO(path, "r+b")
         try:
             self.write(memoryview(header))
         except OSError:
@@ -243,7 +248,7 @@ class ReceiverDIMSE(DIMSEServiceProvider):
     # release request is answered at most this much later.
     reactor_wait = 0.005
 
-    def __init__(self, assoc: Association, incoming: Path) -> None:
+    def __init__(self, assoc: Association, incoming: IncomingFiles) -> None:
         super().__init__(assoc)
         self.incoming = incoming
         self._store: _Incoming | None = None
@@ -280,8 +285,7 @@ class ReceiverDIMSE(DIMSEServiceProvider):
             str(request.AffectedSOPInstanceUID),
             str(context.transfer_syntax[0]),
         )
-        path = self.incoming / f"{uuid.uuid4().hex}.dcm"
-        self._store = _Incoming(request, context_id, path, header)
+        self._store = _Incoming(request, context_id, self.incoming.take(), header)
         return True
 
     def _receive_data(self, context_id: int, data: bytes) -> None:
@@ -305,11 +309,14 @@ class ReceiverDIMSE(DIMSEServiceProvider):
         command = self._store_response(primitive)
         if command is None or not _fits(command, self.maximum_pdu_size):
             super().send_msg(primitive, context_id)
-            return
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-        if not self._send_now(pdata):
-            self.dul.send_pdu(pdata)
+        else:
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+            if not self._send_now(pdata):
+                self.dul.send_pdu(pdata)
+        if isinstance(primitive, C_STORE):
+            # The sender turns to its next instance: the file for it is made meanwhile.
+            self.incoming.prepare()
 
     def _send_now(self, pdata: P_DATA) -> bool:
         """Send from this (the association's) thread, as the DUL thread would; False if not now.

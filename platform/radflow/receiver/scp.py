@@ -117,7 +117,7 @@ class Receiver:
             ae,
             (self.host, self.requested_port),
             [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)],
-            incoming=self.spool.incoming,
+            incoming=self.spool.incoming_files,
             listen_fd=self.listen_fd,
         )
         logger.info(

@@ -24,7 +24,9 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
 import uuid
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 
@@ -42,6 +44,69 @@ class SpoolBusy(RadflowError):
         )
 
 
+# Empty files IncomingFiles keeps made ahead: one per association sending at once is plenty.
+FILES_AHEAD = 4
+
+
+class IncomingFiles:
+    """Empty files in ``incoming/``, made ahead of the datasets that will fill them.
+
+    Creating a file is a journalled change of its folder: 0.5-1 ms on the ext4 measured for
+    benchmarks/ingest.py, against 10 µs to open one that exists. Made when a dataset starts,
+    it holds up the DUL thread while the sender's data waits in the socket. So each
+    association thread makes the next one right after sending a response (:meth:`prepare`),
+    while the sender turns to its next instance and no fsync of that association runs, and the
+    DUL thread only opens it (:meth:`take`).
+    """
+
+    def __init__(self, folder: Path, ahead: int = FILES_AHEAD) -> None:
+        self.folder = folder
+        self.ahead = ahead
+        self._made: deque[Path] = deque()
+        self._making = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> Path:
+        """An empty file for one dataset: one made ahead, else one made now."""
+        with self._lock:
+            if self._made:
+                return self._made.popleft()
+        return self._make()
+
+    def prepare(self) -> None:
+        """Make one file ahead, unless ``ahead`` are made or being made already.
+
+        Never raises: when the disk is full, :meth:`take` fails instead, for the dataset that
+        needs the file.
+        """
+        with self._lock:
+            if len(self._made) + self._making >= self.ahead:
+                return
+            self._making += 1
+        try:
+            path = self._make()
+        except OSError as exc:
+            logger.debug("could not make a spool file ahead: %s", exc)
+            return
+        finally:
+            with self._lock:
+                self._making -= 1
+        with self._lock:
+            self._made.append(path)
+
+    def discard(self) -> None:
+        """Delete the files made ahead and never taken."""
+        with self._lock:
+            made, self._made = list(self._made), deque()
+        for path in made:
+            path.unlink(missing_ok=True)
+
+    def _make(self) -> Path:
+        path = self.folder / f"{uuid.uuid4().hex}.dcm"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        return path
+
+
 class Spool:
     """One spool folder, owned (locked) by one receiver process while it is open."""
 
@@ -54,6 +119,7 @@ class Spool:
         self.stats_path = root / "stats.json"
         self._lock_fd: int | None = None
         self._ready_fd: int | None = None
+        self.incoming_files = IncomingFiles(self.incoming)
 
     def open(self) -> Spool:
         """Lock the spool for this process and clear what an interrupted receive left behind."""
@@ -71,9 +137,12 @@ class Spool:
         # status for them and sends them again.
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
+        for _ in range(self.incoming_files.ahead):
+            self.incoming_files.prepare()
         return self
 
     def close(self) -> None:
+        self.incoming_files.discard()
         for fd in (self._ready_fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)

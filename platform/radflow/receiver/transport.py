@@ -33,7 +33,6 @@ from __future__ import annotations
 import select
 import socket
 import threading
-from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import AE
@@ -41,6 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from radflow.receiver import dimse
+from radflow.receiver.spool import IncomingFiles
 
 READ_CHUNK = 256 * 1024
 # Seconds the DUL thread waits for incoming data per look (see BulkReadSocket.ready).
@@ -127,7 +127,7 @@ class ReceiverRequestHandler(RequestHandler):
 class ReceiverServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, knowing where the receiver streams incoming datasets."""
 
-    def __init__(self, *args: Any, incoming: Path, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, incoming: IncomingFiles, **kwargs: Any) -> None:
         self.incoming = incoming
         # Checked once per server: a pynetdicom other than the pinned one gets one warning.
         self.fast_dimse = dimse.supported()
@@ -161,13 +161,13 @@ def start_server(
     address: tuple[str, int],
     evt_handlers: list[Any],
     *,
-    incoming: Path,
+    incoming: IncomingFiles,
     listen_fd: int | None = None,
 ) -> ReceiverServer:
     """Start ``ae``'s association server in a background thread.
 
     On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's). Received
-    datasets are streamed into files in ``incoming``.
+    datasets are streamed into files ``incoming`` makes ahead.
     """
     server: ThreadedAssociationServer
     if listen_fd is None:
