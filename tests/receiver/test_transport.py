@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from peers import echoscu
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 
-from radflow.receiver.transport import READ_CHUNK, BulkReadSocket
+from radflow.receiver import Receiver
+from radflow.receiver.transport import READ_CHUNK, BulkReadSocket, presentation_data_values
 
 
 @pytest.fixture
@@ -93,3 +97,63 @@ def _read(peer: socket.socket, n: int) -> bytes:
     while len(data) < n:
         data += peer.recv(n - len(data))
     return bytes(data)
+
+
+def test_peek_leaves_the_bytes_and_recv_exactly_fills_one_buffer(
+    connection: tuple[BulkReadSocket, socket.socket],
+) -> None:
+    wrapped, peer = connection
+    pdu = os.urandom(2 * READ_CHUNK + 99)
+    sender = _send_slowly(peer, pdu, piece=5000, close=True)
+    while wrapped.peek(6) is None:  # not 6 bytes yet
+        time.sleep(0.001)
+    assert wrapped.peek(6) == pdu[:6]
+    assert wrapped.recv_exactly(len(pdu)) == pdu
+    assert wrapped.recv_exactly(1) is None  # the peer closed: no byte left
+    sender.join()
+
+
+def _pdv(context_id: int, header: int, data: bytes) -> bytes:
+    return struct.pack(">LBB", 2 + len(data), context_id, header) + data
+
+
+def test_presentation_data_values_are_views_of_each_item() -> None:
+    body = _pdv(1, 0x03, b"command") + _pdv(3, 0x02, os.urandom(1000)) + _pdv(5, 0x00, b"")
+
+    pdvs = presentation_data_values(memoryview(body))
+
+    assert pdvs is not None
+    assert [(cid, bytes(data)) for cid, data in pdvs] == [
+        (1, b"\x03command"),
+        (3, b"\x02" + body[-1006:-6]),
+        (5, b"\x00"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # no item
+        struct.pack(">LB", 1, 1),  # an item with no message control header
+        _pdv(1, 0x02, b"data")[:-1],  # the item runs past the PDU
+        _pdv(1, 0x02, b"data") + b"\x00\x00",  # bytes left that are not an item
+    ],
+    ids=["empty", "no-header", "overrun", "trailing"],
+)
+def test_malformed_presentation_data_values_are_refused(body: bytes) -> None:
+    assert presentation_data_values(memoryview(body)) is None
+
+
+def test_a_malformed_p_data_pdu_aborts_that_association_only(receiver: Receiver) -> None:
+    ae = AE(ae_title="BROKEN")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="RADFLOW")
+    assert assoc.is_established
+    item = struct.pack(">LB", 9, 1) + b"\x02data"  # declares 9 bytes, holds 6
+    assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert assoc.is_aborted  # the receiver sent an A-ABORT
+    assert echoscu(receiver.port).returncode == 0  # and serves the next association

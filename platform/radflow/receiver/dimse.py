@@ -259,9 +259,10 @@ class ReceiverDIMSE(DIMSEServiceProvider):
             if self._store is not None:
                 self._receive_data(context_id, data)
             elif self.message is not None or not self._start_store(context_id, data):
-                # pynetdicom's own path, from this PDV on (it also ends the message there).
+                # pynetdicom's own path, from this PDV on (it also ends the message there). It
+                # takes bytes; the receiver's DUL gives views (radflow/receiver/transport.py).
                 rest = P_DATA()
-                rest.presentation_data_value_list.extend(pdvs[index:])
+                rest.presentation_data_value_list.extend((c, bytes(d)) for c, d in pdvs[index:])
                 super().receive_primitive(rest)
                 return
 
