@@ -2,8 +2,9 @@
 
 Layout under the spool folder (``settings.spool``)::
 
-    incoming/   datasets being received (pynetdicom streams each one into a temporary file here);
-                never acknowledged, so whatever a crash leaves here is deleted at the next start
+    incoming/   datasets being received (streamed each into a file here) and empty files made
+                ahead for the next ones; never acknowledged, so whatever a crash leaves here is
+                deleted at the next start
     ready/      validated, fsynced, acknowledged instances waiting for the indexer
     rejected/   acknowledged instances the index refused later (a SOP Instance UID already stored
                 with different content): kept, never deleted silently
