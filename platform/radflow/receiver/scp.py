@@ -3,8 +3,9 @@
 Each association runs in its own pynetdicom thread. A C-STORE dataset is streamed into a
 temporary file in ``spool/incoming`` (by :mod:`radflow.receiver.dimse`, or by pynetdicom with
 ``STORE_RECV_CHUNKED_DATASET``: memory does not grow with the instance or study size), fsynced
-while a worker thread validates it with :func:`radflow.dicom.instance.read_header`, renamed
-into ``spool/ready`` and that folder fsynced; only then does the sender get the success status.
+while a worker thread validates it with :func:`radflow.dicom.instance.read_header`, and moved
+into ``spool/ready`` (radflow/receiver/spool.py says how that is crash-safe with one fsync);
+only then does the sender get the success status.
 Refused instances get the failure status of :mod:`radflow.receiver.statuses` and a Rejection row.
 The indexer thread stores and indexes the spool behind the senders' backs.
 """
@@ -192,8 +193,8 @@ class Receiver:
         origin = str(event.assoc.requestor.ae_title)
         received = Path(event.dataset_path)
         try:
-            header = self._sync_and_check(received)
-            spooled = self.spool.accept(received, header.sop_instance_uid)
+            header, marked = self._sync_and_check(received)
+            spooled = self.spool.accept(received, header.sop_instance_uid, marked)
         except InvalidInstance as exc:
             return self._refuse(exc, origin)
         except OSError as exc:
@@ -210,8 +211,9 @@ class Receiver:
         self.indexer.submit(spooled, header)
         return SUCCESS
 
-    def _sync_and_check(self, received: Path) -> InstanceHeader:
-        """fsync a received file here while a worker thread reads and checks its header.
+    def _sync_and_check(self, received: Path) -> tuple[InstanceHeader, bool]:
+        """fsync a received file here while a worker thread reads and checks its header; the
+        header, and whether the file bears the spool's completion mark (Spool.sync).
 
         This way round, because the fsync releases the GIL for as long as the disk takes and
         the header check needs it: with the fsync in the worker, the worker waited for the GIL
@@ -223,11 +225,11 @@ class Receiver:
             read_header, received, self.settings.max_pixels, digest=lambda: UNHASHED
         )
         try:
-            self.spool.sync(received)
+            marked = self.spool.sync(received)
         finally:
             # pynetdicom deletes a refused file once the handler returns: let the check end.
             wait([checked])
-        return checked.result()
+        return checked.result(), marked
 
     def _refuse(self, exc: InvalidInstance, origin: str) -> int:
         status = failure_status(exc.reason)
