@@ -14,9 +14,10 @@ A 200-slice 512x512 16-bit CT series (CT Image Storage, generated here) is sent 
 
 Then 200 slices as 4 series of 50, sent by 4 storescu processes at once (4 parallel
 associations) to each. All run at once and each round sends fresh series to each in turn; the
-figures are each target's median over the rounds (per-round figures are in the JSON). Before the
-rounds, one untimed warm-up send of 10 slices to each; before every send, ``os.sync()`` (no
-target pays for another's dirty pages); each round starts with the next target in turn. Last, the
+figures are each target's median over the rounds (per-round figures are in the JSON), and
+Radflow / Orthanc is also printed round by round (two sends seconds apart). Before the rounds,
+one untimed warm-up send of 10 slices to each; before every send, ``os.sync()`` (no target pays
+for another's dirty pages); each round starts with the next target in turn. Last, the
 receiver's peak RSS (VmHWM) while it receives a ~2 GB study (4000 slices, written to disk one
 by one and deleted afterwards).
 
@@ -291,6 +292,10 @@ def run(work: Path, big_slices: int, rounds: int) -> dict[str, Any]:
             results[f"{key}_vs_orthanc"] = round(
                 results[f"orthanc{suffix}_s"] / results[f"{key}_s"], 2
             )
+    for key, versus in (("radflow_spool", "orthanc"), ("radflow_spool_4x", "orthanc_4x")):
+        # Paired: each round's two sends were seconds apart, whatever the machine did between.
+        pairs = zip(seconds[key], seconds[versus], strict=True)
+        results[f"{key}_vs_orthanc_each_round"] = [round(other / ours, 2) for ours, other in pairs]
     for name in ("radflow", "radflow_workers"):
         results[f"{name}_indexed_vs_spool_time"] = round(
             results[f"{name}_indexed_s"] / results[f"{name}_spool_s"], 2
@@ -345,6 +350,12 @@ def report(r: dict[str, Any]) -> None:
         line += f" {r.get(f'{key}_4x_vs_orthanc', 1.0):>9}"
         print(line)
     print(f"4 parallel associations = 4 series of {SLICES // PARALLEL} slices (same 200 slices)")
+    for key, label in (("radflow_spool", "1 assoc"), ("radflow_spool_4x", "4 assoc")):
+        each = r[f"{key}_vs_orthanc_each_round"]
+        print(
+            f"Radflow spool / Orthanc, round by round ({label}): {each}, "
+            f"median {statistics.median(each)}"
+        )
     print(
         f"indexed+stored time / spool time: {r['radflow_indexed_vs_spool_time']} (1 process), "
         f"{r['radflow_workers_indexed_vs_spool_time']} ({WORKERS} workers)"
