@@ -25,7 +25,9 @@ The sender gets the success status only once the instance is on disk, with one j
 
 After a crash, :meth:`Spool.open` moves every file of ``incoming/`` whose attribute matches its
 size to ``ready/`` (acknowledged, or received whole just before the crash: a duplicate the index
-recognises if it is sent again) and deletes the others (partial, never acknowledged). Where the
+recognises if it is sent again; or refused just before it, since the mark goes on while the
+header is checked: the indexer refuses it again and keeps it in ``rejected/``) and deletes the
+others (partial, never acknowledged). Where the
 filesystem keeps no extended attributes, or for a file pynetdicom made itself, the rename comes
 before the status instead and ``ready/`` is fsynced: two commits.
 """
