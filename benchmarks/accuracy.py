@@ -73,9 +73,9 @@ def main() -> int:
     from flows.process import process_flow
     from flows.train import train_flow
     from radflow.db import ModelVersion, Prediction, Study
-    from radflow.evaluation import evaluate
-    from radflow.importers import import_npz, read_npz
-    from radflow.registry import require_champion
+    from radflow.ingest.importers import import_npz, read_npz
+    from radflow.learning.evaluation import evaluate
+    from radflow.learning.registry import require_champion
     from radflow.runtime import Runtime
     from radflow.settings import Settings
 

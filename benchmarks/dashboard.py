@@ -32,8 +32,8 @@ from servers import PostgresServer
 
 from radflow.db import make_engine, make_sessionmaker
 from radflow.services.study_view import view_study
+from radflow.services.users import Principal, Role
 from radflow.services.worklist import WorklistFilter, list_studies
-from radflow.users import Principal, Role
 
 PAGE = 50
 

@@ -46,12 +46,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "receiver"))
+sys.path.insert(0, str(REPO / "tests" / "ingest" / "receiver"))
 
 from peers import Orthanc, free_port, peer_env, radflow_env, wait_for_port  # noqa: E402
 
 from radflow.db import Instance, make_engine, make_sessionmaker  # noqa: E402
-from radflow.receiver import count_waiting, spool_folders  # noqa: E402
+from radflow.ingest.receiver import count_waiting, spool_folders  # noqa: E402
 from radflow.settings import Settings  # noqa: E402
 
 SLICES = 200
@@ -132,7 +132,7 @@ def radflow_receiver(
         data_dir=work / "radflow", receiver_host="127.0.0.1", receiver_workers=workers
     )
     port = free_port()
-    command = [sys.executable, "-m", "radflow.cli", "receive", "--port", str(port)]
+    command = [sys.executable, "-m", "cli.main", "receive", "--port", str(port)]
     process = subprocess.Popen(command, env=radflow_env(settings))
     try:
         wait_for_port(port, process)

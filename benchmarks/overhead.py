@@ -91,15 +91,15 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
 
     from flows.process import process_flow
     from flows.train import train_flow
-    from radflow import tasks
-    from radflow.cache import CachedImage, PreprocessCache
     from radflow.db import Instance, ModelVersion, TrainingRun, unit_of_work
-    from radflow.device import cpu_threads, select_device
-    from radflow.importers import import_npz
-    from radflow.registry import load_network, promote, register, require_champion
+    from radflow.ingest.importers import import_npz
+    from radflow.learning import tasks
+    from radflow.learning.cache import CachedImage, PreprocessCache
+    from radflow.learning.device import cpu_threads, select_device
+    from radflow.learning.registry import load_network, promote, register, require_champion
+    from radflow.learning.training import predict
     from radflow.runtime import Runtime
     from radflow.settings import Settings
-    from radflow.training import predict
 
     name = "pneumonia-cxr"
     base = tasks.get_task(name)
@@ -245,7 +245,7 @@ def _plain_loop(task, train, val, device, threads, epochs):  # type: ignore[no-u
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from radflow.device import cpu_threads
+    from radflow.learning.device import cpu_threads
 
     torch.manual_seed(0)
     network = task.build_network().to(device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import context
-from radflow.users import Permission
+from radflow.services.users import Permission
 
 st.set_page_config(page_title="Radflow", page_icon=":material/radiology:", layout="wide")
 context.runtime()  # open the database and store first, so a bad setting fails right here

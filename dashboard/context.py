@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from radflow.db import unit_of_work
 from radflow.runtime import Runtime
 from radflow.services.study_view import Window, render_image
+from radflow.services.users import Permission, Principal, get_principal
 from radflow.settings import Settings
-from radflow.users import Permission, Principal, get_principal
 
 # Not "pages/": Streamlit would also serve every script in a folder of that name directly,
 # around app.py and its login check.

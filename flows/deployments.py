@@ -11,8 +11,8 @@ from flows.process import process_flow
 from flows.retrain import retrain_deployment
 from flows.train import train_flow
 from flows.trigger import STABLE_EVENT
+from radflow.learning.tasks import TASKS
 from radflow.settings import Settings
-from radflow.tasks import TASKS
 
 
 def serve_all() -> None:

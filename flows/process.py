@@ -6,8 +6,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.retry import transient_only
-from radflow import scoring
-from radflow.routing import rules_for
+from radflow.ingest.routing import rules_for
+from radflow.learning import scoring
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 

@@ -32,10 +32,10 @@ from prefect.schedules import Interval
 
 from flows.trigger import TriggerMode, trigger_mode
 from radflow.db import unit_of_work
-from radflow.retrain import retrain_status
+from radflow.learning.retrain import retrain_status
+from radflow.learning.tasks import TASKS
 from radflow.runtime import Runtime
 from radflow.settings import Settings
-from radflow.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def start_background_retrain(data_dir: Path, task_name: str) -> BackgroundRetrai
 
     It reads the same RADFLOW_* environment as its caller, decides again whether the task is
     due, and trains at most once however many reviews started it: a second one finds the first
-    training running (radflow.training.running_run, the Prefect concurrency limit), or no new
+    training running (radflow.learning.training.running_run, the Prefect concurrency limit), or no
+    new
     labels left once it is done (flows/train.py checks again inside the limit).
     """
     log = data_dir / "logs" / f"retrain-{task_name}.log"
@@ -105,7 +106,7 @@ def start_background_retrain(data_dir: Path, task_name: str) -> BackgroundRetrai
     command = ["retrain", "--task", task_name, "--if-due", "--no-progress"]
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "radflow.cli", *command],
+            [sys.executable, "-m", "cli.main", *command],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -2,7 +2,7 @@
 
 At most one training per task at a time: the flow holds the Prefect global concurrency limit
 ``train-<task>`` (created with limit 1 on first use) while it trains, and the library refuses a
-second run while the database shows one running (radflow.training.running_run), which also
+second run while the database shows one running (radflow.learning.training.running_run), which also
 covers trainings started outside Prefect.
 """
 
@@ -21,12 +21,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from radflow import training
 from radflow.db import unit_of_work
-from radflow.retrain import retrain_status
+from radflow.learning import training
+from radflow.learning.retrain import retrain_status
+from radflow.learning.tasks import get_task
 from radflow.runtime import Runtime
 from radflow.settings import Settings
-from radflow.tasks import get_task
 
 
 def concurrency_limit_name(task_name: str) -> str:

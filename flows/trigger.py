@@ -22,8 +22,8 @@ from prefect.settings import PREFECT_API_URL
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.db.registry import champion_tasks
+from radflow.ingest.stability import Promoted, promote_stable
 from radflow.runtime import Runtime
-from radflow.stability import Promoted, promote_stable
 
 logger = logging.getLogger(__name__)
 

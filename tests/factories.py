@@ -19,8 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from radflow.db import Instance, ModelVersion, Patient, Prediction, Series, Study, StudyStatus
+from radflow.services.users import Principal, Role, add_user
 from radflow.store import ObjectStore, keys
-from radflow.users import Principal, Role, add_user
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

@@ -11,7 +11,7 @@ import streamlit as st
 
 from dashboard import context
 from radflow.services.audit import AuditFilter, choices, list_events
-from radflow.users import Permission
+from radflow.services.users import Permission
 
 user = context.require_page(Permission.VIEW_AUDIT)
 ALL = "all"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import context
-from radflow.users import LoginFailed, TooManyAttempts, authenticate
+from radflow.services.users import LoginFailed, TooManyAttempts, authenticate
 
 if st.session_state.get(context.AUTH_KEY):  # app.py checked it this run: already logged in
     # A link to a study (/study?study=UID) opened before login leads to that study after it.

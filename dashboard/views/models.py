@@ -23,7 +23,7 @@ from radflow.services.models import (
     rollback,
     start_retrain,
 )
-from radflow.users import Permission, Principal
+from radflow.services.users import Permission, Principal
 
 user = context.require_page(Permission.VIEW_MODELS)
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "threshold", "n")

@@ -17,7 +17,7 @@ from radflow.services.pipeline import (
     rejections,
 )
 from radflow.services.status import platform_status
-from radflow.users import Permission
+from radflow.services.users import Permission
 
 user = context.require_page(Permission.VIEW_PIPELINE)
 settings = context.runtime().settings

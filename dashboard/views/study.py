@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 
 from dashboard import context
 from flows.retrain import BackgroundRetrain, labels_recorded
+from radflow.learning.tasks import TASKS, get_task
 from radflow.services.review import Verdict, next_unreviewed, submit_review
 from radflow.services.study_view import (
     OverlayUnreadable,
@@ -24,9 +25,8 @@ from radflow.services.study_view import (
     mask_overlay,
     view_study,
 )
+from radflow.services.users import Permission, Principal
 from radflow.store import ObjectNotFound
-from radflow.tasks import TASKS, get_task
-from radflow.users import Permission, Principal
 
 user = context.require_page(Permission.VIEW_STUDIES)
 

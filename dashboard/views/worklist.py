@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import context
 from radflow.services.review import next_unreviewed
+from radflow.services.users import Permission
 from radflow.services.worklist import (
     WorklistFilter,
     WorklistRow,
@@ -19,7 +20,6 @@ from radflow.services.worklist import (
     list_studies,
     status_counts,
 )
-from radflow.users import Permission
 
 user = context.require_page(Permission.VIEW_STUDIES)
 

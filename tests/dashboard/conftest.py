@@ -10,7 +10,7 @@ import pytest
 from argon2 import PasswordHasher
 from argon2.profiles import CHEAPEST
 
-from radflow import users
+from radflow.services import users
 
 
 @pytest.fixture(autouse=True)

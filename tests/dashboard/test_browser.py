@@ -25,11 +25,11 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from sqlalchemy import select
 
+from demo.synthetic import chest_phantom
 from radflow.db import AuditEvent, Label, ModelStatus, ModelVersion, StudyStatus, unit_of_work
-from radflow.dicom.synthetic import chest_phantom
 from radflow.runtime import Runtime
+from radflow.services.users import Role
 from radflow.settings import Settings
-from radflow.users import Role
 
 pytestmark = pytest.mark.browser
 

@@ -31,10 +31,10 @@ from radflow.db import (
     TrainingRun,
     unit_of_work,
 )
-from radflow.labels import add_label
+from radflow.learning.labels import add_label
 from radflow.runtime import Runtime
+from radflow.services.users import Role
 from radflow.settings import Settings
-from radflow.users import Role
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 USERS = {Role.RADIOLOGIST: "rita", Role.ML_ENGINEER: "max", Role.ADMIN: "ada"}

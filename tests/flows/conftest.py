@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from radflow import tasks
+from radflow.learning import tasks
+from radflow.learning.tasks import TrainingPlan
 from radflow.settings import Settings
-from radflow.tasks import TrainingPlan
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from radflow.cli import main
+from cli.main import main
 from radflow.settings import Settings
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from demo.synthetic import write_cxr_studies
 from flows.ingest import ingest_flow
 from flows.process import process_flow
 from flows.train import train_flow
@@ -20,8 +21,7 @@ from radflow.db import (
     make_sessionmaker,
     unit_of_work,
 )
-from radflow.dicom.synthetic import write_cxr_studies
-from radflow.labels import add_label
+from radflow.learning.labels import add_label
 from radflow.settings import Settings
 from radflow.store import open_store
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from demo.synthetic import SyntheticStudy, write_cxr_studies
 from flows.ingest import ingest_flow
 from flows.retrain import LABEL_EVENT, labels_recorded, retrain_triggers
 from flows.train import train_flow
-from radflow import tasks
 from radflow.db import (
     ModelEvaluation,
     ModelStatus,
@@ -21,11 +21,11 @@ from radflow.db import (
     make_sessionmaker,
     unit_of_work,
 )
-from radflow.dicom.synthetic import SyntheticStudy, write_cxr_studies
-from radflow.labels import add_label
+from radflow.learning import tasks
+from radflow.learning.labels import add_label
+from radflow.learning.training import TrainingInProgress, train_task
 from radflow.settings import Settings
 from radflow.store import open_store
-from radflow.training import TrainingInProgress, train_task
 
 
 def _label(settings: Settings, task: str, studies: list[SyntheticStudy]) -> None:

@@ -13,8 +13,8 @@ from radflow.db.base import utcnow
 from radflow.services.audit import AuditFilter, choices, list_events
 from radflow.services.pipeline import FlowRunsUnavailable, ingest_rate, recent_flow_runs, rejections
 from radflow.services.study_view import view_study
+from radflow.services.users import PermissionDenied, Role
 from radflow.store import ObjectStore
-from radflow.users import PermissionDenied, Role
 
 
 def test_audit_trail_filters_and_is_for_admins_only(

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import AuditEvent, ModelStatus, ModelVersion, TrainingRun, unit_of_work
-from radflow.labels import add_label
+from radflow.learning.labels import add_label
 from radflow.services.models import (
     evaluate,
     labels_since_training,
@@ -17,8 +17,8 @@ from radflow.services.models import (
     request_retrain,
     rollback,
 )
+from radflow.services.users import PermissionDenied, Role
 from radflow.store import ObjectStore
-from radflow.users import PermissionDenied, Role
 
 TASK = "pneumonia-cxr"
 

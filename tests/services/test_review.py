@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import AuditEvent, Label, Study, StudyStatus, unit_of_work
 from radflow.services.review import Verdict, next_unreviewed, submit_review
 from radflow.services.study_view import view_study
+from radflow.services.users import PermissionDenied, Role
 from radflow.store import ObjectStore
-from radflow.users import PermissionDenied, Role
 
 
 @pytest.mark.parametrize(

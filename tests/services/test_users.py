@@ -11,8 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import AuditEvent, LoginAttempt, User, unit_of_work
 from radflow.db.base import utcnow
-from radflow.settings import Settings
-from radflow.users import (
+from radflow.services.users import (
     LoginFailed,
     Permission,
     PermissionDenied,
@@ -25,6 +24,7 @@ from radflow.users import (
     get_principal,
     require,
 )
+from radflow.settings import Settings
 
 
 def login(

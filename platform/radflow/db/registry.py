@@ -65,7 +65,8 @@ class ModelVersion(Base):
 def champion_tasks(session: Session) -> list[str]:
     """Names of the tasks that have a champion model, sorted.
 
-    Here rather than in :mod:`radflow.registry` because the receiver asks it on every tick: this
+    Here rather than in :mod:`radflow.learning.registry` because the receiver asks it on every
+    tick: this
     module needs neither PyTorch nor MONAI, which would triple the receiver's memory.
     """
     query = select(ModelVersion.task).where(ModelVersion.status == ModelStatus.CHAMPION)

@@ -10,7 +10,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from radflow.db import AuditEvent
-from radflow.users import Permission, Principal, require
+from radflow.services.users import Permission, Principal, require
 
 MAX_LIMIT = 1000
 

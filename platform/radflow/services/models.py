@@ -21,12 +21,12 @@ from sklearn.metrics import roc_curve
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from radflow import registry
 from radflow.db import Label, ModelStatus, ModelVersion, Prediction, TrainingRun
 from radflow.db.audit import record
+from radflow.learning import registry
+from radflow.learning.tasks import get_task
+from radflow.services.users import Permission, Principal, require
 from radflow.settings import Settings
-from radflow.tasks import get_task
-from radflow.users import Permission, Principal, require
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def start_retrain(settings: Settings, principal: Principal, task: str) -> Retrai
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "radflow.cli", "train", "--task", task, "--no-progress"],
+            [sys.executable, "-m", "cli.main", "train", "--task", task, "--no-progress"],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives a dashboard restart, like a deployment run

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from radflow.db import Instance, Rejection
 from radflow.db.base import utcnow
-from radflow.users import Permission, Principal, require
+from radflow.services.users import Permission, Principal, require
 
 logger = logging.getLogger(__name__)
 

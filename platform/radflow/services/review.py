@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 from radflow.db import Prediction, Study, StudyStatus
 from radflow.db.audit import record
-from radflow.labels import add_label
+from radflow.learning.labels import add_label
+from radflow.learning.tasks import get_task
 from radflow.services.study_view import StudyNotFound
+from radflow.services.users import Permission, Principal, require
 from radflow.services.worklist import REVIEW_SOURCE, WorklistFilter, list_studies
-from radflow.tasks import get_task
-from radflow.users import Permission, Principal, require
 
 MAX_COMMENT = 1024
 

@@ -59,7 +59,7 @@ def receiver_status(session: Session, spool: Path) -> dict[str, Any]:
 
     Summed over the spool folders of all receiver processes (RADFLOW_RECEIVER_WORKERS).
     """
-    from radflow.receiver import count_waiting, load_counters, spool_folders
+    from radflow.ingest.receiver import count_waiting, load_counters, spool_folders
 
     folders = spool_folders(spool)
     saved = [load_counters(folder / "stats.json") or {} for folder in folders]

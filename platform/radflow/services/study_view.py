@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, selectinload
 from radflow.db import Prediction, Series, Study
 from radflow.db.audit import record
 from radflow.errors import RadflowError
+from radflow.services.users import Permission, Principal, require
 from radflow.store import ObjectStore
-from radflow.users import Permission, Principal, require
 
 Window = tuple[float, float]
 """A VOI window as (center, width), in the image's output units (e.g. HU for CT)."""

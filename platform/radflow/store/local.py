@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from radflow.durable import fsync_path
 from radflow.store.base import ObjectNotFound
+from radflow.store.durable import fsync_path
 
 # Objects being written; never listed.
 TEMP_PREFIX = ".tmp-"

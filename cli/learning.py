@@ -1,0 +1,187 @@
+"""The learning-loop commands of ``radflow``: import, model registry, retrain.
+
+Thin callers, like the rest of the CLI: each builds the runtime from the settings it is given
+and calls a radflow function or a flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from radflow.settings import Settings
+
+DEFAULT_TASK = "pneumonia-cxr"
+Add = Callable[[str, Callable[..., int], str], argparse.ArgumentParser]
+
+
+def _actor() -> str:
+    return os.environ.get("USER", "cli")
+
+
+def add_commands(add: Add) -> None:
+    p = add("import", cmd_import, "import a labelled dataset (MedMNIST npz) as DICOM studies")
+    p.add_argument("format", choices=["npz"], help="dataset format")
+    p.add_argument("file", type=Path)
+    p.add_argument("--task", default=DEFAULT_TASK)
+    p.add_argument("--splits", default=None, help="comma-separated, e.g. train,val (default all)")
+    p.add_argument("--unlabeled", action="store_true", help="studies only, no labels")
+
+    p = add("retrain", cmd_retrain, "train a task again (with --if-due: only if enough new labels)")
+    p.add_argument("--task", default=DEFAULT_TASK)
+    p.add_argument(
+        "--if-due", action="store_true", help="only when retrain_after_labels is reached"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    model = add("model", cmd_model_list, "the model registry: list, promote, rollback, bundles")
+    sub = model.add_subparsers(required=True, metavar="ACTION")
+
+    def action(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_text, description=help_text)
+        q.set_defaults(command=func)
+        return q
+
+    q = action("list", cmd_model_list, "every version of a task, with why it is (not) champion")
+    q.add_argument("--task", default=DEFAULT_TASK)
+    q.add_argument("--json", action="store_true")
+    q = action("promote", cmd_model_promote, "make a version the champion (audited)")
+    q.add_argument("task")
+    q.add_argument("version", type=int)
+    q = action("rollback", cmd_model_rollback, "restore the champion the current one replaced")
+    q.add_argument("task")
+    q = action("export", cmd_model_export, "write a version as a MONAI bundle folder")
+    q.add_argument("task")
+    q.add_argument("version", type=int)
+    q.add_argument("folder", type=Path)
+    q = action("import", cmd_model_import, "register a MONAI bundle folder as a new version")
+    q.add_argument("folder", type=Path)
+    q.add_argument("--task", default=DEFAULT_TASK)
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.ingest.importers import import_npz
+    from radflow.runtime import Runtime
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    with Runtime.open(settings) as rt:
+        report = import_npz(
+            settings,
+            rt.session_factory,
+            rt.store,
+            args.file,
+            args.task,
+            splits=splits,
+            unlabeled=args.unlabeled,
+            actor=_actor(),
+        )
+    print(f"imported {report.dataset}: {report.summary()}")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
+    from flows.train import train_flow
+
+    with run_settings():
+        result = train_flow(args.task, progress=not args.no_progress, if_due=args.if_due)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def _version_row(session: Any, version: Any) -> dict[str, Any]:
+    from radflow.learning.registry import latest_evaluation
+
+    evaluation = latest_evaluation(session, version)
+    return {
+        "model": version.name,
+        "status": str(version.status),
+        "created": version.created_at.isoformat(timespec="seconds"),
+        "auc": version.metrics.get("auc"),
+        "threshold": round(version.threshold, 4),
+        "parent": version.parent_id,
+        "training_run": version.training_run_id,
+        "code_version": version.code_version,
+        "why": evaluation.reason if evaluation else version.metrics.get("decision", ""),
+    }
+
+
+def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.learning.registry import versions
+    from radflow.runtime import Runtime
+
+    task = getattr(args, "task", DEFAULT_TASK)
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        rows = [_version_row(session, v) for v in versions(session, task)]
+    if getattr(args, "json", False):
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"{task} has no model versions yet: `radflow train --task {task}`")
+    for row in rows:
+        auc = f"{row['auc']:.4f}" if isinstance(row["auc"], float) else "-"
+        print(f"{row['model']:<24} {row['status']:<10} AUC {auc}  {row['why']}")
+    return 0
+
+
+def cmd_model_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import unit_of_work
+    from radflow.learning.registry import get_version, promote
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        version = get_version(session, args.task, args.version)
+        promote(session, version, actor=_actor(), reason="promoted by hand")
+        name = version.name
+    print(f"{name} is now the champion of {args.task}")
+    return 0
+
+
+def cmd_model_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import unit_of_work
+    from radflow.learning.registry import rollback
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        restored = rollback(session, args.task, actor=_actor()).name
+    print(f"rolled back: {restored} is the champion of {args.task} again")
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import unit_of_work
+    from radflow.learning.bundle import export_bundle
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        export_bundle(session, rt.store, args.task, args.version, args.folder, actor=_actor())
+    print(f"exported {args.task}:v{args.version} as a MONAI bundle in {args.folder}")
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import unit_of_work
+    from radflow.learning.bundle import import_bundle
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
+        version = import_bundle(session, rt.store, args.folder, args.task, actor=_actor())
+        name, status = version.name, version.status
+    print(f"imported {args.folder} as {name} ({status})")
+    return 0
+
+
+def after_labels(task: str, count: int = 1) -> None:
+    """Labels were recorded: announce them, or retrain here if due (flows/retrain.py)."""
+    from flows.retrain import labels_recorded
+
+    result = labels_recorded(task, count)  # waits for a due training: never in the background
+    if isinstance(result, dict):
+        print(
+            f"{count} label(s) made {task} due for retraining: trained {result['model']} "
+            f"({result['status']}): {result.get('decision', '')}"
+        )

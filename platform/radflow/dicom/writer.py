@@ -1,0 +1,197 @@
+"""New DICOM instances written from pixel arrays: imported datasets and generated studies.
+
+Strict writing (pydicom style): a dataset built here is complete for its IOD, with file meta
+information, and can be written with ``dcmwrite(..., enforce_file_format=True)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+"""Digital X-Ray Image Storage - For Presentation."""
+
+MANUFACTURER = "Radflow"
+
+# A typical flat-panel chest detector: 0.139 mm pixels over a 3072-pixel, 427 mm wide field.
+# Smaller images cover the same field, so their pixels are proportionally larger.
+_DETECTOR_PIXEL_MM = 0.139
+_DETECTOR_PIXELS = 3072
+
+MAX_DX_VALUE = 4095  # 12 bits stored
+
+_CHEST_CODE = ("51185008", "SCT", "Chest")
+_PA_VIEW_CODE = ("399348003", "SCT", "postero-anterior")
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def cxr_dataset(
+    pixels: np.ndarray,
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str | None = None,
+    accession: str | None = None,
+    series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    patient_birth_date: dt.date | None = None,
+    patient_sex: str = "O",
+    study_datetime: dt.datetime | None = None,
+    study_id: str = "1",
+    series_number: int = 1,
+    instance_number: int = 1,
+    institution: str = "Radflow Demo Hospital",
+    manufacturer: str = MANUFACTURER,
+    model_name: str = "Radflow",
+) -> pydicom.Dataset:
+    """A complete DX Image (For Presentation) file dataset around 12-bit chest pixels.
+
+    Missing UIDs are generated; pass them in for deterministic output. The result has file meta
+    (Explicit VR Little Endian) and can be written with ``dcmwrite(..., enforce_file_format=True)``.
+    """
+    if pixels.ndim != 2:
+        raise ValueError(f"pixels must be a 2-D image, got shape {pixels.shape}")
+    if pixels.dtype != np.uint16:
+        raise ValueError(f"pixels must be uint16, got {pixels.dtype}; use chest_phantom()")
+    if pixels.size and int(pixels.max()) > MAX_DX_VALUE:
+        raise ValueError(f"pixels must fit in 12 bits (0..{MAX_DX_VALUE}), max is {pixels.max()}")
+    if patient_sex not in ("M", "F", "O"):
+        raise ValueError(f"patient_sex must be 'M', 'F' or 'O', got {patient_sex!r}")
+    if not patient_id:
+        raise ValueError("patient_id must not be empty")
+
+    rows, cols = pixels.shape
+    when = study_datetime or dt.datetime(2024, 1, 1, 9, 0, 0)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    date = when.strftime("%Y%m%d")
+    time = when.strftime("%H%M%S")
+    spacing = _DETECTOR_PIXEL_MM * _DETECTOR_PIXELS / max(rows, cols)
+    spacing_str = f"{spacing:.4f}"
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "RADFLOW_SYN_1"
+
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+
+    # Patient
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = patient_birth_date.strftime("%Y%m%d") if patient_birth_date else ""
+    ds.PatientSex = patient_sex
+    if patient_birth_date is not None:
+        age = when.year - patient_birth_date.year
+        if (when.month, when.day) < (patient_birth_date.month, patient_birth_date.day):
+            age -= 1
+        ds.PatientAge = f"{max(age, 0):03d}Y"
+
+    # Study
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.AccessionNumber = accession or ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = study_id
+    ds.StudyDescription = "XR CHEST PA"
+
+    # Series
+    ds.Modality = "DX"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDate = date
+    ds.SeriesTime = time
+    ds.SeriesDescription = "CHEST PA"
+    ds.BodyPartExamined = "CHEST"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+
+    # Equipment
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = model_name
+    ds.InstitutionName = institution
+    ds.StationName = "SYNXR01"
+    ds.SoftwareVersions = "radflow-synthetic 1"
+    ds.DeviceSerialNumber = "SYN-0001"
+
+    # Image
+    ds.InstanceNumber = instance_number
+    ds.PatientOrientation = ["L", "F"]
+    ds.ContentDate = date
+    ds.ContentTime = time
+    ds.AcquisitionDate = date
+    ds.AcquisitionTime = time
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+
+    # Acquisition: plausible adult PA chest technique.
+    ds.KVP = 120
+    ds.ExposureTime = 8
+    ds.XRayTubeCurrent = 320
+    ds.Exposure = 3
+    ds.DistanceSourceToDetector = 1800
+    ds.ViewPosition = "PA"
+    ds.PositionerType = "COLUMN"
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = DicomSequence([_code_item(*_CHEST_CODE)])
+    ds.ViewCodeSequence = DicomSequence([_code_item(*_PA_VIEW_CODE)])
+    ds.AcquisitionContextSequence = DicomSequence([])
+
+    # Detector
+    ds.DetectorType = "SCINTILLATOR"
+    ds.ImagerPixelSpacing = [spacing_str, spacing_str]
+    ds.PixelSpacing = [spacing_str, spacing_str]
+
+    # Pixels
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelIntensityRelationship = "LOG"
+    # Higher values mean less beam reached the detector (denser tissue), hence -1.
+    ds.PixelIntensityRelationshipSign = -1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    low, high = display_window(pixels)
+    ds.WindowCenter = f"{(low + high) / 2:.1f}"
+    ds.WindowWidth = f"{max(high - low, 1.0):.1f}"
+    ds.WindowCenterWidthExplanation = "SYNTHETIC CHEST"
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    return ds
+
+
+def display_window(pixels: np.ndarray) -> tuple[float, float]:
+    """A display window from the pixel percentiles, as DX processing software would set it."""
+    if pixels.size == 0:
+        return 0.0, float(MAX_DX_VALUE)
+    low, high = np.percentile(pixels, (1.0, 99.5))
+    return float(low), float(high + 0.05 * (high - low))

@@ -1,0 +1,206 @@
+"""The indexer: a background thread that moves spooled instances into the store and the index.
+
+It takes whatever waits in ``spool/ready`` in batches (one database transaction per batch, see
+:func:`radflow.ingest.ingest_batch`) and moves a spool file out of ``ready/`` only after the
+commit that indexed it (to ``done/``, deleted when idle). At start it picks up what an earlier
+run left. While instances are arriving it stays out of the way (up to a backlog of
+``max_deferred``): it shares the process, so its CPU time and its object-store fsyncs would
+otherwise slow every sender's acknowledgements; a study is indexed in a few large batches as
+soon as its sender pauses. When the database or the object store is
+down the files stay where they are and the batch is retried with an exponential backoff: an
+outage delays indexing but loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from minio.error import MinioException
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from urllib3.exceptions import HTTPError
+
+from radflow.db import unit_of_work
+from radflow.dicom.instance import InstanceHeader, file_sha256, read_header
+from radflow.errors import InvalidInstance
+from radflow.ingest import ingest_batch, rejection
+from radflow.ingest.receiver.counters import ReceiverCounters
+from radflow.ingest.receiver.spool import Spool
+from radflow.settings import Settings
+from radflow.store import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+# What an unreachable or failing database or object store raises: retry later, keep the files.
+OUTAGES: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, MinioException, HTTPError)
+
+BATCH_SIZE = 64
+IDLE_POLL_SECONDS = 1.0
+MIN_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+# Indexing waits until no instance arrived for this long, or until this many wait.
+QUIET_SECONDS = 0.25
+MAX_DEFERRED = 1000
+REAP_CHUNK = 16
+# The SHA-256 in a header the receiver submits: hashing is the index's business (duplicate or
+# conflict), so the indexer does it, off the path of the sender waiting for its response.
+UNHASHED = ""
+
+
+class Indexer:
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        store: ObjectStore,
+        counters: ReceiverCounters,
+        batch_size: int = BATCH_SIZE,
+        quiet_seconds: float = QUIET_SECONDS,
+        max_deferred: int = MAX_DEFERRED,
+    ) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.session_factory = session_factory
+        self.store = store
+        self.counters = counters
+        self.batch_size = batch_size
+        self.quiet_seconds = quiet_seconds
+        self.max_deferred = max_deferred
+        self._last_submit = 0.0
+        # Headers the receiver already read while validating, so the indexer need not parse
+        # the file again; files found in the spool after a restart are read again.
+        self._headers: dict[Path, InstanceHeader] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="radflow-indexer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in progress and stop; what is left stays in the spool."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def submit(self, path: Path, header: InstanceHeader) -> None:
+        """A newly spooled instance (its header already read; its digest may be UNHASHED)."""
+        with self._lock:
+            self._headers[path] = header
+            self._last_submit = time.monotonic()
+        self._idle.clear()
+        self._wake.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until the spool is empty (everything indexed or set aside); False on timeout."""
+        self._wake.set()
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            if self._defer():
+                continue
+            batch = self.spool.waiting(self.batch_size)
+            if not batch:
+                self._idle.set()
+                self.counters.save()
+                if self._quiet() and self.spool.reap(REAP_CHUNK):
+                    continue  # check for new work between chunks: reaping is the least urgent
+                self._wake.wait(IDLE_POLL_SECONDS)
+                self._wake.clear()
+                continue
+            self._idle.clear()
+            try:
+                self.index(batch)
+            except OUTAGES as exc:
+                backoff = min(max(2 * backoff, MIN_BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
+                self.counters.add("index_retries")
+                logger.warning(
+                    "indexing %d spooled instances failed (%s: %s); retrying in %.1f s",
+                    len(batch),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                    backoff,
+                )
+                self._stopping.wait(backoff)
+                continue
+            backoff = 0.0
+            self.counters.save()
+        self.counters.save(force=True)
+
+    def _quiet(self) -> bool:
+        """No instance arrived for ``quiet_seconds``: deleting files will not slow a sender."""
+        with self._lock:
+            return time.monotonic() - self._last_submit >= self.quiet_seconds
+
+    def _defer(self) -> bool:
+        """Wait a little while senders are busy; True if the caller should check again."""
+        with self._lock:
+            backlog = len(self._headers)
+            quiet_for = time.monotonic() - self._last_submit
+        if quiet_for >= self.quiet_seconds or backlog >= self.max_deferred:
+            return False
+        self._idle.clear()
+        self._stopping.wait(self.quiet_seconds - quiet_for)
+        return True
+
+    def index(self, batch: list[Path]) -> None:
+        """Store and index ``batch``; consume each spool file only once its row is committed."""
+        items: list[tuple[Path, InstanceHeader]] = []
+        for path in batch:
+            header = self._header(path)
+            if header is not None:
+                items.append((path, header))
+        if not items:
+            return
+        # Spool files never change once acknowledged: the store may share their bytes.
+        report = ingest_batch(
+            items,
+            settings=self.settings,
+            session_factory=self.session_factory,
+            store=self.store,
+            immutable=True,
+        )
+        for path, _ in items:
+            reason = report.rejected.get(str(path))
+            if reason is None:
+                self.spool.consume(path)
+            else:
+                self._set_aside(path, InvalidInstance(reason.split(":", 1)[0], reason))
+        with self._lock:
+            for path, _ in items:
+                self._headers.pop(path, None)
+        self.counters.add("indexed", report.stored)
+        self.counters.add("duplicates", report.duplicates)
+
+    def _header(self, path: Path) -> InstanceHeader | None:
+        with self._lock:
+            header = self._headers.get(path)
+        if header is not None and header.sha256 == UNHASHED:
+            return replace(header, sha256=file_sha256(path))
+        if header is not None:
+            return header
+        try:
+            return read_header(path, self.settings.max_pixels)
+        except InvalidInstance as exc:
+            # Only a file changed on disk after it was acknowledged gets here.
+            self._set_aside(path, exc)
+            return None
+
+    def _set_aside(self, path: Path, exc: InvalidInstance) -> None:
+        """Keep a refused, already acknowledged instance in spool/rejected, with a Rejection row."""
+        kept = self.spool.rejected / path.name
+        with unit_of_work(self.session_factory) as session:
+            session.add(rejection("receiver", exc, origin=None, quarantine_key=str(kept)[-255:]))
+        self.spool.set_aside(path)
+        self.counters.reject(exc.reason)
+        logger.warning("spooled instance %s refused by the index: %s", path.name, exc.reason)

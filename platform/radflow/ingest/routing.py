@@ -1,0 +1,305 @@
+"""Routing: which image of a study a task looks at, or why the task does not apply.
+
+The rules are data (YAML, ``routing_rules.yaml`` in this package by default, or
+``settings.routing_file``), validated on load: a typo in a rule file is an error that names the
+rule and the field, never a task that silently stops receiving studies.
+
+A rule looks at a series' attributes and at its first image only. Scoring and training route
+thousands of studies at a time, so they read just that (:func:`candidates`: one query for a
+whole batch of studies, no ORM objects, never every instance of a 500-slice CT series);
+:func:`route` takes a loaded ORM study, for one study at hand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from radflow.db import Instance, Series, Study
+from radflow.errors import RadflowError
+from radflow.learning.tasks import TASKS, Task
+from radflow.settings import Settings
+
+Size = Annotated[int, Field(ge=1)]
+
+
+class SeriesAttributes(Protocol):
+    """What a rule reads of a series (an ORM Series, or a :class:`SeriesView`)."""
+
+    @property
+    def modality(self) -> str | None: ...
+    @property
+    def body_part(self) -> str | None: ...
+    @property
+    def description(self) -> str | None: ...
+    @property
+    def image_type(self) -> str | None: ...
+    @property
+    def number(self) -> int | None: ...
+
+
+class Image(Protocol):
+    """What a rule reads of a series' first image, and what a task then loads (ORM Instance, or
+    :class:`FirstImage`)."""
+
+    @property
+    def rows(self) -> int | None: ...
+    @property
+    def columns(self) -> int | None: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def object_key(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    modality: str | None
+    body_part: str | None
+    description: str | None
+    image_type: str | None
+    number: int | None
+
+
+@dataclass(frozen=True)
+class FirstImage:
+    rows: int | None
+    columns: int | None
+    sha256: str
+    object_key: str
+
+
+Candidate = tuple[SeriesAttributes, Image | None]
+"""A series of a study and its first image (None for a series without instances)."""
+
+
+class InvalidRoutingRules(RadflowError):
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"routing rules {source}: {problem}; fix the file (RADFLOW_ROUTING_FILE)")
+
+
+class Rule(BaseModel):
+    """One declarative rule: a series goes to ``task`` when every given condition holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: str
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    series_description: str | None = None
+    image_type_contains: tuple[str, ...] = ()
+    image_type_excludes: tuple[str, ...] = ()
+    min_rows: Size | None = None
+    max_rows: Size | None = None
+    min_columns: Size | None = None
+    max_columns: Size | None = None
+
+    @field_validator("modality", "body_part", "image_type_contains", "image_type_excludes")
+    @classmethod
+    def _upper(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in values)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return task
+
+    def mismatch(self, series: SeriesAttributes, first: Image | None) -> str | None:
+        """None when ``series`` matches, else why it does not (for people)."""
+        if self.modality and (series.modality or "").upper() not in self.modality:
+            return f"modality {series.modality or '(none)'} not in {list(self.modality)}"
+        if self.body_part and (series.body_part or "").upper() not in self.body_part:
+            return f"body part {series.body_part or '(none)'} not in {list(self.body_part)}"
+        description = series.description or ""
+        if self.series_description is not None and not re.search(
+            self.series_description, description, re.IGNORECASE
+        ):
+            return f"series description {description!r} does not match {self.series_description!r}"
+        image_type = set((series.image_type or "").upper().split("\\")) - {""}
+        if missing := [v for v in self.image_type_contains if v not in image_type]:
+            return f"image type lacks {missing}"
+        if present := [v for v in self.image_type_excludes if v in image_type]:
+            return f"image type is {present}"
+        return self._size_mismatch(first)
+
+    def _size_mismatch(self, first: Image | None) -> str | None:
+        rows = first.rows if first is not None else None
+        columns = first.columns if first is not None else None
+        for what, value, low, high in (
+            ("rows", rows, self.min_rows, self.max_rows),
+            ("columns", columns, self.min_columns, self.max_columns),
+        ):
+            if (low is not None or high is not None) and value is None:
+                return f"{what} unknown"
+            if value is not None and low is not None and value < low:
+                return f"{value} {what} < {low}"
+            if value is not None and high is not None and value > high:
+                return f"{value} {what} > {high}"
+        return None
+
+
+class RoutingRules(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: tuple[Rule, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RoutingRules:
+        names = [r.name for r in self.rules]
+        if duplicates := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"rule names must be unique; repeated: {duplicates}")
+        return self
+
+    def for_task(self, task: str) -> list[Rule]:
+        return [r for r in self.rules if r.task == task]
+
+
+DEFAULT_RULES = "routing_rules.yaml"
+
+
+def parse_rules(text: str, source: str) -> RoutingRules:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidRoutingRules(source, f"not valid YAML ({exc})") from None
+    try:
+        return RoutingRules.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidRoutingRules(source, problems) from None
+
+
+def load_rules(path: Path | None = None) -> RoutingRules:
+    """The rules in ``path``, or the packaged defaults when None."""
+    if path is None:
+        return default_rules()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRoutingRules(str(path), f"cannot be read ({exc.strerror})") from None
+    return parse_rules(text, str(path))
+
+
+def rules_for(settings: Settings) -> RoutingRules:
+    return load_rules(settings.routing_file)
+
+
+@cache
+def default_rules() -> RoutingRules:
+    # The packaged file never changes while the process runs: parse it once.
+    # Beside this module (package data); importlib.resources trips over the editable install.
+    text = Path(__file__).with_name(DEFAULT_RULES).read_text(encoding="utf-8")
+    return parse_rules(text, f"(packaged {DEFAULT_RULES})")
+
+
+@dataclass(frozen=True)
+class Routed:
+    instance: Image | None
+    reason: str | None  # why nothing matched, when instance is None
+
+
+def route(study: Study, task: Task, rules: RoutingRules | None = None) -> Routed:
+    """The first image of the first series of a loaded ``study`` that a rule of ``task`` matches."""
+    return route_series(
+        [(series, series.instances[0] if series.instances else None) for series in study.series],
+        task,
+        rules,
+    )
+
+
+def route_series(
+    series: Sequence[Candidate], task: Task, rules: RoutingRules | None = None
+) -> Routed:
+    """The first image of the first series (in series number order) a rule of ``task`` matches.
+
+    ``rules``: the site's rules (:func:`rules_for`); None means the packaged ones.
+    """
+    task_rules = (rules or default_rules()).for_task(task.name)
+    if not task_rules:
+        return Routed(None, f"no routing rule for {task.name}")
+    reasons = []
+    for attributes, first in series:
+        why = []
+        for rule in task_rules:
+            mismatch = rule.mismatch(attributes, first)
+            if mismatch is None and first is not None:
+                return Routed(first, None)
+            why.append(f"{rule.name}: {mismatch or 'no instances'}")
+        reasons.append(f"series {attributes.number or '?'}: " + ", ".join(why))
+    return Routed(None, f"no series for {task.name} (" + "; ".join(reasons) + ")")
+
+
+def candidates(session: Session, study_ids: Sequence[int]) -> dict[int, list[Candidate]]:
+    """Each study's series (in number order, as Study.series) with its first image, by study id.
+
+    One query for all of ``study_ids``; a study without series maps to no entry.
+    """
+    if not study_ids:
+        return {}
+    first = (
+        select(
+            Instance.series_id,
+            Instance.rows,
+            Instance.columns,
+            Instance.sha256,
+            Instance.object_key,
+            func.row_number()
+            .over(partition_by=Instance.series_id, order_by=(Instance.number, Instance.id))
+            .label("position"),
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id.in_(study_ids))
+        .subquery()
+    )
+    rows = session.execute(
+        select(
+            Series.study_id,
+            Series.modality,
+            Series.body_part,
+            Series.description,
+            Series.image_type,
+            Series.number,
+            first.c.rows,
+            first.c.columns,
+            first.c.sha256,
+            first.c.object_key,
+        )
+        .outerjoin(first, (first.c.series_id == Series.id) & (first.c.position == 1))
+        .where(Series.study_id.in_(study_ids))
+        .order_by(Series.study_id, Series.number, Series.id)
+    )
+    found: defaultdict[int, list[Candidate]] = defaultdict(list)
+    for study_id, modality, body_part, description, image_type, number, *image in rows:
+        rows_, columns, sha256, object_key = image
+        found[study_id].append(
+            (
+                SeriesView(modality, body_part, description, image_type, number),
+                FirstImage(rows_, columns, sha256, object_key) if object_key is not None else None,
+            )
+        )
+    return dict(found)

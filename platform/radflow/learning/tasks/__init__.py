@@ -1,0 +1,36 @@
+"""The task registry: every task the platform knows, by name."""
+
+from __future__ import annotations
+
+from radflow.errors import UnknownTask
+from radflow.learning.tasks import pneumonia_cxr
+from radflow.learning.tasks.base import (
+    EvaluationPolicy,
+    NetworkSpec,
+    OperatingPoint,
+    Route,
+    Task,
+    TaskKind,
+    TrainingPlan,
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK,)}
+
+__all__ = [
+    "TASKS",
+    "EvaluationPolicy",
+    "NetworkSpec",
+    "OperatingPoint",
+    "Route",
+    "Task",
+    "TaskKind",
+    "TrainingPlan",
+    "get_task",
+]
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UnknownTask(name, sorted(TASKS)) from None

@@ -1,0 +1,121 @@
+"""Several receiver processes on one port (RADFLOW_RECEIVER_WORKERS), one index behind them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from factories import dicom_bytes
+from peers import AE_TITLE, free_port, peer_env, radflow_env, tool, wait_for_port
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from radflow.db import Instance
+from radflow.ingest.receiver import drain_orphans, worker_spool
+from radflow.services.status import receiver_status
+from radflow.settings import Settings
+from radflow.store import ObjectStore
+
+SERIES, PER_SERIES = 4, 10
+
+
+def _series(folder: Path) -> list[Path]:
+    folders = []
+    study = generate_uid()
+    for k in range(SERIES):
+        sub = folder / f"series-{k}"
+        sub.mkdir(parents=True)
+        series = generate_uid()
+        for i in range(PER_SERIES):
+            (sub / f"{i:02d}.dcm").write_bytes(dicom_bytes(study_uid=study, series_uid=series))
+        folders.append(sub)
+    return folders
+
+
+def _send_in_parallel(port: int, folders: list[Path]) -> None:
+    command = [tool("/usr/bin/storescu"), "-aec", AE_TITLE, "127.0.0.1", str(port), "+sd"]
+    senders = [
+        subprocess.Popen([*command, str(f)], env=peer_env(), stderr=subprocess.PIPE, text=True)
+        for f in folders
+    ]
+    for sender in senders:
+        _, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err
+
+
+def _indexed(session_factory: sessionmaker[Session], expected: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_factory() as session:
+            count = int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
+def _workers_of(pid: int) -> set[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return {int(line) for line in found.stdout.split()}
+
+
+def test_workers_share_the_port_and_a_dead_worker_is_replaced(
+    settings: Settings, tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    settings = settings.model_copy(update={"receiver_workers": 2, "receiver_host": "127.0.0.1"})
+    port = free_port()
+    command = [sys.executable, "-m", "cli.main", "receive", "--port", str(port)]
+    supervisor = subprocess.Popen(command, env=radflow_env(settings))
+    try:
+        wait_for_port(port, supervisor)
+        _send_in_parallel(port, _series(tmp_path / "first"))
+        assert _indexed(session_factory, SERIES * PER_SERIES) == SERIES * PER_SERIES
+        workers = _workers_of(supervisor.pid)
+        assert len(workers) == 2
+        assert all(worker_spool(settings.spool, k).is_dir() for k in range(2))
+        with session_factory() as session:
+            status = receiver_status(session, settings.spool)
+        # The counters are saved when a worker's indexer is idle: summed over both spools.
+        deadline = time.monotonic() + 10
+        while status["indexed"] < SERIES * PER_SERIES and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with session_factory() as session:
+                status = receiver_status(session, settings.spool)
+        assert status["received"] == status["indexed"] == SERIES * PER_SERIES
+        assert status["spool_waiting"] == 0
+
+        victim = min(workers)
+        subprocess.run(["kill", "-9", str(victim)], check=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _workers_of(supervisor.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.2)
+        assert len(now) == 2 and victim not in now, "the supervisor restarts a dead worker"
+        _send_in_parallel(port, _series(tmp_path / "second"))
+        assert _indexed(session_factory, 2 * SERIES * PER_SERIES) == 2 * SERIES * PER_SERIES
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(60)
+    assert supervisor.returncode == 0
+    assert not _workers_of(supervisor.pid)
+
+
+def test_a_spool_no_worker_owns_is_indexed_at_start(
+    settings: Settings,
+    tmp_path: Path,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+) -> None:
+    """Fewer workers than last time: what waits in the spool of a worker gone is not lost."""
+    orphan = worker_spool(settings.spool, 3) / "ready"
+    orphan.mkdir(parents=True)
+    for i in range(3):
+        (orphan / f"1.2.3.{i}.abc.dcm").write_bytes(dicom_bytes())
+    drain_orphans(settings, {settings.spool}, session_factory=session_factory, store=store)
+    assert _indexed(session_factory, 3, timeout=0) == 3
+    assert not list(orphan.iterdir())
