@@ -1,22 +1,17 @@
-"""When a failed task is worth retrying."""
+"""When a failed task is worth retrying: an outage (radflow.outages), never a bug or bad data."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from radflow.errors import RadflowError
+from radflow.outages import is_outage
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry outages (database, object store, network), not deliberate errors.
-
-    A RadflowError (no champion yet, not enough labels, ...) fails the same way every time;
-    retrying it only delays the message the user needs.
-    """
+    """Retry outages (database, object store, network); not deliberate errors or programming
+    errors, which fail the same way every time: retrying only delays the message the user needs."""
     try:
         state.result()
-    except RadflowError:
-        return False
-    except BaseException:
-        return True
-    return True
+    except Exception as exc:
+        return is_outage(exc)
+    return False

@@ -20,27 +20,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import urllib3
-from minio.error import S3Error
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.errors import InvalidInstance
 from radflow.ingest import IngestReport, ingest_file, rejection
+from radflow.outages import describe, is_outage
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 
-# Outages that delay the watch folder but must not stop it.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    SQLAlchemyError,
-    OSError,
-    S3Error,
-    urllib3.exceptions.HTTPError,
-)
 IN_PROGRESS_SUFFIXES = frozenset({".part", ".tmp", ".partial", ".crdownload", ".filepart"})
 _COPY_CHUNK = 1 << 20
 
@@ -301,8 +292,10 @@ def watch_forever(
             watch_once(settings, session_factory, store)
             if after_pass is not None:
                 after_pass()
-        except TRANSIENT_ERRORS as exc:
-            logger.warning("watch folder pass failed, retrying: %s", type(exc).__name__)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            logger.warning("watch folder pass failed, retrying: %s", describe(exc))
         done += 1
         if passes is None or done < passes:
             time.sleep(max(0.0, settings.watch_interval_seconds - (time.monotonic() - started)))

@@ -19,10 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from minio.error import MinioException
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from urllib3.exceptions import HTTPError
 
 from radflow.db import unit_of_work
 from radflow.dicom.instance import InstanceHeader, file_sha256, read_header
@@ -30,13 +27,11 @@ from radflow.errors import InvalidInstance
 from radflow.ingest import ingest_batch, rejection
 from radflow.ingest.receiver.counters import ReceiverCounters
 from radflow.ingest.receiver.spool import Spool
+from radflow.outages import describe, is_outage
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
 logger = logging.getLogger(__name__)
-
-# What an unreachable or failing database or object store raises: retry later, keep the files.
-OUTAGES: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, MinioException, HTTPError)
 
 BATCH_SIZE = 64
 IDLE_POLL_SECONDS = 1.0
@@ -121,14 +116,15 @@ class Indexer:
             self._idle.clear()
             try:
                 self.index(batch)
-            except OUTAGES as exc:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
                 backoff = min(max(2 * backoff, MIN_BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
                 self.counters.add("index_retries")
                 logger.warning(
-                    "indexing %d spooled instances failed (%s: %s); retrying in %.1f s",
+                    "indexing %d spooled instances failed (%s); retrying in %.1f s",
                     len(batch),
-                    type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                    describe(exc),
                     backoff,
                 )
                 self._stopping.wait(backoff)
