@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import ModelStatus, unit_of_work
 from radflow.learning import tasks
 from radflow.learning.bundle import InvalidBundle, export_bundle, import_bundle
-from radflow.learning.registry import get_version, load_network, register
+from radflow.learning.inference import load_network
+from radflow.learning.registry import get_version, register
 from radflow.store import ObjectStore
 
 TASK = tasks.get_task("pneumonia-cxr")

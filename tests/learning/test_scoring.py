@@ -17,9 +17,9 @@ from radflow.db.triage import BELOW_THRESHOLD, FLAGGED
 from radflow.learning import scoring, tasks
 from radflow.learning.cache import CachedImage, PreprocessCache
 from radflow.learning.explain import Explainer
-from radflow.learning.registry import load_network, promote, register
+from radflow.learning.inference import load_network, predict
+from radflow.learning.registry import promote, register
 from radflow.learning.scoring import score_stable
-from radflow.learning.training import predict
 from radflow.settings import Settings
 from radflow.store import ObjectStore, keys
 

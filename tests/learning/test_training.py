@@ -15,10 +15,11 @@ from radflow.errors import NotEnoughLabels
 from radflow.learning import tasks
 from radflow.learning.device import autocast, cpu_threads, select_device
 from radflow.learning.evaluation import binary_metrics, youden_threshold
+from radflow.learning.inference import load_network, predict
 from radflow.learning.preprocess import preprocess
-from radflow.learning.registry import champion, load_network, register
+from radflow.learning.registry import champion, register
 from radflow.learning.tasks import TrainingPlan
-from radflow.learning.training import Example, _check_enough, fit, predict, split_by_patient
+from radflow.learning.training import Example, _check_enough, fit, split_by_patient
 from radflow.store import ObjectStore
 
 TASK = tasks.get_task("pneumonia-cxr")

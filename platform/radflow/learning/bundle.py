@@ -156,7 +156,9 @@ def read_bundle(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     if "network_def" not in parser:
         raise InvalidBundle(folder, "inference.json has no network_def")
     network_def = parser.get("network_def")
-    state = torch.load(io.BytesIO((folder / WEIGHTS).read_bytes()), map_location="cpu")
+    state = torch.load(
+        io.BytesIO((folder / WEIGHTS).read_bytes()), map_location="cpu", weights_only=True
+    )
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # MONAI's CheckpointSaver layout
     return metadata, network_def, state
@@ -179,11 +181,12 @@ def import_bundle(
         )
     if not isinstance(network_def, dict) or "_target_" not in network_def:
         raise InvalidBundle(folder, "network_def must be a {'_target_': ...} config")
-    target = str(network_def["_target_"])
-    args = {k: v for k, v in network_def.items() if k != "_target_"}
     own = metadata.get("radflow", {})
-    spec = NetworkSpec(_qualified(target), args, own.get("cam_layer"))
-    network = spec.build()
+    spec = NetworkSpec.from_config(network_def, own.get("cam_layer"))
+    try:
+        network = spec.build()
+    except (ValueError, TypeError) as exc:
+        raise InvalidBundle(folder, f"its network_def cannot be built ({exc})") from None
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
@@ -222,14 +225,3 @@ def import_bundle(
     if version.status != ModelStatus.CHAMPION:
         logger.info("promote it with `radflow model promote %s %d`", task.name, version.version)
     return version
-
-
-def _qualified(target: str) -> str:
-    """Bundle configs may name MONAI networks by class name only; the registry stores full paths."""
-    if "." in target:
-        return target
-    from monai import networks
-
-    if hasattr(networks.nets, target):
-        return f"monai.networks.nets.{target}"
-    return target

@@ -17,7 +17,7 @@ from radflow.db import AuditEvent, ModelEvaluation, ModelStatus, ModelVersion, T
 from radflow.db.audit import record
 from radflow.errors import NoChampion, RadflowError
 from radflow.learning.evaluation import decide
-from radflow.learning.tasks import NetworkSpec, Task, get_task
+from radflow.learning.tasks import Task
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
@@ -213,23 +213,3 @@ def judge(
         promote(session, version, actor=actor, reason=decision.reason)
     session.flush()
     return evaluation
-
-
-def load_network(store: ObjectStore, version: ModelVersion, device: torch.device) -> nn.Module:
-    """The version's network with its weights, in eval mode on ``device``.
-
-    Built from the config stored with the version, so a version keeps working after the task's
-    declared network changes.
-    """
-    stored = version.config.get("network")
-    network = (
-        NetworkSpec(
-            stored["_target_"], {k: v for k, v in stored.items() if k != "_target_"}
-        ).build()
-        if isinstance(stored, dict)
-        else get_task(version.task).build_network()
-    )
-    state = torch.load(io.BytesIO(store.get_bytes(version.weights_key)), map_location="cpu")
-    network.load_state_dict(state)
-    network.to(device).eval()
-    return network

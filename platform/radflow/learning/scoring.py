@@ -58,9 +58,9 @@ from radflow.ingest.routing import Image, RoutingRules, candidates, route_series
 from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.learning.device import cpu_threads, select_device
 from radflow.learning.explain import GRADCAM_NAME, Explainer, save_heatmaps
-from radflow.learning.registry import load_network, require_champion
+from radflow.learning.inference import load_network, predict
+from radflow.learning.registry import require_champion
 from radflow.learning.tasks import Task, get_task
-from radflow.learning.training import predict
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)

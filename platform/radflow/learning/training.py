@@ -32,7 +32,8 @@ from radflow.ingest.routing import RoutingRules, candidates, route_series, rules
 from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_device
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
-from radflow.learning.registry import champion, judge, load_network, register
+from radflow.learning.inference import load_network, predict
+from radflow.learning.registry import champion, judge, register
 from radflow.learning.tasks import Task, get_task
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -187,19 +188,6 @@ def fit(
     assert best is not None
     network.load_state_dict(best[1])
     return FitResult(network.eval(), history, val[1].numpy(), best[2], seen / max(busy, 1e-9))
-
-
-@torch.no_grad()
-def predict(
-    network: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int
-) -> np.ndarray:
-    """Probabilities of the positive class for a stack of preprocessed images."""
-    network.eval()
-    out = []
-    for batch in torch.split(images, batch_size):
-        with autocast(device):
-            out.append(torch.sigmoid(network(batch.to(device)).float().squeeze(1)).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 class TrainingInProgress(RadflowError):

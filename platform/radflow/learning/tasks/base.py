@@ -20,6 +20,7 @@ from pydoc import locate
 from typing import Any, Literal
 
 from monai import transforms as monai_transforms
+from monai.bundle.config_item import ComponentLocator
 from monai.transforms import Compose
 from torch import nn
 
@@ -64,7 +65,9 @@ class NetworkSpec:
     """A MONAI network as a bundle-style config: ``target`` class and its keyword arguments.
 
     Keeping the network as data (not a closure) is what lets a version be exported as a MONAI
-    bundle whose ``inference.json`` rebuilds exactly this network.
+    bundle whose ``inference.json`` rebuilds exactly this network, and a stored version be
+    rebuilt after the task's declared network changed. :meth:`build` is the one way Radflow
+    turns such a config into a module (tasks, the registry and imported bundles alike).
     """
 
     target: str
@@ -72,18 +75,36 @@ class NetworkSpec:
     # The layer whose activations Grad-CAM weighs (last convolutional block); None: no maps.
     cam_layer: str | None = None
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], cam_layer: str | None = None) -> NetworkSpec:
+        """From a ``{"_target_": ..., **args}`` config (a MONAI bundle's ``network_def``)."""
+        if "_target_" not in config:
+            raise ValueError("a network config needs a '_target_' naming its class")
+        args = {k: v for k, v in config.items() if k != "_target_"}
+        return cls(_qualified(str(config["_target_"])), args, cam_layer)
+
     def build(self) -> nn.Module:
-        cls = locate(self.target)
-        if not callable(cls):
-            raise ValueError(f"network target {self.target!r} is not an importable class")
-        network = cls(**self.args)
-        if not isinstance(network, nn.Module):
-            raise ValueError(f"network target {self.target!r} did not build a torch module")
-        return network
+        """The network. Only a torch module class is instantiated: a config (from a bundle
+        someone sends) that names any other callable is refused before it is called."""
+        cls = locate(_qualified(self.target))
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"network target {self.target!r} is not an importable torch module")
+        return cls(**self.args)
 
     def config(self) -> dict[str, Any]:
         """The ``network_def`` of a MONAI bundle (JSON types only)."""
         return {"_target_": self.target, **json.loads(json.dumps(dict(self.args)))}
+
+
+def _qualified(target: str) -> str:
+    """The full dotted name of ``target``: MONAI configs may name its components by class name
+    alone ("Classifier"), which MONAI's own locator resolves."""
+    if "." in target:
+        return target
+    module = ComponentLocator().get_component_module_name(target)
+    if isinstance(module, list):  # several MONAI modules export the name: take the first
+        module = module[0]
+    return f"{module}.{target}" if module else target
 
 
 TransformConfig = Mapping[str, Any]
