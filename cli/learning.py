@@ -1,7 +1,8 @@
-"""The learning-loop commands of ``radflow``: import, model registry, retrain.
+"""The learning-loop commands of ``radflow``: label, train, process, import, retrain, model.
 
 Thin callers, like the rest of the CLI: each builds the runtime from the settings it is given
-and calls a radflow function or a flow.
+and calls a radflow function or a flow. ``--task`` defaults to the task registry's default
+(radflow.learning.tasks.default_task); no command names a task itself.
 """
 
 from __future__ import annotations
@@ -15,24 +16,46 @@ from typing import Any
 
 from radflow.settings import Settings
 
-DEFAULT_TASK = "pneumonia-cxr"
 Add = Callable[[str, Callable[..., int], str], argparse.ArgumentParser]
+TASK_HELP = "the task (default: the task registry's default, see `radflow settings`)"
 
 
 def _actor() -> str:
     return os.environ.get("USER", "cli")
 
 
+def task_name(args: argparse.Namespace) -> str:
+    """The task a command works on: ``--task``, else the registry's default."""
+    name = getattr(args, "task", None)
+    if name:
+        return str(name)
+    from radflow.learning.tasks import default_task
+
+    return default_task().name
+
+
 def add_commands(add: Add) -> None:
+    p = add("label", cmd_label, "record a label for a study")
+    p.add_argument("study_uid")
+    p.add_argument("value")
+    p.add_argument("--task", default=None, help=TASK_HELP)
+    p.add_argument("--author", default=os.environ.get("USER", "cli"))
+    p = add("train", cmd_train, "train a new model version on the labelled studies")
+    p.add_argument("--task", default=None, help=TASK_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("process", cmd_process, "score stable studies with each task's champion")
+    p.add_argument(
+        "--task", default=None, help="only this task (default: every task with a champion)"
+    )
     p = add("import", cmd_import, "import a labelled dataset (MedMNIST npz) as DICOM studies")
     p.add_argument("format", choices=["npz"], help="dataset format")
     p.add_argument("file", type=Path)
-    p.add_argument("--task", default=DEFAULT_TASK)
+    p.add_argument("--task", default=None, help=TASK_HELP)
     p.add_argument("--splits", default=None, help="comma-separated, e.g. train,val (default all)")
     p.add_argument("--unlabeled", action="store_true", help="studies only, no labels")
 
     p = add("retrain", cmd_retrain, "train a task again (with --if-due: only if enough new labels)")
-    p.add_argument("--task", default=DEFAULT_TASK)
+    p.add_argument("--task", default=None, help=TASK_HELP)
     p.add_argument(
         "--if-due", action="store_true", help="only when retrain_after_labels is reached"
     )
@@ -47,7 +70,7 @@ def add_commands(add: Add) -> None:
         return q
 
     q = action("list", cmd_model_list, "every version of a task, with why it is (not) champion")
-    q.add_argument("--task", default=DEFAULT_TASK)
+    q.add_argument("--task", default=None, help=TASK_HELP)
     q.add_argument("--json", action="store_true")
     q = action("promote", cmd_model_promote, "make a version the champion (audited)")
     q.add_argument("task")
@@ -60,7 +83,7 @@ def add_commands(add: Add) -> None:
     q.add_argument("folder", type=Path)
     q = action("import", cmd_model_import, "register a MONAI bundle folder as a new version")
     q.add_argument("folder", type=Path)
-    q.add_argument("--task", default=DEFAULT_TASK)
+    q.add_argument("--task", default=None, help=TASK_HELP)
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
@@ -74,7 +97,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             rt.session_factory,
             rt.store,
             args.file,
-            args.task,
+            task_name(args),
             splits=splits,
             unlabeled=args.unlabeled,
             actor=_actor(),
@@ -88,7 +111,7 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> int:
     from flows.train import train_flow
 
     with run_settings():
-        result = train_flow(args.task, progress=not args.no_progress, if_due=args.if_due)
+        result = train_flow(task_name(args), progress=not args.no_progress, if_due=args.if_due)
     print(json.dumps(result, default=str))
     return 0
 
@@ -114,7 +137,7 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.learning.registry import versions
     from radflow.runtime import Runtime
 
-    task = getattr(args, "task", DEFAULT_TASK)
+    task = task_name(args)
     with Runtime.open(settings) as rt, rt.session_factory() as session:
         rows = [_version_row(session, v) for v in versions(session, task)]
     if getattr(args, "json", False):
@@ -129,59 +152,83 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.db import unit_of_work
     from radflow.learning.registry import get_version, promote
     from radflow.runtime import Runtime
 
-    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-        version = get_version(session, args.task, args.version)
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        version = get_version(session, task_name(args), args.version)
         promote(session, version, actor=_actor(), reason="promoted by hand")
         name = version.name
-    print(f"{name} is now the champion of {args.task}")
+    print(f"{name} is now the champion of {task_name(args)}")
     return 0
 
 
 def cmd_model_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.db import unit_of_work
     from radflow.learning.registry import rollback
     from radflow.runtime import Runtime
 
-    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-        restored = rollback(session, args.task, actor=_actor()).name
-    print(f"rolled back: {restored} is the champion of {args.task} again")
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        restored = rollback(session, task_name(args), actor=_actor()).name
+    print(f"rolled back: {restored} is the champion of {task_name(args)} again")
     return 0
 
 
 def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.db import unit_of_work
     from radflow.learning.bundle import export_bundle
     from radflow.runtime import Runtime
 
-    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-        export_bundle(session, rt.store, args.task, args.version, args.folder, actor=_actor())
-    print(f"exported {args.task}:v{args.version} as a MONAI bundle in {args.folder}")
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        export_bundle(session, rt.store, task_name(args), args.version, args.folder, actor=_actor())
+    print(f"exported {task_name(args)}:v{args.version} as a MONAI bundle in {args.folder}")
     return 0
 
 
 def cmd_model_import(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.db import unit_of_work
     from radflow.learning.bundle import import_bundle
     from radflow.runtime import Runtime
 
-    with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-        version = import_bundle(session, rt.store, args.folder, args.task, actor=_actor())
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        version = import_bundle(session, rt.store, args.folder, task_name(args), actor=_actor())
         name, status = version.name, version.status
     print(f"imported {args.folder} as {name} ({status})")
     return 0
 
 
-def after_labels(task: str, count: int = 1) -> None:
-    """Labels were recorded: announce them, or retrain here if due (flows/retrain.py)."""
-    from flows.retrain import labels_recorded
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
+    from flows.train import train_flow
 
-    result = labels_recorded(task, count)  # waits for a due training: never in the background
+    with run_settings():
+        result = train_flow(task_name(args), progress=not args.no_progress)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.embedded import run_settings
+    from flows.process import process_flow
+
+    with run_settings():
+        result = process_flow(args.task)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.launcher import labels_recorded
+    from radflow.learning.labels import add_label
+    from radflow.runtime import Runtime
+
+    task = task_name(args)
+    with Runtime.open(settings) as rt:
+        with rt.transaction() as session:
+            add_label(session, args.study_uid, task, args.value, source="cli", author=args.author)
+        print(f"labelled {args.study_uid} {task}={args.value}")
+        # Retraining starts by itself once enough labels have arrived (flows/launcher.py).
+        result = labels_recorded(task, rt=rt)
     if isinstance(result, dict):
         print(
-            f"{count} label(s) made {task} due for retraining: trained {result['model']} "
+            f"{task} was due for retraining: trained {result['model']} "
             f"({result['status']}): {result.get('decision', '')}"
         )
+    return 0

@@ -21,7 +21,6 @@ import streamlit as st
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from radflow.db import unit_of_work
 from radflow.runtime import Runtime
 from radflow.services.study_view import Window, render_image
 from radflow.services.users import Permission, Principal, get_principal
@@ -64,7 +63,7 @@ def session() -> Iterator[Session]:
 @contextmanager
 def transaction() -> Iterator[Session]:
     """A unit of work: committed when the block ends (audit events, reviews, promotions)."""
-    with unit_of_work(runtime().session_factory) as s:
+    with runtime().transaction() as s:
         yield s
 
 

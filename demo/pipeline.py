@@ -1,24 +1,36 @@
-"""The demo: synthetic chest radiographs through the whole platform, on the embedded defaults."""
+"""The demo: synthetic chest radiographs through the whole platform, on the embedded defaults.
+
+What ``radflow demo`` (and ``make demo``) runs: synthetic studies are generated, ingested, a
+share labelled as a radiologist would, the task trained (once), every study scored, and the
+demo's users created; then the dashboard is served with the DICOM receiver beside it. Running
+it again adds nothing twice. Like the CLI, a thin caller of flows and of the core library.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
-from pathlib import Path
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from sqlalchemy import select
 
 from demo.synthetic import SyntheticStudy, write_cxr_studies
-from radflow.db import Label, Study, User, unit_of_work
+from radflow.db import Label, Study, User, upgrade
 from radflow.learning.labels import add_label
 from radflow.learning.registry import champion
+from radflow.learning.tasks.pneumonia_cxr import TASK as CHEST_TASK
 from radflow.runtime import Runtime
 from radflow.services.users import Role, add_user
+from radflow.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-TASK = "pneumonia-cxr"
+TASK = CHEST_TASK.name
+"""The synthetic studies are frontal chest radiographs: the task declared for those."""
 
 # Created only by `radflow demo` on its synthetic data, never by migrations or settings: a
 # production installation has no user until an admin runs `radflow user add`.
@@ -29,10 +41,34 @@ DEMO_USERS = (
 )
 
 
-def generate(folder: Path, n_studies: int, seed: int) -> list[SyntheticStudy]:
-    """Write ``n_studies`` synthetic chest radiograph studies (one file each) under ``folder``."""
+def run_demo(settings: Settings, *, studies: int, label_fraction: float) -> None:
+    """Synthetic studies ingested, a share labelled, a model trained, every study scored."""
+    from flows.embedded import run_settings
+    from flows.ingest import ingest_flow
+    from flows.process import process_flow
+    from flows.train import train_flow
+
+    upgrade(settings.database_url)  # the demo may find a data dir an older Radflow made
+    folder = settings.data_dir / "demo-studies"
+    print(f"Generating {studies} synthetic chest radiograph studies in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    return write_cxr_studies(folder, n_studies, seed=seed)
+    written = write_cxr_studies(folder, studies, seed=settings.seed)
+    with run_settings():
+        ingest_flow(str(folder))
+        with Runtime.open(settings) as rt:
+            n = label_training_subset(rt, written, label_fraction, settings.seed)
+            trained_before = has_champion(rt)
+        print(f"Labelled {n} studies as a radiologist would")
+        if trained_before:
+            print(f"{TASK} already has a champion model; not training again")
+        else:
+            trained = train_flow(TASK)
+            print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
+        scored = process_flow(TASK)
+    print(f"Scored {scored['scored']} studies with {scored['tasks'][TASK]['model']}")
+    with Runtime.open(settings) as rt:
+        for name, role, password in create_demo_users(rt):
+            print(f"Demo login ({role.value}): {name} / {password}")
 
 
 def label_training_subset(
@@ -47,7 +83,7 @@ def label_training_subset(
     random.Random(seed).shuffle(patients)
     chosen = set(patients[: round(len(patients) * fraction)])
     labelled = 0
-    with unit_of_work(rt.session_factory) as session:
+    with rt.transaction() as session:
         already = set(
             session.scalars(
                 select(Study.study_uid)
@@ -70,9 +106,33 @@ def has_champion(rt: Runtime) -> bool:
 
 def create_demo_users(rt: Runtime) -> list[tuple[str, Role, str]]:
     """The demo's users (name, role, password); existing ones are left as they are."""
-    with unit_of_work(rt.session_factory) as session:
+    with rt.transaction() as session:
         existing = set(session.scalars(select(User.name)))
         for name, role, password in DEMO_USERS:
             if name not in existing:
                 add_user(session, name, role, password)
     return list(DEMO_USERS)
+
+
+@contextmanager
+def serving_receiver(settings: Settings) -> Iterator[None]:
+    """The DICOM receiver next to the demo dashboard, so a study sent to it shows up there."""
+    port, host = settings.receiver_port, settings.receiver_host
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        print(f"DICOM receiver not started: port {port} is not free ({exc.strerror})")
+        yield
+        return
+    receiver = subprocess.Popen([sys.executable, "-m", "cli.main", "receive"])
+    print(
+        f"DICOM receiver {settings.receiver_ae_title} on port {port}: "
+        f"storescu -aec {settings.receiver_ae_title} localhost {port} FILE.dcm",
+        flush=True,
+    )
+    try:
+        yield
+    finally:
+        receiver.terminate()
+        receiver.wait(60)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Interval
 
 from flows.ingest import ingest_flow
+from flows.launcher import LABEL_EVENT, STABLE_EVENT
 from flows.process import process_flow
-from flows.retrain import retrain_deployment
 from flows.train import train_flow
-from flows.trigger import STABLE_EVENT
 from radflow.learning.tasks import TASKS
 from radflow.settings import Settings
 
@@ -46,3 +51,36 @@ def stable_study_triggers() -> list[DeploymentEventTrigger]:
         )
         for task_name in sorted(TASKS)
     ]
+
+
+def retrain_triggers(
+    threshold: int, tasks: Sequence[str] | None = None
+) -> list[DeploymentEventTrigger]:
+    """One trigger per task: ``threshold`` label events within a week start the train flow."""
+    return [
+        DeploymentEventTrigger(
+            name=f"{threshold} new labels -> retrain {task_name}",
+            expect={LABEL_EVENT},
+            match={"prefect.resource.id": f"radflow.task.{task_name}"},
+            threshold=threshold,
+            within=timedelta(days=7),
+            parameters={"task_name": task_name, "if_due": True, "progress": False},
+        )
+        for task_name in sorted(tasks or TASKS)
+    ]
+
+
+def retrain_deployment(train_flow: Any, threshold: int) -> RunnerDeployment:
+    """The train flow with ``if_due``: started by label events, hourly per task as a catch-up."""
+    deployment: RunnerDeployment = train_flow.to_deployment(
+        name="retrain",
+        triggers=retrain_triggers(threshold),
+        schedules=[
+            Interval(
+                timedelta(hours=1),
+                parameters={"task_name": task_name, "if_due": True, "progress": False},
+            )
+            for task_name in sorted(TASKS)
+        ],
+    )
+    return deployment

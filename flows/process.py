@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.retry import transient_only
+from radflow.db.registry import champion_tasks
 from radflow.ingest.routing import rules_for
 from radflow.learning import scoring
 from radflow.runtime import Runtime
@@ -32,16 +33,32 @@ def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
 
 
 @flow(name="process")
-def process_flow(task_name: str = "pneumonia-cxr") -> dict[str, object]:
+def process_flow(task_name: str | None = None) -> dict[str, object]:
+    """Score every stable study with the champion of ``task_name``, or of every task that has
+    one (None). Totals at the top level; each task's own report under ``tasks``."""
     logger = get_run_logger()
     with Runtime.open(Settings()) as rt:
-        report = score_stable(rt, task_name)
-    logger.info(report.summary())
+        if task_name is None:
+            with rt.session_factory() as session:
+                names = champion_tasks(session)
+        else:
+            names = [task_name]
+        reports = {name: score_stable(rt, name) for name in names}
+    for report in reports.values():
+        logger.info(report.summary())
     return {
-        "model": report.model,
-        "scored": report.scored,
-        "no_model": report.no_model,
-        "failed": report.failed,
-        "seconds": report.seconds,
-        "network_seconds": report.network_seconds,
+        "scored": sum(r.scored for r in reports.values()),
+        "no_model": sum(r.no_model for r in reports.values()),
+        "failed": {uid: why for r in reports.values() for uid, why in r.failed.items()},
+        "tasks": {
+            name: {
+                "model": r.model,
+                "scored": r.scored,
+                "no_model": r.no_model,
+                "failed": len(r.failed),
+                "seconds": r.seconds,
+                "network_seconds": r.network_seconds,
+            }
+            for name, r in reports.items()
+        },
     }

@@ -24,7 +24,7 @@ from prefect.exceptions import ObjectNotFound
 from radflow.db import unit_of_work
 from radflow.learning import training
 from radflow.learning.retrain import retrain_status
-from radflow.learning.tasks import get_task
+from radflow.learning.tasks import default_task, get_task
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
@@ -64,10 +64,12 @@ def train_version(rt: Runtime, task_name: str, progress: bool) -> dict[str, Any]
 
 @flow(name="train")
 def train_flow(
-    task_name: str = "pneumonia-cxr", progress: bool = True, if_due: bool = False
+    task_name: str | None = None, progress: bool = True, if_due: bool = False
 ) -> dict[str, Any]:
-    """Train ``task_name``; with ``if_due``, only when enough new labels have arrived."""
+    """Train ``task_name`` (default: the registry's default task); with ``if_due``, only when
+    enough new labels have arrived."""
     logger = get_run_logger()
+    task_name = task_name or default_task().name
     with Runtime.open(Settings()) as rt:
 
         def not_due() -> str | None:

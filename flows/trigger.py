@@ -1,7 +1,8 @@
-"""What starts the process flow when studies become stable: the one place that decides.
+"""What starts the process flow when studies become stable.
 
-- A Prefect server runs (``PREFECT_API_URL`` set): one ``radflow.study.stable`` event per study;
-  the ``process`` deployment's trigger (flows/deployments.py) starts the run on a worker.
+- A Prefect server runs (flows/launcher.py ``orchestrated``): one ``radflow.study.stable`` event
+  per study; the ``process`` deployment's trigger (flows/deployments.py) starts the run on a
+  worker.
 - The embedded default (no server): ``process_flow`` is called here, directly, for every task
   that has a champion model.
 
@@ -16,9 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from prefect.events import emit_event
-from prefect.settings import PREFECT_API_URL
-
+from flows.launcher import STABLE_EVENT, emit, orchestrated
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.db.registry import champion_tasks
@@ -27,7 +26,6 @@ from radflow.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-STABLE_EVENT = "radflow.study.stable"
 TriggerMode = Literal["event", "direct"]
 
 
@@ -40,7 +38,7 @@ class StabiliseResult:
 
 def trigger_mode() -> TriggerMode:
     """Events when a Prefect server is configured, a direct call on the embedded default."""
-    return "event" if PREFECT_API_URL.value() else "direct"
+    return "event" if orchestrated() else "direct"
 
 
 def study_resource(study: Promoted) -> dict[str, str]:
@@ -61,7 +59,7 @@ def stabilise_and_process(
     result.mode = mode or trigger_mode()
     if result.mode == "event":
         for study in promoted:
-            emit_event(event=STABLE_EVENT, resource=study_resource(study))
+            emit(STABLE_EVENT, study_resource(study))
         logger.info("%d studies stable: %s events emitted", len(promoted), STABLE_EVENT)
         return result
     tasks = _tasks_with_champion(rt)

@@ -11,6 +11,7 @@ import streamlit as st
 from sqlalchemy.orm import Session
 
 from dashboard import context
+from flows.launcher import start_training
 from radflow.errors import RadflowError
 from radflow.services.models import (
     Evaluation,
@@ -21,7 +22,6 @@ from radflow.services.models import (
     promote,
     request_retrain,
     rollback,
-    start_retrain,
 )
 from radflow.services.users import Permission, Principal
 
@@ -140,8 +140,8 @@ def _actions(principal: Principal, task: str, versions: list[VersionSummary]) ->
         if st.button("Retrain now", key=f"retrain:{task}", icon=":material/model_training:"):
             with context.transaction() as session:
                 request_retrain(session, principal, task)
-            started = start_retrain(context.runtime().settings, principal, task)
-            where = "Prefect flow run" if started.how == "prefect" else "local process"
+            started = start_training(context.runtime().settings, task)
+            where = "Prefect flow run" if started.how == "deployment" else "local process"
             st.success(f"Training of {task} started ({where} {started.ref}).")
 
 

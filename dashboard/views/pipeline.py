@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 
 import pandas as pd
@@ -10,10 +9,9 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard import context
+from flows.launcher import FlowRunsUnavailable, recent_flow_runs
 from radflow.services.pipeline import (
-    FlowRunsUnavailable,
     ingest_rate,
-    recent_flow_runs,
     rejections,
 )
 from radflow.services.status import platform_status
@@ -65,7 +63,7 @@ else:
 
 st.subheader("Recent flow runs")
 try:
-    runs = recent_flow_runs(user, os.environ.get("PREFECT_API_URL"))
+    runs = recent_flow_runs(user)
 except FlowRunsUnavailable as exc:
     st.info(str(exc), icon=":material/info:")
 else:

@@ -10,10 +10,16 @@ import streamlit as st
 from numpy.typing import NDArray
 
 from dashboard import context
-from flows.retrain import BackgroundRetrain, labels_recorded
-from radflow.learning.tasks import TASKS, get_task
-from radflow.services.review import Verdict, next_unreviewed, submit_review
+from flows.launcher import Started, labels_recorded
+from radflow.services.review import (
+    Verdict,
+    next_unreviewed,
+    review_task,
+    review_tasks,
+    submit_review,
+)
 from radflow.services.study_view import (
+    ObjectNotFound,
     OverlayUnreadable,
     SeriesView,
     StudyNotFound,
@@ -26,7 +32,6 @@ from radflow.services.study_view import (
     view_study,
 )
 from radflow.services.users import Permission, Principal
-from radflow.store import ObjectNotFound
 
 user = context.require_page(Permission.VIEW_STUDIES)
 
@@ -164,7 +169,7 @@ def _show_result(view: StudyView) -> None:
     if latest is None:
         st.info(f"Not scored yet (status: {view.status.replace('_', ' ')}).")
     else:
-        task = get_task(latest.task)
+        task = review_task(latest.task)
         columns = st.columns(3)
         columns[0].metric("Score", f"{latest.score:.3f}")
         probability = latest.scores.get(task.positive, latest.score)
@@ -184,8 +189,8 @@ def _review_form(principal: Principal, view: StudyView) -> None:
     st.subheader("Review")
     task_name = latest.task if latest else None
     if task_name is None:
-        task_name = st.selectbox("Task", list(TASKS), key="review_task")
-    task = get_task(task_name or next(iter(TASKS)))
+        task_name = st.selectbox("Task", [t.name for t in review_tasks()], key="review_task")
+    task = review_task(task_name or review_tasks()[0].name)
     with st.form("review", clear_on_submit=True):
         comment = st.text_area("Comment", max_chars=1024, placeholder="Optional")
         buttons = st.columns(2)
@@ -223,11 +228,11 @@ def _review_form(principal: Principal, view: StudyView) -> None:
             comment=comment,
         )
     saved = f"Saved: {result.task} = {result.value} ({result.verdict})"
-    # The label counts toward retraining like any other (flows/retrain.py decides); a due
+    # The label counts toward retraining like any other (flows/launcher.py decides); a due
     # training starts in the background, never in this page's process.
     started = labels_recorded(result.task, wait=False, rt=context.runtime())
-    if isinstance(started, BackgroundRetrain):
-        saved += f". Enough new labels: retraining {started.task} (process {started.pid})."
+    if isinstance(started, Started):
+        saved += f". Enough new labels: retraining {result.task} (process {started.ref})."
     st.session_state["radflow_saved"] = saved
     st.rerun()
 

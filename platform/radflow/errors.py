@@ -45,3 +45,13 @@ class NotEnoughLabels(RadflowError):
 class UnknownTask(RadflowError):
     def __init__(self, task: str, known: list[str]) -> None:
         super().__init__(f"unknown task {task!r}; known tasks: {', '.join(known)}")
+
+
+class SchemaNotCurrent(RadflowError):
+    """The database's schema is not the one this Radflow was built for."""
+
+    def __init__(self, current: str, expected: str) -> None:
+        super().__init__(
+            f"the database schema is at revision {current}, this Radflow needs {expected}: "
+            "run `radflow migrate` (with the same RADFLOW_DATABASE_URL) once, then start again"
+        )

@@ -14,6 +14,7 @@ The receiver's indexer, the watch folder and the Prefect task retries (flows/ret
 from __future__ import annotations
 
 import errno
+import logging
 
 import httpx
 import sqlalchemy.exc
@@ -83,3 +84,26 @@ def describe(exc: BaseException) -> str:
     """One line for a log: the type and the first line of the message (never a traceback)."""
     first = str(exc).splitlines()[0][:200] if str(exc) else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class FailureLog:
+    """Logs a long-lived loop's failures without flooding: an outage as one line each time it
+    is seen, anything else with its traceback the first time and one line after that.
+
+    A database down for 20 s must not leave 40 tracebacks in the receiver's log, and a bug hit
+    on every tick must still show its traceback once.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._seen: set[tuple[str, str]] = set()
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        key = (type(exc).__name__, describe(exc))
+        if is_outage(exc):
+            self.logger.warning("%s failed (%s); retrying", what, describe(exc))
+        elif key not in self._seen:
+            self._seen.add(key)
+            self.logger.error("%s failed; retrying", what, exc_info=exc)
+        else:
+            self.logger.error("%s failed again (%s); retrying", what, describe(exc))

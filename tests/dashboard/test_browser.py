@@ -256,7 +256,7 @@ def test_radiologist_reviews_a_study_from_the_worklist(
     expect(page.get_by_text("Saved: pneumonia-cxr = pneumonia")).to_be_visible()
 
     settings = Settings(data_dir=data_dir, database_url="", store_url="")
-    with Runtime.open(settings, migrate=False) as rt, rt.session_factory() as session:
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
         label = session.scalars(select(Label).where(Label.source == "review")).one()
         audit = session.execute(
             select(AuditEvent.actor, AuditEvent.action).where(
@@ -290,7 +290,7 @@ def test_ml_engineer_sees_the_models_page(server: str, page: Page, data_dir: Pat
     expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible()
     _screenshot(page, "models")
     settings = Settings(data_dir=data_dir, database_url="", store_url="")
-    with Runtime.open(settings, migrate=False) as rt, rt.session_factory() as session:
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
         status = session.scalars(select(ModelVersion.status)).one()
     assert status == ModelStatus.CHALLENGER  # the factory's version; nothing promoted by looking
 

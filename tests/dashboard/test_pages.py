@@ -21,7 +21,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from dashboard.context import AUTH_KEY
-from flows import retrain
+from flows import launcher
 from radflow.db import (
     AuditEvent,
     Label,
@@ -283,7 +283,7 @@ def labelled(runtime: Runtime, labels: int, unlabelled: int) -> list[str]:
 def embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded default: no Prefect server (the flow tests' harness may be running in this
     test session, and it sets the process-wide Prefect API URL)."""
-    monkeypatch.setattr(retrain, "trigger_mode", lambda: "direct")
+    monkeypatch.setattr(launcher, "orchestrated", lambda: False)
 
 
 def set_label(uid: str, value: str) -> AppTest:
@@ -374,7 +374,7 @@ def test_radiologist_never_reaches_models_pipeline_or_audit(runtime: Runtime) ->
     assert not [b for b in at.button if "Promote" in b.label]
 
 
-def test_pipeline_page_without_prefect_server(runtime: Runtime) -> None:
+def test_pipeline_page_without_prefect_server(runtime: Runtime, embedded: None) -> None:
     seed(runtime, ("HIGH", 0.91))
     at = app(Role.ML_ENGINEER)
     at.switch_page("views/pipeline.py")

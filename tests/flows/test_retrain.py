@@ -9,8 +9,10 @@ import pytest
 from sqlalchemy import select
 
 from demo.synthetic import SyntheticStudy, write_cxr_studies
+from flows import launcher
+from flows.deployments import retrain_triggers
 from flows.ingest import ingest_flow
-from flows.retrain import LABEL_EVENT, labels_recorded, retrain_triggers
+from flows.launcher import LABEL_EVENT, labels_recorded
 from flows.train import train_flow
 from radflow.db import (
     ModelEvaluation,
@@ -41,6 +43,8 @@ def _label(settings: Settings, task: str, studies: list[SyntheticStudy]) -> None
 def test_enough_new_labels_retrain_by_themselves_and_the_registry_says_why(
     flow_env: Settings, quick_task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The embedded default: no Prefect server (the flow tests' harness sets one process-wide).
+    monkeypatch.setattr(launcher, "orchestrated", lambda: False)
     monkeypatch.setenv("RADFLOW_RETRAIN_AFTER_LABELS", "4")
     # A larger held-out share than the quick plan's, so the evaluation set supports the test.
     task = tasks.get_task(quick_task)
@@ -53,10 +57,10 @@ def test_enough_new_labels_retrain_by_themselves_and_the_registry_says_why(
 
     # Three new labels: not due; the trigger does nothing.
     _label(flow_env, quick_task, studies[20:23])
-    assert labels_recorded(quick_task, 3, mode="direct") is None
+    assert labels_recorded(quick_task, 3) is None
     # The fourth: due, and the embedded path trains at once.
     _label(flow_env, quick_task, studies[23:24])
-    result = labels_recorded(quick_task, 1, mode="direct")
+    result = labels_recorded(quick_task, 1)
 
     assert isinstance(result, dict) and result["model"] == f"{quick_task}:v2"
     engine = make_engine(flow_env.database_url)

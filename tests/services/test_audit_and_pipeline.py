@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import Rejection, unit_of_work
 from radflow.db.base import utcnow
 from radflow.services.audit import AuditFilter, choices, list_events
-from radflow.services.pipeline import FlowRunsUnavailable, ingest_rate, recent_flow_runs, rejections
+from radflow.services.pipeline import ingest_rate, rejections
 from radflow.services.study_view import view_study
 from radflow.services.users import PermissionDenied, Role
 from radflow.store import ObjectStore
@@ -63,15 +63,3 @@ def test_ingest_rate_counts_instances_per_hour(
     assert sum(n for _, n in hours) == 3
     assert [(r.reason, r.origin) for r in rows] == [("not-dicom", "notes.txt")]
     assert by_reason == {"not-dicom": 1}
-
-
-def test_flow_runs_without_a_prefect_server_say_so(
-    session_factory: sessionmaker[Session],
-) -> None:
-    with unit_of_work(session_factory) as session:
-        engineer = make_user(session, "max", Role.ML_ENGINEER)
-        radiologist = make_user(session, "rita")
-    with pytest.raises(FlowRunsUnavailable, match="PREFECT_API_URL"):
-        recent_flow_runs(engineer, None)
-    with pytest.raises(PermissionDenied):
-        recent_flow_runs(radiologist, None)

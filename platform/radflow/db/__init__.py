@@ -7,7 +7,13 @@ from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
 from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
 from radflow.db.results import Label, Prediction
-from radflow.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade
+from radflow.db.session import (
+    ensure_schema,
+    make_engine,
+    make_sessionmaker,
+    unit_of_work,
+    upgrade,
+)
 from radflow.db.users import LoginAttempt, User
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "StudyStatus",
     "TrainingRun",
     "User",
+    "ensure_schema",
     "make_engine",
     "make_sessionmaker",
     "unit_of_work",

@@ -66,8 +66,7 @@ def champion_tasks(session: Session) -> list[str]:
     """Names of the tasks that have a champion model, sorted.
 
     Here rather than in :mod:`radflow.learning.registry` because the receiver asks it on every
-    tick: this
-    module needs neither PyTorch nor MONAI, which would triple the receiver's memory.
+    tick: this module needs neither PyTorch nor MONAI, which would triple the receiver's memory.
     """
     query = select(ModelVersion.task).where(ModelVersion.status == ModelStatus.CHAMPION)
     return sorted(set(session.scalars(query)))

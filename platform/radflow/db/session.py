@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from radflow.errors import SchemaNotCurrent
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -67,3 +70,39 @@ def alembic_config(database_url: str) -> Config:
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return cfg
+
+
+def schema_revisions(engine: Engine) -> frozenset[str] | None:
+    """The Alembic revisions the database is at; None if it has no schema at all."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        rows = connection.execute(text("SELECT version_num FROM alembic_version"))
+        return frozenset(str(row[0]) for row in rows)
+
+
+@functools.cache
+def head_revisions() -> frozenset[str]:
+    """The latest revisions of the migrations this Radflow ships (read once per process)."""
+    from alembic.script import ScriptDirectory
+
+    return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
+
+
+def ensure_schema(engine: Engine, database_url: str) -> None:
+    """Check that the schema is at the latest revision; create an empty embedded one.
+
+    An empty SQLite database (the embedded default's first start) is migrated here; any other
+    database must be brought up to date by ``radflow migrate``, on purpose: an upgrade of a
+    production schema is an operator's decision, and several processes starting at once must
+    not race to make it.
+    """
+    current = schema_revisions(engine)
+    if current is None and engine.dialect.name == "sqlite":
+        upgrade(database_url)
+        return
+    heads = head_revisions()
+    if current != heads:
+        raise SchemaNotCurrent(
+            "no schema" if current is None else ", ".join(sorted(current)), ", ".join(sorted(heads))
+        )

@@ -9,9 +9,6 @@ evaluation gate decides automatically, these are the ML engineer's manual overri
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,12 +23,9 @@ from radflow.db.audit import record
 from radflow.learning import registry
 from radflow.learning.tasks import get_task
 from radflow.services.users import Permission, Principal, require
-from radflow.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-TRAIN_DEPLOYMENT = "train/train"
-"""flow name / deployment name, as flows/deployments.py serves it."""
 CALIBRATION_BINS = 10
 
 
@@ -201,39 +195,9 @@ def rollback(session: Session, principal: Principal, task: str) -> ModelVersion:
     return registry.rollback(session, task, actor=principal.name)
 
 
-@dataclass(frozen=True)
-class RetrainStarted:
-    how: str
-    """"prefect" (a deployment run) or "local" (a background process on this machine)."""
-    ref: str
-    """The flow run id, or the local process id."""
-
-
 def request_retrain(session: Session, principal: Principal, task: str) -> None:
-    """Check the permission and audit the request; the caller commits, then starts it."""
+    """Check the permission and audit the request; the caller commits, then starts the
+    training (flows/launcher.py ``start_training``: the core does not start flows)."""
     require(principal, Permission.RETRAIN)
     get_task(task)  # unknown tasks fail here, before anything starts
     session.add(record(principal.name, "retrain", "task", task))
-
-
-def start_retrain(settings: Settings, principal: Principal, task: str) -> RetrainStarted:
-    """Start the train flow: through the Prefect deployment when a server is configured
-    (``PREFECT_API_URL``), else as a background ``radflow train`` on this machine."""
-    require(principal, Permission.RETRAIN)
-    if os.environ.get("PREFECT_API_URL"):
-        from prefect.deployments import run_deployment
-
-        # timeout=0: return as soon as the run is scheduled; a worker picks it up.
-        run = run_deployment(TRAIN_DEPLOYMENT, parameters={"task_name": task}, timeout=0)
-        return RetrainStarted("prefect", str(run.id))
-    log = settings.data_dir / "logs" / f"train-{task}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "train", "--task", task, "--no-progress"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # outlives a dashboard restart, like a deployment run
-        )
-    logger.info("started local training of %s (pid %d, log %s)", task, process.pid, log)
-    return RetrainStarted("local", str(process.pid))

@@ -1,4 +1,4 @@
-"""The pipeline page: ingest rate, queue sizes, rejected inputs and recent flow runs."""
+"""The pipeline page: ingest rate, queue sizes and rejected inputs (flow runs: flows.launcher)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,6 @@ class RejectionRow:
     message: str
     origin: str | None
     quarantine_key: str | None
-
-
-@dataclass(frozen=True)
-class FlowRunRow:
-    flow: str
-    name: str
-    state: str
-    start_time: datetime | None
-    end_time: datetime | None
-    message: str | None
 
 
 def ingest_rate(
@@ -83,44 +73,3 @@ def rejections(
     return [
         RejectionRow(r.at, r.source, r.reason, r.message, r.origin, r.quarantine_key) for r in rows
     ], by_reason
-
-
-class FlowRunsUnavailable(Exception):
-    """The Prefect API could not be asked; the message says why."""
-
-
-def recent_flow_runs(
-    principal: Principal, api_url: str | None, *, limit: int = 30
-) -> list[FlowRunRow]:
-    """The newest flow runs from the Prefect server at ``api_url``.
-
-    Raises FlowRunsUnavailable when no server is configured (``api_url`` empty: flows then run
-    in-process with a temporary server that keeps no history) or it does not answer.
-    """
-    require(principal, Permission.VIEW_PIPELINE)
-    if not api_url:
-        raise FlowRunsUnavailable(
-            "no Prefect server configured (PREFECT_API_URL is unset): flows run in-process "
-            "and keep no run history; start `prefect server start` and `radflow worker` to see runs"
-        )
-    import httpx
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    try:
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
-            flows = {f.id: f.name for f in client.read_flows(limit=200)}
-    except (httpx.HTTPError, OSError, RuntimeError) as exc:
-        raise FlowRunsUnavailable(f"the Prefect server at {api_url} did not answer: {exc}") from exc
-    return [
-        FlowRunRow(
-            flow=flows.get(run.flow_id, str(run.flow_id)),
-            name=run.name,
-            state=run.state_name or "unknown",
-            start_time=run.start_time,
-            end_time=run.end_time,
-            message=run.state.message if run.state is not None else None,
-        )
-        for run in runs
-    ]

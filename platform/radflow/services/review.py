@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from radflow.db import Prediction, Study, StudyStatus
 from radflow.db.audit import record
 from radflow.learning.labels import add_label
-from radflow.learning.tasks import get_task
+from radflow.learning.tasks import TASKS, get_task
 from radflow.services.study_view import StudyNotFound
 from radflow.services.users import Permission, Principal, require
 from radflow.services.worklist import REVIEW_SOURCE, WorklistFilter, list_studies
@@ -30,6 +30,26 @@ class Verdict(enum.StrEnum):
     """The model's call is wrong: the other label of the binary task."""
     LABEL = "label"
     """The reviewer names the label directly (also for studies without a prediction)."""
+
+
+@dataclass(frozen=True)
+class ReviewTask:
+    """A task as the review form offers it: its name and the label values it takes."""
+
+    name: str
+    labels: tuple[str, ...]
+    positive: str
+
+
+def review_tasks() -> list[ReviewTask]:
+    """The tasks a reviewer can label, in the registry's order (the first is the default)."""
+    return [ReviewTask(t.name, tuple(t.labels), t.positive) for t in TASKS.values()]
+
+
+def review_task(name: str) -> ReviewTask:
+    """One task of :func:`review_tasks` (UnknownTask if the registry has no such task)."""
+    task = get_task(name)
+    return ReviewTask(task.name, tuple(task.labels), task.positive)
 
 
 @dataclass(frozen=True)

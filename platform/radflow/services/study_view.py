@@ -22,6 +22,7 @@ from radflow.db import Prediction, Series, Study
 from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.services.users import Permission, Principal, require
+from radflow.store import ObjectNotFound as ObjectNotFound  # the pages catch it
 from radflow.store import ObjectStore
 
 Window = tuple[float, float]

@@ -15,6 +15,7 @@ from radflow.learning.tasks.base import (
 )
 
 TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK,)}
+"""Every task, in declaration order; the first is the default."""
 
 __all__ = [
     "TASKS",
@@ -25,6 +26,7 @@ __all__ = [
     "Task",
     "TaskKind",
     "TrainingPlan",
+    "default_task",
     "get_task",
 ]
 
@@ -34,3 +36,8 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise UnknownTask(name, sorted(TASKS)) from None
+
+
+def default_task() -> Task:
+    """The task commands and flows use when none is named: the first one declared."""
+    return next(iter(TASKS.values()))

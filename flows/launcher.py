@@ -1,0 +1,192 @@
+"""Starting work: the one place that knows whether an orchestration server runs and how work starts.
+
+- :func:`orchestrated`: whether a Prefect server is configured (``PREFECT_API_URL``, read the
+  way Prefect reads it). Nothing else in Radflow asks.
+- With a server, work starts there: events (:func:`emit`) drive the deployments' triggers
+  (flows/deployments.py) and :func:`start_training` schedules a deployment run for a worker.
+- On the embedded default (no server), flows run in the calling process, or a ``radflow``
+  command runs in the background (:func:`start_background`), reaped when it ends.
+
+The dashboard imports this module and nothing else of ``flows``; the CLI and the flows use it
+too. The train flow itself decides from the database whether a task is due, so a trigger that
+fires twice, or late, trains at most once.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect.events import emit_event
+from prefect.settings import PREFECT_API_URL
+
+from radflow.db import unit_of_work
+from radflow.learning.retrain import retrain_status
+from radflow.runtime import Runtime
+from radflow.services.users import Permission, Principal, require
+from radflow.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STABLE_EVENT = "radflow.study.stable"
+LABEL_EVENT = "radflow.label.created"
+TRAIN_DEPLOYMENT = "train/train"
+"""flow name / deployment name, as flows/deployments.py serves it."""
+
+
+def orchestrated() -> bool:
+    """Whether a Prefect server is configured: work then starts there, not in this process."""
+    return bool(PREFECT_API_URL.value())
+
+
+def emit(event: str, resource: dict[str, str]) -> None:
+    """One event for the server's automations (only meaningful when :func:`orchestrated`)."""
+    emit_event(event=event, resource=resource)
+
+
+def task_resource(task_name: str) -> dict[str, str]:
+    # The task, not the study: events are kept by Prefect, outside the clinical store.
+    return {"prefect.resource.id": f"radflow.task.{task_name}", "radflow.task": task_name}
+
+
+@dataclass(frozen=True)
+class Started:
+    """Work started elsewhere: a deployment run on a worker, or a process on this machine."""
+
+    how: Literal["deployment", "process"]
+    ref: str
+    """The flow run id, or the process id."""
+    log: Path | None = None
+    """The process's log file (a local process only)."""
+
+
+def start_background(arguments: Sequence[str], log: Path) -> Started:
+    """``radflow ARGUMENTS`` as a detached process logging to ``log``; reaped when it ends.
+
+    It reads the caller's RADFLOW_* environment and outlives the caller (a dashboard restart,
+    a closed tab), like a deployment run would.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *arguments],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    # Collect its exit status when it ends, so a long-lived caller (the dashboard server) does
+    # not keep a zombie per process started.
+    name = f"reap-{arguments[0] if arguments else 'radflow'}-{process.pid}"
+    threading.Thread(target=process.wait, name=name, daemon=True).start()
+    command = " ".join(arguments)
+    logger.info("started `radflow %s` as process %d (log %s)", command, process.pid, log)
+    return Started("process", str(process.pid), log)
+
+
+def start_training(settings: Settings, task_name: str, *, if_due: bool = False) -> Started:
+    """Start the train flow for ``task_name``: a deployment run when a server is configured,
+    else a background ``radflow train`` (``retrain --if-due`` with ``if_due``) here."""
+    if orchestrated():
+        from prefect.deployments import run_deployment
+
+        parameters: dict[str, Any] = {"task_name": task_name, "progress": False, "if_due": if_due}
+        # timeout=0: return as soon as the run is scheduled; a worker picks it up.
+        run = run_deployment(TRAIN_DEPLOYMENT, parameters=parameters, timeout=0)
+        return Started("deployment", str(run.id))
+    command = ["retrain", "--if-due"] if if_due else ["train"]
+    log = settings.data_dir / "logs" / f"{command[0]}-{task_name}.log"
+    return start_background([*command, "--task", task_name, "--no-progress"], log)
+
+
+def labels_recorded(
+    task_name: str, count: int = 1, *, wait: bool = True, rt: Runtime | None = None
+) -> dict[str, Any] | Started | None:
+    """Announce ``count`` new labels; on the embedded default, retrain ``task_name`` if due.
+
+    With a server: one ``radflow.label.created`` event per label (the retrain deployment's
+    trigger counts them) and None. Without: the due check runs here (cheaply: most labels do
+    not make a task due); a due training runs in this process with ``wait`` (the CLI: the
+    train flow's result is returned) or in the background without (the dashboard: Started).
+    ``rt``: the caller's open runtime, if any (else one is opened from the environment).
+    """
+    if orchestrated():
+        for _ in range(count):
+            emit(LABEL_EVENT, task_resource(task_name))
+        return None
+    runtime = rt or Runtime.open(Settings())
+    try:
+        with unit_of_work(runtime.session_factory) as session:
+            due = retrain_status(session, task_name, runtime.settings.retrain_after_labels).due
+        settings = runtime.settings
+    finally:
+        if rt is None:
+            runtime.close()
+    if not due:
+        return None
+    if not wait:
+        return start_training(settings, task_name, if_due=True)
+    from flows.embedded import run_settings
+    from flows.train import train_flow
+
+    with run_settings():
+        result: dict[str, Any] = train_flow(task_name, progress=False, if_due=True)
+    return result if result.get("trained") else None
+
+
+@dataclass(frozen=True)
+class FlowRunRow:
+    flow: str
+    name: str
+    state: str
+    start_time: datetime | None
+    end_time: datetime | None
+    message: str | None
+
+
+class FlowRunsUnavailable(Exception):
+    """The Prefect API could not be asked; the message says why."""
+
+
+def recent_flow_runs(principal: Principal, *, limit: int = 30) -> list[FlowRunRow]:
+    """The newest flow runs on the Prefect server (the pipeline page).
+
+    Raises FlowRunsUnavailable when no server is configured (flows then run in-process with a
+    temporary server that keeps no history) or it does not answer.
+    """
+    require(principal, Permission.VIEW_PIPELINE)
+    if not orchestrated():
+        raise FlowRunsUnavailable(
+            "no Prefect server configured (PREFECT_API_URL is unset): flows run in-process "
+            "and keep no run history; start `prefect server start` and `radflow worker` to see runs"
+        )
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
+            flows = {f.id: f.name for f in client.read_flows(limit=200)}
+    except (httpx.HTTPError, OSError, RuntimeError) as exc:
+        raise FlowRunsUnavailable(
+            f"the Prefect server at {PREFECT_API_URL.value()} did not answer: {exc}"
+        ) from exc
+    return [
+        FlowRunRow(
+            flow=flows.get(run.flow_id, str(run.flow_id)),
+            name=run.name,
+            state=run.state_name or "unknown",
+            start_time=run.start_time,
+            end_time=run.end_time,
+            message=run.state.message if run.state is not None else None,
+        )
+        for run in runs
+    ]
