@@ -25,14 +25,16 @@ WORKDIR /app
 COPY constraints.txt ./
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt torch
 
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md ./
 COPY platform ./platform
 COPY flows ./flows
 COPY dashboard ./dashboard
+COPY cli ./cli
+COPY demo ./demo
 COPY migrations ./migrations
-# Editable on purpose: radflow.db finds migrations/ relative to the source tree (repo root), which
-# a regular site-packages install would not have.
-RUN pip install -c constraints.txt -e .
+# A regular install: the migrations ship inside the package (radflow.migrations), so the image
+# keeps no source tree; `radflow migrate` creates and upgrades the schema.
+RUN pip install -c constraints.txt . && rm -rf /app/*
 
 USER radflow
 ENV RADFLOW_DATA_DIR=/data

@@ -2,7 +2,7 @@
 
 At most one training per task at a time: the flow holds the Prefect global concurrency limit
 ``train-<task>`` (created with limit 1 on first use) while it trains, and the library refuses a
-second run while the database shows one running (radflow.learning.training.running_run), which also
+second run while the database shows one running (radflow.learning.retrain.running_run), which also
 covers trainings started outside Prefect.
 """
 

@@ -25,7 +25,8 @@ from radflow.db import (
 )
 from radflow.learning import tasks
 from radflow.learning.labels import add_label
-from radflow.learning.training import TrainingInProgress, train_task
+from radflow.learning.retrain import TrainingInProgress
+from radflow.learning.training import train_task
 from radflow.settings import Settings
 from radflow.store import open_store
 

@@ -1,19 +1,50 @@
-"""When a task is due for retraining: enough new labels since its last training.
+"""When a task is due for retraining, and whether a training of it is in progress.
 
 The state lives in the database only (labels and training runs), so the trigger survives
 restarts of every process: a label counts as new when it was recorded after the start of the
-task's latest training run that did not fail.
+task's latest training run that did not fail. Light on purpose (no PyTorch): the receiver and
+the dashboard ask it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from radflow.db import Label, TrainingRun
-from radflow.learning.training import running_run
+from radflow.db.base import utcnow
+from radflow.errors import RadflowError
+
+
+class TrainingInProgress(RadflowError):
+    def __init__(self, task: str, run_id: int) -> None:
+        super().__init__(
+            f"a training of {task} is already running (training run {run_id}); wait for it to "
+            f"finish. If its process died, it counts as abandoned after "
+            f"{STALE_RUN.total_seconds() / 3600:g} h."
+        )
+
+
+# A run still marked running after this long lost its process (a crash, a killed worker): it no
+# longer blocks new trainings. Far above any real training time of the tasks declared here.
+STALE_RUN = timedelta(hours=6)
+
+
+def running_run(session: Session, task: str) -> TrainingRun | None:
+    """The task's training run in progress, if any (abandoned runs are not)."""
+    return session.scalar(
+        select(TrainingRun)
+        .where(
+            TrainingRun.task == task,
+            TrainingRun.status == "running",
+            TrainingRun.started_at > utcnow() - STALE_RUN,
+        )
+        .order_by(TrainingRun.id.desc())
+        .limit(1)
+    )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -27,13 +26,14 @@ from radflow.db import (
     unit_of_work,
 )
 from radflow.db.base import utcnow
-from radflow.errors import NotEnoughLabels, RadflowError
+from radflow.errors import NotEnoughLabels
 from radflow.ingest.routing import RoutingRules, candidates, route_series, rules_for
 from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_device
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
 from radflow.learning.inference import load_network, predict
 from radflow.learning.registry import champion, judge, register
+from radflow.learning.retrain import TrainingInProgress, running_run
 from radflow.learning.tasks import Task, get_task
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -188,34 +188,6 @@ def fit(
     assert best is not None
     network.load_state_dict(best[1])
     return FitResult(network.eval(), history, val[1].numpy(), best[2], seen / max(busy, 1e-9))
-
-
-class TrainingInProgress(RadflowError):
-    def __init__(self, task: str, run_id: int) -> None:
-        super().__init__(
-            f"a training of {task} is already running (training run {run_id}); wait for it to "
-            f"finish. If its process died, it counts as abandoned after "
-            f"{STALE_RUN.total_seconds() / 3600:g} h."
-        )
-
-
-# A run still marked running after this long lost its process (a crash, a killed worker): it no
-# longer blocks new trainings. Far above any real training time of the tasks declared here.
-STALE_RUN = timedelta(hours=6)
-
-
-def running_run(session: Session, task: str) -> TrainingRun | None:
-    """The task's training run in progress, if any (abandoned runs are not)."""
-    return session.scalar(
-        select(TrainingRun)
-        .where(
-            TrainingRun.task == task,
-            TrainingRun.status == "running",
-            TrainingRun.started_at > utcnow() - STALE_RUN,
-        )
-        .order_by(TrainingRun.id.desc())
-        .limit(1)
-    )
 
 
 @dataclass(frozen=True)
