@@ -1,9 +1,10 @@
 """Run in a fresh process by test_guard.py: status, then one instance received, as a pynetdicom
 or pydicom other than the guard's would see it.
 
-``python receive_once.py SCENARIO STORESCU FILE`` with the RADFLOW_* environment of a migrated
-database. Prints ``radflow status --json``, then one JSON line: storescu's exit code, whether
-the instance was indexed, and which of the receiver's fast-path modules got loaded.
+``python receive_once.py SCENARIO STORESCU FILE...`` with the RADFLOW_* environment of a migrated
+database. Prints ``radflow status --json``, then one JSON line: the receiver's counters once the
+files are sent and indexed, what is left in ``spool/incoming`` after it stopped, and which of the
+receiver's fast-path modules got loaded.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ SCENARIOS = {
 }
 
 
-def main(scenario: str, storescu: str, sent: str) -> None:
+def main(scenario: str, storescu: str, *files: str) -> None:
     SCENARIOS[scenario]()
 
     import radflow.ingest.receiver
@@ -57,13 +58,17 @@ def main(scenario: str, storescu: str, sent: str) -> None:
         )
         receiver.start()
         try:
-            command = [storescu, "-aec", "RADFLOW", "127.0.0.1", str(receiver.port), sent]
-            returncode = subprocess.run(command, check=False, timeout=60).returncode
-            indexed = receiver.wait_indexed(30) and receiver.counters.snapshot()["indexed"] == 1
+            command = [storescu, "-aec", "RADFLOW", "127.0.0.1", str(receiver.port), *files]
+            subprocess.run(command, check=False, timeout=60)
+            assert receiver.wait_indexed(30)
         finally:
             receiver.stop()
-    loaded = [name for name in FAST_PATH_MODULES if name in sys.modules]
-    print(json.dumps({"storescu": returncode, "indexed": indexed, "fast_path_loaded": loaded}))
+    result = {
+        "counters": receiver.counters.snapshot(),
+        "incoming_left": sorted(path.name for path in receiver.spool.incoming.iterdir()),
+        "fast_path_loaded": [name for name in FAST_PATH_MODULES if name in sys.modules],
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from factories import dicom_bytes
 from peers import radflow_env, storescu, tool
@@ -60,15 +62,18 @@ def test_status_and_receiving_without_the_fast_path(
 ) -> None:
     """A fresh process (receive_once.py): pynetdicom's private modules renamed, or another
     pynetdicom or pydicom, or the operator's switch. ``radflow status --json`` works, the
-    receiver stores an instance on pynetdicom's public API and says why in its warnings, and no
-    module of the fast path is even imported."""
-    sent = tmp_path / "one.dcm"
-    sent.write_bytes(dicom_bytes())
+    receiver stores and refuses instances on pynetdicom's public API, leaving no file behind,
+    and says why in its warnings; no module of the fast path is even imported."""
+    good, refused = tmp_path / "good.dcm", tmp_path / "no-pixels.dcm"
+    good.write_bytes(dicom_bytes())
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes()))
+    del ds.PixelData
+    ds.save_as(refused, enforce_file_format=True)
     env = radflow_env(
         settings.model_copy(update={"receiver_fast_path": scenario != "fast-path-off"})
     )
     run = subprocess.run(
-        [sys.executable, str(RECEIVE_ONCE), scenario, tool("/usr/bin/storescu"), str(sent)],
+        [sys.executable, RECEIVE_ONCE, scenario, tool("/usr/bin/storescu"), good, refused],
         env=env,
         capture_output=True,
         text=True,
@@ -78,8 +83,22 @@ def test_status_and_receiving_without_the_fast_path(
     assert run.returncode == 0, run.stderr
     status_line, result_line = run.stdout.splitlines()[-2:]
     assert json.loads(status_line)["receiver"]["received"] == 0
-    assert json.loads(result_line) == {"storescu": 0, "indexed": True, "fast_path_loaded": []}
-    warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
+    result = json.loads(result_line)
+    assert result["counters"] == {
+        "received": 2,
+        "spooled": 1,
+        "indexed": 1,
+        "duplicates": 0,
+        "index_retries": 0,
+        "rejected": {"no-pixel-data": 1},
+    }
+    assert result["incoming_left"] == []
+    assert result["fast_path_loaded"] == []
+    warnings = [
+        line
+        for line in run.stderr.splitlines()
+        if "WARNING" in line and "refused an instance" not in line  # the no-pixels file's
+    ]
     assert len(warnings) == len(SCENARIOS[scenario]), run.stderr
     for line, expected in zip(warnings, SCENARIOS[scenario], strict=True):
         assert "radflow.ingest.receiver" in line and expected in line, line
