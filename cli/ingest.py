@@ -26,9 +26,6 @@ def add_commands(add: Add) -> None:
     p.add_argument("--port", type=int, default=None, help="default RADFLOW_RECEIVER_PORT (11112)")
     p.add_argument("--ae-title", default=None, help="default RADFLOW_RECEIVER_AE_TITLE (RADFLOW)")
     p.add_argument("--host", default=None, help="default RADFLOW_RECEIVER_HOST (0.0.0.0)")
-    # A supervisor's worker (radflow.ingest.receiver.workers): its number and the shared socket.
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p = add("watch", cmd_watch, "ingest files and zips dropped in the inbox (a polling loop)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p = add("export", cmd_export, "write de-identified copies of a study (PS3.15 Basic profile)")
@@ -55,21 +52,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.ingest.receiver.service import serve, serve_worker
-    from radflow.runtime import Runtime
-
-    if args.worker is not None:  # started by a supervisor (radflow.ingest.receiver.workers)
-        with Runtime.open(settings) as rt:
-            serve_worker(
-                settings,
-                args.worker,
-                args.listen_fd,
-                session_factory=rt.session_factory,
-                store=rt.store,
-                ae_title=args.ae_title,
-            )
-        return 0
     from flows.trigger import stabilise_and_process
+    from radflow.ingest.receiver.service import serve
+    from radflow.runtime import Runtime
 
     with Runtime.open(settings) as rt:
         serve(
