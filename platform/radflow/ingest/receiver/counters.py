@@ -27,6 +27,7 @@ FIELDS = ("received", "spooled", "indexed", "duplicates", "index_retries")
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 60.0
 RUNNING, STOPPED, DEAD = "running", "stopped", "dead"
+GONE = "gone"  # said "running", but its process or its heartbeat is gone (killed)
 
 
 class ReceiverCounters:
@@ -142,7 +143,7 @@ def indexer_health(saved: dict[str, Any], now: float | None = None) -> dict[str,
         and now - float(heartbeat) < STALE_AFTER_SECONDS
     )
     return {
-        "state": state if alive or state != RUNNING else "gone",
+        "state": state if alive or state != RUNNING else GONE,
         "alive": alive,
         "last_batch_at": _iso(indexer.get("last_batch")),
         "errors": int(indexer.get("errors", 0)),
