@@ -52,6 +52,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -505,21 +506,26 @@ def _text_problem(value: str | None, limit: int) -> str | None:
 
 @dataclass
 class _Copy:
-    """The copy of an instance that is kept, as a later copy with other bytes is compared to."""
+    """The copy of an instance that is kept, as a later copy with other bytes is compared to.
+
+    Its identity and pixels are worked out only when such a copy comes (rarely).
+    """
 
     sha256: str
-    identity: tuple[str, str, str]  # patient pseudonym, study UID, series UID
+    identify: Callable[[], tuple[str, str, str]]  # patient pseudonym, study UID, series UID
     read: Callable[[], bytes]
-    _pixels: str | None = None
 
     @classmethod
     def of_file(cls, path: Path, header: InstanceHeader, pseudonym_key: str) -> _Copy:
-        return cls(header.sha256, _identity(header, pseudonym_key), path.read_bytes)
+        return cls(header.sha256, lambda: _identity(header, pseudonym_key), path.read_bytes)
 
-    def pixel_digest(self) -> str:
-        if self._pixels is None:
-            self._pixels = _pixel_digest(self.read())
-        return self._pixels
+    @cached_property
+    def identity(self) -> tuple[str, str, str]:
+        return self.identify()
+
+    @cached_property
+    def pixels(self) -> str:
+        return _pixel_digest(self.read())
 
     def conflict(
         self, path: Path, header: InstanceHeader, pseudonym_key: str
@@ -527,14 +533,14 @@ class _Copy:
         """None if ``header`` (of ``path``) is this instance again, else why it is not."""
         if header.sha256 == self.sha256:
             return None
-        other = _identity(header, pseudonym_key)
         names = ("patient", "study", "series")
+        other = _identity(header, pseudonym_key)
         differ = [n for n, a, b in zip(names, self.identity, other, strict=True) if a != b]
         if differ:
             difference = f"belongs to another {' and '.join(differ)}"
         else:
             try:
-                if self.pixel_digest() == _pixel_digest(path.read_bytes()):
+                if self.pixels == _pixel_digest(path.read_bytes()):
                     logger.info("%s: another encoding of an indexed instance", path.name)
                     return None
                 difference = "has other pixel data"
@@ -566,7 +572,9 @@ def _indexed_copy(session: Session, store: ObjectStore, uid: str, sha256: str) -
         .where(Instance.sop_instance_uid == uid)
     ).one()
     object_key, pseudonym, study_uid, series_uid = row
-    return _Copy(sha256, (pseudonym, study_uid, series_uid), lambda: store.get_bytes(object_key))
+    return _Copy(
+        sha256, lambda: (pseudonym, study_uid, series_uid), lambda: store.get_bytes(object_key)
+    )
 
 
 def _indexed_digests(session: Session, sop_instance_uids: Sequence[str]) -> dict[str, str]:

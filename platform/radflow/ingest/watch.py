@@ -148,10 +148,13 @@ def _ingest_entry(
 def _refuse_link(
     path: Path, settings: Settings, session_factory: sessionmaker[Session], report: WatchReport
 ) -> None:
-    # readlink reads the link itself, never its target.
+    try:
+        target = os.readlink(path)  # the link itself, never its target
+    except FileNotFoundError:  # removed by its writer meanwhile
+        return
     problem = InvalidInstance(
         "symlink",
-        f"{path.name}: a symbolic link (to {os.readlink(path)}); links in the inbox are never "
+        f"{path.name}: a symbolic link (to {target}); links in the inbox are never "
         "followed, as they could point anywhere on this machine: copy the file itself in",
     )
     quarantine(problem, path.name, settings, session_factory)
