@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bad_inputs import failing_unforeseen, zip_of_zeros
+from bad_inputs import changed, failing_unforeseen, zip_of_zeros
 from factories import dicom_bytes
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -108,6 +108,22 @@ def test_zip_members_are_ingested_and_bad_members_quarantined(
     assert (reason["original_name"], reason["kept"]) == ("study.zip/a/readme.txt", "study.zip")
     assert (settings.quarantine / "study.zip").read_bytes() == dropped
     assert _rejections(session_factory) == [("folder", "not-dicom", "study.zip")]
+
+
+def test_a_dicom_file_ending_like_a_zip_is_ingested_as_dicom(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore
+) -> None:
+    # Pixel data whose last 22 bytes read as a zip's end-of-central-directory record.
+    end_record = b"PK\x05\x06" + bytes(18)
+    data = changed(
+        dicom_bytes(), lambda ds: setattr(ds, "PixelData", ds.PixelData[:-22] + end_record)
+    )
+    path = _drop(settings, "image.dcm", data)
+    assert zipfile.is_zipfile(path)
+
+    report = watch_once(settings, session_factory, store, now=LATER)
+
+    assert (report.stored, report.quarantined) == (1, 0)
 
 
 def test_unsafe_archives_are_quarantined_whole(

@@ -102,6 +102,8 @@ _TEXT_COLUMNS: dict[str, InstrumentedAttribute[str | None]] = {
 }
 _NUMBER_COLUMNS = {"series_number": Series.number, "instance_number": Instance.number}
 
+Item = tuple[Path, InstanceHeader]
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -276,9 +278,6 @@ def _storable(text: str, limit: int) -> str:
     name), at most ``limit`` characters. For messages and names, never for indexed values."""
     cleaned = text.replace("\0", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
     return cleaned[:limit]
-
-
-Item = tuple[Path, InstanceHeader]
 
 
 def _index_isolated(

@@ -133,7 +133,7 @@ def _ingest_entry(
 ) -> None:
     """Ingest the file or zip at ``path``; whatever fails but an outage sets it aside."""
     try:
-        if zipfile.is_zipfile(path):
+        if _is_archive(path):
             _ingest_archive(path, settings, session_factory, store, report)
         else:
             _ingest_one(path, path.name, settings, session_factory, store, report)
@@ -143,6 +143,13 @@ def _ingest_entry(
         problem = refusal(exc, path.name)
         quarantine(problem, path.name, settings, session_factory, content=path)
         report.set_aside(problem)
+
+
+def _is_archive(path: Path) -> bool:
+    """A zip, and not a DICOM file whose last bytes happen to read like a zip's end record."""
+    with path.open("rb") as f:
+        head = f.read(_PREAMBLE + len(_MAGIC))
+    return head[_PREAMBLE:] != _MAGIC and zipfile.is_zipfile(path)
 
 
 def _refuse_link(
