@@ -9,15 +9,18 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from factories import dicom_bytes
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
@@ -65,11 +68,55 @@ def reencoded(data: bytes) -> dict[str, bytes]:
         "rle.dcm": changed(data, compressed(RLELossless)),
         "jpegls.dcm": changed(data, compressed(JPEGLSLossless)),
         "j2k.dcm": changed(data, compressed(JPEG2000Lossless)),
+        "jpeg-lossless.dcm": changed(data, _as_jpeg_lossless),
         "group-lengths.dcm": with_group_lengths(data),
         "meta.dcm": changed(
             data, lambda ds: setattr(ds.file_meta, "ImplementationVersionName", "OTHER_SENDER")
         ),
     }
+
+
+def _as_jpeg_lossless(ds: Dataset) -> None:
+    """Re-encode as JPEG Lossless SV1: no installed library encodes it (pylibjpeg-libjpeg only
+    decodes), so here is the smallest encoder of ITU T.81 process 14, predictor 1, for up to
+    15 bits stored (16 would need the category 16 case, which has no extra bits)."""
+    pixels, precision = ds.pixel_array.astype(np.int64), int(ds.BitsStored)
+    rows, columns = pixels.shape
+    # Prediction (H.1.2.1): 2^(P-1) first, the left sample on the first row, the one above in the
+    # first column, the left one elsewhere (predictor 1).
+    predicted = np.empty_like(pixels)
+    predicted[0, 0] = 1 << (precision - 1)
+    predicted[0, 1:] = pixels[0, :-1]
+    predicted[1:, 0] = pixels[:-1, 0]
+    predicted[1:, 1:] = pixels[1:, :-1]
+    bits = []
+    for diff in (pixels - predicted).ravel().tolist():
+        size = abs(diff).bit_length()  # the category SSSS; its Huffman code is 5 bits, = SSSS
+        extra = diff if diff >= 0 else diff - 1
+        bits.append(f"{size:05b}" + (f"{extra & ((1 << size) - 1):0{size}b}" if size else ""))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)  # pad with 1-bits (F.1.2.3)
+    entropy = bytes(int(stream[i : i + 8], 2) for i in range(0, len(stream), 8))
+    entropy = entropy.replace(b"\xff", b"\xff\x00")  # byte stuffing (F.1.2.3)
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+    frame = struct.pack(">BHHBBBB", precision, rows, columns, 1, 1, 0x11, 0)
+    # One Huffman table: the 17 categories 0..16, each a 5-bit code.
+    table = bytes([0]) + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    scan = bytes([1, 1, 0x00, 1, 0, 0])  # one component, table 0, predictor 1, Se 0, Al 0
+    jpeg = (
+        b"\xff\xd8"
+        + segment(0xFFC3, frame)
+        + segment(0xFFC4, table)
+        + segment(0xFFDA, scan)
+        + entropy
+        + b"\xff\xd9"
+    )
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].VR = "OB"
 
 
 def with_group_lengths(data: bytes) -> bytes:
