@@ -14,7 +14,9 @@ import zlib
 import numpy as np
 import pydicom
 from factories import dicom_bytes
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
@@ -26,6 +28,20 @@ DEEP_SEQUENCE = Tag("ContentSequence")
 def dataset(pixels: np.ndarray | None = None) -> Dataset:
     """A valid instance (64 x 64, 16 bits unless ``pixels`` says otherwise) to spoil."""
     return pydicom.dcmread(io.BytesIO(dicom_bytes(pixels)))
+
+
+def jpeg(frames: int) -> Dataset:
+    """An 8-bit JPEG Baseline instance of ``frames`` 64 x 64 frames (one fragment each)."""
+    ds = dataset()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buffer, "JPEG")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buffer.getvalue()] * frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    return ds
 
 
 def save(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
@@ -43,14 +59,16 @@ def meta_end(data: bytes) -> int:
 
 
 def part10(body: bytes, syntax: str, sop_instance_uid: str = "1.2.3.4") -> bytes:
-    """Preamble, DICM and file meta information for ``syntax``, then ``body`` as it is."""
+    """Preamble, DICM and file meta information for ``syntax`` ("": no TransferSyntaxUID),
+    then ``body`` as it is."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = syntax
+    if syntax:  # else none at all
+        meta.TransferSyntaxUID = syntax
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_file_meta_info(buffer, meta)
+    write_file_meta_info(buffer, meta, enforce_standard=bool(syntax))
     return b"\0" * 128 + b"DICM" + buffer.getvalue() + body
 
 

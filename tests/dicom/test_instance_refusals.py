@@ -22,6 +22,7 @@ from part10 import (
     deflate,
     element,
     insert_before_pixel_data,
+    jpeg,
     meta_end,
     nested,
     part10,
@@ -29,7 +30,6 @@ from part10 import (
 )
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -380,22 +380,8 @@ def test_native_pixel_data_of_the_right_length_is_accepted(
     assert (header.rows, header.columns, header.frames) == (rows, columns, frames)
 
 
-def _jpeg(frames: int) -> Dataset:
-    """An 8-bit JPEG Baseline instance of ``frames`` 64 x 64 frames (one fragment each)."""
-    ds = dataset()
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buffer, "JPEG")
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelData = encapsulate([buffer.getvalue()] * frames)
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    return ds
-
-
 def test_a_jpeg_instance_is_accepted(tmp_path: Path) -> None:
-    assert _accepted(tmp_path, save(_jpeg(3), JPEGBaseline8Bit)).frames == 3
+    assert _accepted(tmp_path, save(jpeg(3), JPEGBaseline8Bit)).frames == 3
 
 
 def _body(data: bytes) -> bytes:
@@ -410,13 +396,13 @@ def test_native_pixel_data_labelled_jpeg_is_refused(tmp_path: Path) -> None:
 
 
 def test_jpeg_fragments_labelled_uncompressed_are_refused(tmp_path: Path) -> None:
-    data = part10(_body(save(_jpeg(1), JPEGBaseline8Bit)), ExplicitVRLittleEndian)
+    data = part10(_body(save(jpeg(1), JPEGBaseline8Bit)), ExplicitVRLittleEndian)
 
     assert _refused(tmp_path, data).reason == "pixel-data-mismatch"
 
 
 def test_fewer_fragments_than_frames_are_refused(tmp_path: Path) -> None:
-    ds = _jpeg(3)
+    ds = jpeg(3)
     ds.NumberOfFrames = 4
 
     refused = _refused(tmp_path, save(ds, JPEGBaseline8Bit))
@@ -435,7 +421,7 @@ def test_fewer_fragments_than_frames_are_refused(tmp_path: Path) -> None:
     ],
 )
 def test_scrambled_fragment_items_are_refused(tmp_path: Path, spoil: str, reason: str) -> None:
-    data = save(_jpeg(2), JPEGBaseline8Bit)
+    data = save(jpeg(2), JPEGBaseline8Bit)
     first = data.index(b"\xfe\xff\x00\xe0")
     at = data.index(b"\xfe\xff\x00\xe0", first + 8)  # the first fragment's item
     header = {

@@ -101,8 +101,6 @@ class Walked:
 
     elements: dict[BaseTag, RawDataElement]
     pixels: PixelData | None
-    implicit_vr: bool
-    little_endian: bool
 
 
 PixelAllowance = Callable[[dict[BaseTag, RawDataElement], PixelData], int]
@@ -166,7 +164,7 @@ def walk(
         implicit = transfer_syntax == _IMPLICIT
     walker = _Walker(source, name, implicit, little, wanted, pixel_allowance)
     walker.run(start)
-    return Walked(walker.elements, walker.pixels, implicit, little)
+    return Walked(walker.elements, walker.pixels)
 
 
 _IMPLICIT = "1.2.840.10008.1.2"
@@ -332,6 +330,12 @@ class _Walker:
         self.wanted, self.pixel_allowance = wanted, pixel_allowance
         self.elements: dict[BaseTag, RawDataElement] = {}
         self.pixels: PixelData | None = None
+        # What the walk is in (a data set, a sequence, an encapsulated value) and where that
+        # ends (_OPEN until its delimiter), and the same for each frame enclosing it.
+        self.kind, self.end = _DATASET, _OPEN
+        self.stack: list[tuple[int, int]] = []
+        self.depth = 0  # sequences on the stack
+        self.counting: PixelData | None = None  # whose fragments are being walked
 
     def fail(self, reason: str, detail: str) -> InvalidInstance:
         return _refuse(self.name, reason, detail)
@@ -340,34 +344,16 @@ class _Walker:
         return self.fail("truncated", "the file ends inside a data element (cut short); resend it")
 
     def run(self, position: int) -> None:
-        source = self.source
-        # Enclosing frames as (kind, end): end is _OPEN until a delimiter closes the frame.
-        stack: list[tuple[int, int]] = []
-        kind, end, depth, count = _DATASET, _OPEN, 0, 0
-        counting: PixelData | None = None  # the pixel data whose fragments are being walked
+        count = 0
         while True:
-            if end != _OPEN and position >= end:  # a defined-length item or sequence is done
-                if position > end:  # an element of undefined length inside ran past it
-                    raise self.fail(
-                        "unreadable",
-                        f"a data element runs past the end of the item or sequence holding it "
-                        f"(byte {end}); the file is corrupt",
-                    )
-                if kind == _SEQUENCE:
-                    depth -= 1
-                kind, end = stack.pop()
+            if self.end != _OPEN and position >= self.end:
+                if position > self.end:  # an element of undefined length inside ran past it
+                    raise self._overrun(self.end)
+                self._pop()  # a defined-length item or sequence is complete
                 continue
-            head = source.read(position, 12)
+            head = self.source.read(position, 12)
             if len(head) < 8:
-                if head or stack:
-                    raise self.cut()
-                if not count:
-                    raise self.fail(
-                        "truncated",
-                        "the file holds nothing after its file meta information (cut short); "
-                        "resend it",
-                    )
-                source.finish(position)
+                self._finish(head, count, position)
                 return
             count += 1
             if count > MAX_ELEMENTS:
@@ -377,84 +363,104 @@ class _Walker:
             tag, vr, length, header = _element_header(
                 head, implicit=self.implicit, little=self.little
             )
-            if header > len(head):
-                raise self.cut()
-            value = position + header
             if count == 1:
                 self._check_start(tag)
-
-            if kind != _DATASET:  # in a sequence or encapsulated value: items and a delimiter
-                if tag == _SEQUENCE_END and end == _OPEN:
-                    if kind == _SEQUENCE:
-                        depth -= 1
-                    elif counting is not None:
-                        counting = None
-                    kind, end = stack.pop()
-                    position = value
-                    continue
-                if tag != _ITEM or (kind == _FRAGMENTS and length == _UNDEFINED):
-                    raise self.fail(
-                        "unreadable",
-                        f"malformed {'sequence' if kind == _SEQUENCE else 'fragment'} item "
-                        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {position}; the file is "
-                        "corrupt",
-                    )
-                if kind == _FRAGMENTS:
-                    if counting is not None:
-                        if counting.offset_table_length is None:
-                            counting.offset_table_length = length
-                        else:
-                            counting.fragments += 1
-                    position = self._skip(value, length, end)
-                    continue
-                stack.append((kind, end))
-                kind, end = (
-                    _DATASET,
-                    _OPEN if length == _UNDEFINED else self._end(value, length, end),
-                )
-                position = value
-                continue
-
-            if tag >> 16 == _DELIMITER_GROUP:
-                if tag == _ITEM_END and stack and end == _OPEN:
-                    kind, end = stack.pop()
-                    position = value
-                    continue
-                raise self.fail(
-                    "unreadable",
-                    f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of place at byte "
-                    f"{position}; the file is corrupt",
-                )
-            top = not stack
-            if top and tag in PIXEL_TAGS:
-                pixels = self._pixels(tag, vr, length, value)
-                if length == _UNDEFINED:
-                    counting = pixels
-            elif top and tag in self.wanted and length != _UNDEFINED:
-                self._keep(tag, vr, length, value)
-            if length == _UNDEFINED:
-                # Elements of undefined length are sequences unless the dictionary says
-                # otherwise: then they hold encapsulated data, items of opaque bytes.
-                sequence = tag not in PIXEL_TAGS and (
-                    vr in ("SQ", "UN") or (vr is None and _dictionary_vr(tag) in ("SQ", None))
-                )
-                stack.append((kind, end))
-                kind, end = (_SEQUENCE if sequence else _FRAGMENTS), _OPEN
-            elif vr == "SQ" or (vr is None and _dictionary_vr(tag) == "SQ"):
-                stack.append((kind, end))
-                kind, end = _SEQUENCE, self._end(value, length, end)
+            if header > len(head):
+                raise self.cut()
+            if self.kind == _DATASET:
+                position = self._element(tag, vr, length, position, position + header)
             else:
-                position = self._skip(value, length, end)
-                continue
-            if kind == _SEQUENCE:
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise self.fail(
-                        TOO_DEEPLY_NESTED,
-                        f"sequences nested more than {MAX_DEPTH} deep; no instance needs that "
-                        "many, the file is corrupt or hostile",
-                    )
-            position = value
+                position = self._item(tag, length, position, position + header)
+
+    def _element(self, tag: int, vr: str | None, length: int, position: int, value: int) -> int:
+        """Take the data element at ``position`` in a data set; where the next one starts."""
+        if tag >> 16 == _DELIMITER_GROUP:
+            if tag == _ITEM_END and self.stack and self.end == _OPEN:
+                self._pop()
+                return value
+            raise self.fail(
+                "unreadable",
+                f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of place at byte {position}; "
+                "the file is corrupt",
+            )
+        top = not self.stack
+        if top and tag in PIXEL_TAGS:
+            pixels = self._pixels(tag, vr, length)
+            if length == _UNDEFINED:
+                self._push(_FRAGMENTS, _OPEN)
+                self.counting = pixels
+                return value
+        elif top and tag in self.wanted and length != _UNDEFINED:
+            self._keep(tag, vr, length, value)
+        if length == _UNDEFINED:
+            # Elements of undefined length are sequences unless the dictionary says otherwise:
+            # then they hold encapsulated data, items of opaque bytes.
+            sequence = tag not in PIXEL_TAGS and (
+                vr in ("SQ", "UN") or (vr is None and _dictionary_vr(tag) in ("SQ", None))
+            )
+            self._push(_SEQUENCE if sequence else _FRAGMENTS, _OPEN)
+            return value
+        if vr == "SQ" or (vr is None and _dictionary_vr(tag) == "SQ"):
+            self._push(_SEQUENCE, self._end(value, length))
+            return value
+        return self._skip(value, length)
+
+    def _item(self, tag: int, length: int, position: int, value: int) -> int:
+        """Take the item or delimiter at ``position`` in a sequence or an encapsulated value."""
+        if tag == _SEQUENCE_END and self.end == _OPEN:
+            self._pop()
+            return value
+        if tag != _ITEM or (self.kind == _FRAGMENTS and length == _UNDEFINED):
+            raise self.fail(
+                "unreadable",
+                f"malformed {'sequence' if self.kind == _SEQUENCE else 'fragment'} item "
+                f"({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {position}; the file is corrupt",
+            )
+        if self.kind == _SEQUENCE:
+            self._push(_DATASET, _OPEN if length == _UNDEFINED else self._end(value, length))
+            return value
+        if self.counting is not None:
+            if self.counting.offset_table_length is None:
+                self.counting.offset_table_length = length
+            else:
+                self.counting.fragments += 1
+        return self._skip(value, length)
+
+    def _push(self, kind: int, end: int) -> None:
+        self.stack.append((self.kind, self.end))
+        self.kind, self.end = kind, end
+        if kind == _SEQUENCE:
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise self.fail(
+                    TOO_DEEPLY_NESTED,
+                    f"sequences nested more than {MAX_DEPTH} deep; no instance needs that many, "
+                    "the file is corrupt or hostile",
+                )
+
+    def _pop(self) -> None:
+        if self.kind == _SEQUENCE:
+            self.depth -= 1
+        self.counting = None  # only ever set for a frame of fragments, which holds no other
+        self.kind, self.end = self.stack.pop()
+
+    def _finish(self, head: bytes, count: int, position: int) -> None:
+        """The data ends at ``position`` (``head``: what is left of it)."""
+        if head or self.stack:
+            raise self.cut()
+        if not count:
+            raise self.fail(
+                "truncated",
+                "the file holds nothing after its file meta information (cut short); resend it",
+            )
+        self.source.finish(position)
+
+    def _overrun(self, end: int) -> InvalidInstance:
+        return self.fail(
+            "unreadable",
+            f"a data element runs past the end of the item or sequence holding it (byte {end}); "
+            "the file is corrupt",
+        )
 
     def _check_start(self, tag: int) -> None:
         """Refuse bytes that are no data set at all: a composite instance's first element is in
@@ -466,19 +472,15 @@ class _Walker:
                 f"({tag >> 16:04X},{tag & 0xFFFF:04X})): not a DICOM instance",
             )
 
-    def _end(self, value: int, length: int, end: int) -> int:
+    def _end(self, value: int, length: int) -> int:
         """Where a value of defined ``length`` starting at ``value`` ends, checked against the
         end of the item or sequence holding it."""
-        if end != _OPEN and value + length > end:
-            raise self.fail(
-                "unreadable",
-                f"a data element at byte {value} runs past the end of the item or sequence "
-                "holding it; the file is corrupt",
-            )
+        if self.end != _OPEN and value + length > self.end:
+            raise self._overrun(self.end)
         return value + length
 
-    def _skip(self, value: int, length: int, end: int) -> int:
-        position = self._end(value, length, end)
+    def _skip(self, value: int, length: int) -> int:
+        position = self._end(value, length)
         if not self.source.reach(position):
             raise self.cut()
         return position
@@ -497,7 +499,7 @@ class _Walker:
             BaseTag(tag), vr, length, data, value, self.implicit, self.little
         )
 
-    def _pixels(self, tag: int, vr: str | None, length: int, value: int) -> PixelData:
+    def _pixels(self, tag: int, vr: str | None, length: int) -> PixelData:
         pixels = PixelData(tag, vr, None if length == _UNDEFINED else length)
         allowance = self.pixel_allowance(self.elements, pixels)
         if self.pixels is None:
