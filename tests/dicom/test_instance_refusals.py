@@ -173,6 +173,18 @@ def test_integers_fit_the_32_bit_index_columns_or_are_dropped(
     assert header.series_number == 1
 
 
+@pytest.mark.parametrize(("vr", "value"), [(b"AO", b"CT Thorax "), (b"FD", b"CT Thorax ")])
+def test_a_value_labelled_with_a_wrong_vr_is_read_as_the_dictionary_says(
+    tmp_path: Path, vr: bytes, value: bytes
+) -> None:
+    # An unknown VR made pydicom raise NotImplementedError; a binary one would misread text.
+    ds = dataset()
+    ds.StudyDescription = value.decode()
+    data = save(ds).replace(b"\x08\x00\x30\x10LO", b"\x08\x00\x30\x10" + vr)
+
+    assert _accepted(tmp_path, data).study_description == "CT Thorax"
+
+
 # ---- 3. hostile structure --------------------------------------------------------------------
 
 

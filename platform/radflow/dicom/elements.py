@@ -390,8 +390,6 @@ class _Walker:
                 self._push(_FRAGMENTS, _OPEN)
                 self.counting = pixels
                 return value
-        elif top and tag in self.wanted and length != _UNDEFINED:
-            self._keep(tag, vr, length, value)
         if length == _UNDEFINED:
             # Elements of undefined length are sequences unless the dictionary says otherwise:
             # then they hold encapsulated data, items of opaque bytes.
@@ -403,6 +401,8 @@ class _Walker:
         if vr == "SQ" or (vr is None and _dictionary_vr(tag) == "SQ"):
             self._push(_SEQUENCE, self._end(value, length))
             return value
+        if top and tag in self.wanted:
+            self._keep(tag, vr, length, value)
         return self._skip(value, length)
 
     def _item(self, tag: int, length: int, position: int, value: int) -> int:

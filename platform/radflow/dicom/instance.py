@@ -24,6 +24,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
@@ -391,8 +392,18 @@ class _Values:
 
     @cached_property
     def ds(self) -> Dataset:
-        """The elements as a pydicom dataset (converted on access, in its character set)."""
-        return Dataset(dict(self.elements))
+        """The elements as a pydicom dataset (converted on access, in its character set).
+
+        A value a sender labelled with another VR than the data dictionary's is converted as
+        UN, that is as the dictionary says: pydicom's converters for the VR claimed could fail
+        on it (a binary VR on text) or not exist (an unknown VR).
+        """
+        return Dataset(
+            {
+                tag: raw if raw.VR in (None, dictionary_VR(tag)) else raw._replace(VR="UN")
+                for tag, raw in self.elements.items()
+            }
+        )
 
     def ascii(self, name: str, vr: str, *, multi: bool = False) -> str | None:
         """The value as pydicom would decode it if that is plain ASCII ("" if absent: callers
