@@ -4,8 +4,9 @@ Hypothesis starts from valid instances (explicit and implicit VR, big endian, RL
 fragments, deflated, with sequences of defined and undefined length) and spoils them the ways
 transfers and senders do: bytes flipped, cut, inserted or deleted, values and length fields
 rewritten, sequences nested hundreds deep, the transfer syntax claimed wrongly. Nothing but
-InvalidInstance may come out (no struct.error, zlib.error, RecursionError, OverflowError...), each example in
-bounded time, and an accepted header's values must fit the index.
+InvalidInstance may come out (no struct.error, zlib.error, RecursionError, OverflowError,
+NotImplementedError...), each example in bounded time, and an accepted header's values must
+fit the index.
 
 In ``make test`` it runs 300 examples from a fixed seed (reproducible in CI). To hunt for more,
 locally, with a fresh seed each run:

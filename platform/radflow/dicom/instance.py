@@ -236,13 +236,13 @@ class _Image:
             )
         samples = _us(elements, "SamplesPerPixel", self.name)
         if samples not in (1, 3):
-            raise self.refuse("bad-dimensions", f"SamplesPerPixel is {samples}, not 1 or 3")
+            raise self.refuse("bad-dimensions", f"SamplesPerPixel is {_shown(samples)}, not 1 or 3")
         bits = _us(elements, "BitsAllocated", self.name)
         if bits not in _BITS_ALLOCATED[pixels.tag]:
             raise self.refuse(
                 "bad-dimensions",
-                f"BitsAllocated is {bits}; ({pixels.tag >> 16:04X},{pixels.tag & 0xFFFF:04X}) "
-                f"needs one of {_BITS_ALLOCATED[pixels.tag]}",
+                f"BitsAllocated is {_shown(bits)}; ({pixels.tag >> 16:04X},"
+                f"{pixels.tag & 0xFFFF:04X}) needs one of {_BITS_ALLOCATED[pixels.tag]}",
             )
         self.rows, self.columns, self.frames = rows, columns, frames
         if self.tsyntax not in _NATIVE_TRANSFER_SYNTAXES:
@@ -287,6 +287,10 @@ class _Image:
             )
 
 
+def _shown(value: int | None) -> str:
+    return "missing" if value is None else str(value)
+
+
 def _us(elements: dict[BaseTag, RawDataElement], keyword: str, name: str) -> int | None:
     """A US value (None if absent or empty); bad-dimensions if it is not one."""
     element = elements.get(BaseTag(_TAGS[keyword]))
@@ -298,7 +302,8 @@ def _us(elements: dict[BaseTag, RawDataElement], keyword: str, name: str) -> int
 
 
 # An Integer String (PS3.5 6.2): pydicom also takes an integral decimal ("2.0").
-_IS = re.compile(rb" *([+-]?[0-9]+)(?:\.0*)? *")
+_IS = re.compile(rb" *([+-]?)0*([0-9]+)(?:\.0*)? *")
+_HUGE = 10**20  # stands for any number with more digits: beyond every limit here
 
 
 class _NotAnInteger(ValueError):
@@ -312,9 +317,10 @@ def _is(elements: dict[BaseTag, RawDataElement], keyword: str) -> int | None:
     if not value:
         return None
     match = _IS.fullmatch(value)
-    if match is None or len(match[1]) > 20:  # a number beyond any column, whatever its value
+    if match is None:
         raise _NotAnInteger
-    return int(match[1])
+    number = _HUGE if len(match[2]) > 20 else int(match[2])  # int() of 5000 digits raises
+    return -number if match[1] == b"-" else number
 
 
 def _frames(elements: dict[BaseTag, RawDataElement], name: str) -> int:
@@ -327,7 +333,9 @@ def _frames(elements: dict[BaseTag, RawDataElement], name: str) -> int:
     if frames is None:
         return 1
     if frames <= 0:
-        raise InvalidInstance("bad-dimensions", f"{name}: NumberOfFrames is {frames}")
+        raise InvalidInstance(
+            "bad-dimensions", f"{name}: NumberOfFrames is {frames}; an image has at least one"
+        )
     return frames
 
 
@@ -337,7 +345,7 @@ def _int32(
     try:
         number = _is(elements, keyword)
     except _NotAnInteger:
-        number = 2**31  # recorded below with the out-of-range ones
+        number = _HUGE  # as unusable as a number out of range
     if number is None or number in _INT32:
         return number
     unusable.append(keyword)
