@@ -23,6 +23,13 @@ class InvalidInstance(RadflowError):
         self.reason = reason
 
 
+# Reasons for refusing an instance whose header and encoding contradict each other (issue 17),
+# raised by radflow.dicom.instance.read_header; each has its status in
+# radflow.ingest.receiver.statuses.
+PIXEL_DATA_MISMATCH = "pixel-data-mismatch"
+TOO_DEEPLY_NESTED = "too-deeply-nested"
+
+
 class ConflictingInstance(InvalidInstance):
     """An instance with this SOP Instance UID is already stored with other pixels or identity.
 
