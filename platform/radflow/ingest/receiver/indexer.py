@@ -13,11 +13,12 @@ No file can stop it (:func:`radflow.outages.is_outage` decides, as everywhere):
 - **An outage** (the database or the object store unreachable, the disk failing) leaves the
   files where they are and the batch is retried with an exponential backoff, one log line per
   try: it delays indexing but loses nothing, and rejects nothing.
-- **Anything else** is about the data: a batch that fails so is split in halves until the file
-  that fails alone is found, whatever ``ingest_batch`` does itself; that file goes to
-  ``spool/rejected`` with a Rejection row (its InvalidInstance reason, or ``unprocessable``
-  for an unexpected error, whose traceback is logged once) and the others are indexed. A value
-  PostgreSQL refuses (DataError) is such a failure, not an outage.
+- **Anything else** is about the data: :func:`radflow.ingest.ingest_batch` splits a batch
+  that fails so until the file at fault is alone and refuses it with a reason (its
+  InvalidInstance reason, or ``unprocessable`` for an unexpected error, whose traceback is
+  logged once); the indexer moves that file to ``spool/rejected`` with a Rejection row, and
+  the others are indexed. A value PostgreSQL refuses (DataError) is such a failure, not an
+  outage; values the index's columns cannot hold are checked before the batch.
 
 Should the thread die anyway (a bug outside the files' processing), :attr:`Indexer.failure`
 says why: the receiver then stops acknowledging and exits non-zero for its supervisor to
@@ -28,7 +29,6 @@ restart it (radflow/ingest/receiver/scp.py). Its health is saved with the counte
 from __future__ import annotations
 
 import logging
-import string
 import threading
 import time
 from dataclasses import replace
@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import unit_of_work
 from radflow.dicom.instance import InstanceHeader, file_sha256, read_header
 from radflow.errors import InvalidInstance
-from radflow.ingest import IngestReport, ingest_batch, rejection
+from radflow.ingest import ingest_batch, refusal, rejection
 from radflow.ingest.receiver.counters import (
     DEAD,
     HEARTBEAT_SECONDS,
@@ -66,7 +66,6 @@ REAP_CHUNK = 16
 # The SHA-256 in a header the receiver submits: hashing is the index's business (duplicate or
 # conflict), so the indexer does it, off the path of the sender waiting for its response.
 UNHASHED = ""
-_PRINTABLE = frozenset(string.printable) - frozenset("\x0b\x0c")
 
 Item = tuple[Path, InstanceHeader]
 
@@ -219,49 +218,32 @@ class Indexer:
     def index(self, batch: list[Path]) -> None:
         """Store and index ``batch``; consume each spool file only once its row is committed.
 
-        Raises only outages; any other failure sets the file that causes it aside.
+        Raises only outages; a file that fails otherwise is set aside (ingest_batch isolates
+        it by bisection, so the others are indexed).
         """
         items: list[Item] = []
         for path in batch:
             header = self._header(path)
             if header is not None:
                 items.append((path, header))
-        if items:
-            self._index_items(items)
-
-    def _index_items(self, items: list[Item]) -> None:
-        """Index ``items``; if that fails for a reason of the data, the halves, down to the
-        file that fails alone (at most 2·log2(len) more transactions per such file)."""
-        try:
-            # Spool files never change once acknowledged: the store may share their bytes.
-            report = ingest_batch(
-                items,
-                settings=self.settings,
-                session_factory=self.session_factory,
-                store=self.store,
-                immutable=True,
-            )
-        except Exception as exc:
-            if is_outage(exc):
-                raise
-            if len(items) == 1:
-                path = items[0][0]
-                self._set_aside(path, self._problem(path, exc))
-                return
-            middle = len(items) // 2
-            self._index_items(items[:middle])
-            self._index_items(items[middle:])
+        if not items:
             return
-        self._consume(items, report)
-
-    def _consume(self, items: list[Item], report: IngestReport) -> None:
+        # Spool files never change once acknowledged: the store may share their bytes.
+        report = ingest_batch(
+            items,
+            settings=self.settings,
+            session_factory=self.session_factory,
+            store=self.store,
+            immutable=True,
+        )
         for path, _ in items:
-            reason = report.rejected.get(str(path))
-            if reason is None:
+            refused = report.rejected.get(str(path))
+            if refused is None:
                 self.spool.consume(path)
                 self._forget(path)
             else:
-                self._set_aside(path, InvalidInstance(reason.split(":", 1)[0], reason))
+                reason, _, message = refused.partition(": ")
+                self._set_aside(path, InvalidInstance(reason, message))
         self.counters.add("indexed", report.stored)
         self.counters.add("duplicates", report.duplicates)
 
@@ -279,46 +261,24 @@ class Indexer:
             # A file read again after a restart, or changed on disk after it was acknowledged.
             if is_outage(exc):
                 raise
-            self._set_aside(path, self._problem(path, exc))
+            self._set_aside(path, refusal(exc, path.name))
             return None
-
-    def _problem(self, path: Path, exc: Exception) -> InvalidInstance:
-        """``exc`` as the reason ``path`` is set aside; an unexpected one logs its traceback
-        (once per distinct failure)."""
-        if isinstance(exc, InvalidInstance):
-            return exc
-        self.counters.indexer_error(describe(exc))
-        self._failures.failed(
-            f"indexing the spooled instance {path.name}", exc, then="kept in spool/rejected"
-        )
-        return InvalidInstance(
-            UNPROCESSABLE,
-            f"{path.name}: indexing failed with {describe(exc)}; the instance is kept in the "
-            "receiver's spool/rejected folder: report it with the log's traceback",
-        )
 
     def _set_aside(self, path: Path, exc: InvalidInstance) -> None:
         """Keep a refused, already acknowledged instance in spool/rejected, with a Rejection row."""
         kept = self.spool.rejected / path.name
         with unit_of_work(self.session_factory) as session:
-            session.add(
-                rejection("receiver", recordable(exc), origin=None, quarantine_key=str(kept)[-255:])
-            )
+            session.add(rejection("receiver", exc, origin=None, quarantine_key=str(kept)[-255:]))
         try:
             self.spool.set_aside(path)
         except FileNotFoundError:
             logger.warning("spooled instance %s vanished before it was set aside", path.name)
         self._forget(path)
         self.counters.reject(exc.reason)
+        if exc.reason == UNPROCESSABLE:
+            self.counters.indexer_error(str(exc)[:200])
         logger.warning("spooled instance %s refused by the index: %s", path.name, exc.reason)
 
     def _forget(self, path: Path) -> None:
         with self._lock:
             self._headers.pop(path, None)
-
-
-def recordable(exc: InvalidInstance) -> InvalidInstance:
-    """``exc`` with a message any database stores: printable ASCII (a refused file's bytes can
-    reach a message through a parser's error: PostgreSQL refuses a NUL in text)."""
-    message = "".join(c if c in _PRINTABLE else "?" for c in str(exc))
-    return InvalidInstance(exc.reason, message)

@@ -61,7 +61,7 @@ from radflow.ingest import rejection
 from radflow.ingest.receiver import guard, server
 from radflow.ingest.receiver.checks import Identity, IndexedIdentity, command_mismatch
 from radflow.ingest.receiver.counters import ReceiverCounters
-from radflow.ingest.receiver.indexer import UNHASHED, Indexer, recordable
+from radflow.ingest.receiver.indexer import UNHASHED, Indexer
 from radflow.ingest.receiver.spool import Spool, space_problem
 from radflow.ingest.receiver.statuses import (
     ASSOCIATION_REJECT,
@@ -454,7 +454,7 @@ class Receiver:
     def _record(self, exc: InvalidInstance, origin: str) -> None:
         try:
             with unit_of_work(self.session_factory) as session:
-                session.add(rejection("receiver", recordable(exc), origin=origin))
+                session.add(rejection("receiver", exc, origin=origin))
         except SQLAlchemyError as db_error:
             # The failure status still reaches the sender and the counters keep the count.
             self._failures.failed("recording a rejection", db_error, then="not recorded")

@@ -12,9 +12,10 @@ missing-uid                           0xA900    Error: data set does not match S
 invalid-uid                           0xA901    Error: data set does not match SOP class
 no-pixel-data                         0xA902    Error: data set does not match SOP class
 bad-dimensions                        0xA903    Error: data set does not match SOP class
-sop-instance-mismatch (command)       0xA904    Error: data set does not match SOP class
-sop-class-mismatch (command)          0xA905    Error: data set does not match SOP class
-uid-conflict (indexed elsewhere)      0xA906    Error: data set does not match SOP class
+pixel-data-mismatch                   0xA904    Error: data set does not match SOP class
+sop-instance-mismatch (command)       0xA905    Error: data set does not match SOP class
+sop-class-mismatch (command)          0xA906    Error: data set does not match SOP class
+uid-conflict (indexed elsewhere)      0xA907    Error: data set does not match SOP class
 too-large                             0xA700    Refused: out of resources
 indexer-down                          0xA700    Refused: out of resources
 out-of-resources (spool disk)         0xA701    Refused: out of resources
@@ -22,7 +23,8 @@ not-dicom                             0xC000    Error: cannot understand
 unreadable                            0xC001    Error: cannot understand
 truncated                             0xC002    Error: cannot understand
 unsupported-transfer-syntax           0xC003    Error: cannot understand
-unprocessable (unexpected error)      0xC004    Error: cannot understand
+too-deeply-nested                     0xC004    Error: cannot understand
+unprocessable (unexpected error)      0xC005    Error: cannot understand
 any other reason                      0xC0FF    Error: cannot understand
 ====================================  ========  ==========================================
 
@@ -66,9 +68,10 @@ FAILURE_STATUS: dict[str, int] = {
     "invalid-uid": 0xA901,
     "no-pixel-data": 0xA902,
     "bad-dimensions": 0xA903,
-    SOP_INSTANCE_MISMATCH: 0xA904,
-    SOP_CLASS_MISMATCH: 0xA905,
-    UID_CONFLICT: 0xA906,
+    "pixel-data-mismatch": 0xA904,
+    SOP_INSTANCE_MISMATCH: 0xA905,
+    SOP_CLASS_MISMATCH: 0xA906,
+    UID_CONFLICT: 0xA907,
     "too-large": 0xA700,
     INDEXER_DOWN: 0xA700,
     OUT_OF_RESOURCES: 0xA701,
@@ -76,7 +79,8 @@ FAILURE_STATUS: dict[str, int] = {
     "unreadable": 0xC001,
     "truncated": 0xC002,
     "unsupported-transfer-syntax": 0xC003,
-    UNPROCESSABLE: 0xC004,
+    "too-deeply-nested": 0xC004,
+    UNPROCESSABLE: 0xC005,
 }
 UNKNOWN_REASON_STATUS = 0xC0FF
 
