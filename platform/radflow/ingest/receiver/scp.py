@@ -68,6 +68,7 @@ from radflow.ingest.receiver.statuses import (
     CALLED_AET_NOT_OURS,
     CALLING_AET_NOT_ALLOWED,
     INDEXER_DOWN,
+    MALFORMED_ASSOCIATION,
     NO_PRESENTATION_CONTEXT,
     OUT_OF_RESOURCES,
     SUCCESS,
@@ -259,11 +260,18 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse an association that cannot be served (pynetdicom: a handler of EVT_REQUESTED
         may reject it; it then skips negotiation)."""
-        problem = self._association_problem(event)
-        if problem is None:
-            return
         request = event.assoc.requestor.primitive
         origin = str(getattr(request, "calling_ae_title", "")).strip() or "?"
+        try:
+            problem = self._association_problem(event)
+        except Exception as exc:  # pynetdicom would go on to fail the same way: rejected here
+            self._failures.failed(f"checking an association from {origin}", exc, then="rejected")
+            problem = InvalidInstance(
+                MALFORMED_ASSOCIATION,
+                f"the A-ASSOCIATE request from {origin!r} could not be read ({describe(exc)})",
+            )
+        if problem is None:
+            return
         self.counters.reject(problem.reason)
         logger.warning("rejected an association from %s: %s (%s)", origin, problem.reason, problem)
         self._record(problem, origin)
@@ -289,6 +297,18 @@ class Receiver:
                 "RADFLOW_ALLOWED_CALLING_AETS",
             )
         proposed = request.presentation_context_definition_list
+        unreadable = [
+            context.context_id
+            for context in proposed
+            if not (context.abstract_syntax and context.transfer_syntax)
+            or None in context.transfer_syntax
+        ]
+        if unreadable:
+            return InvalidInstance(
+                MALFORMED_ASSOCIATION,
+                f"association from {calling!r} proposes presentation contexts {unreadable} "
+                "without an abstract syntax or a transfer syntax (PS3.8 9.3.2.2)",
+            )
         accepted, _ = negotiate_as_acceptor(proposed, event.assoc.acceptor.supported_contexts)
         if not any(context.result == 0x00 for context in accepted):
             return InvalidInstance(

@@ -409,7 +409,7 @@ def count_waiting(root: Path) -> int:
     """Instances in the spool at ``root`` still waiting to be indexed (0 if there is none)."""
     try:
         return sum(1 for entry in os.scandir(root / "ready") if entry.name.endswith(".dcm"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none, or not a spool
         return 0
 
 
@@ -419,7 +419,7 @@ def oldest_waiting(root: Path) -> float | None:
     oldest: float | None = None
     try:
         entries = list(os.scandir(root / "ready"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none, or not a spool
         return None
     for entry in entries:
         if not entry.name.endswith(".dcm"):

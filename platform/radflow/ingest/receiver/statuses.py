@@ -41,6 +41,8 @@ reason                            A-ASSOCIATE-RJ
 called-aet-not-ours               permanent, service user: called AE title not recognised
 calling-aet-not-allowed           permanent, service user: calling AE title not recognised
 no-presentation-context           permanent, service user: no reason given (none acceptable)
+malformed-association             permanent, service user: no reason given (a presentation
+                                  context without its syntaxes, or a request that cannot be read)
 indexer-down                      transient, service provider: temporary congestion
 out-of-resources                  transient, service provider: temporary congestion
 ================================  ===========================================================
@@ -61,6 +63,7 @@ UID_CONFLICT = "uid-conflict"
 CALLED_AET_NOT_OURS = "called-aet-not-ours"
 CALLING_AET_NOT_ALLOWED = "calling-aet-not-allowed"
 NO_PRESENTATION_CONTEXT = "no-presentation-context"
+MALFORMED_ASSOCIATION = "malformed-association"
 PDU_TOO_LARGE = "pdu-too-large"
 
 FAILURE_STATUS: dict[str, int] = {
@@ -91,6 +94,7 @@ ASSOCIATION_REJECT: dict[str, tuple[int, int, int]] = {
     CALLED_AET_NOT_OURS: (_PERMANENT, _SERVICE_USER, 0x07),
     CALLING_AET_NOT_ALLOWED: (_PERMANENT, _SERVICE_USER, 0x03),
     NO_PRESENTATION_CONTEXT: (_PERMANENT, _SERVICE_USER, 0x01),
+    MALFORMED_ASSOCIATION: (_PERMANENT, _SERVICE_USER, 0x01),
     INDEXER_DOWN: (_TRANSIENT, _PRESENTATION_PROVIDER, 0x01),
     OUT_OF_RESOURCES: (_TRANSIENT, _PRESENTATION_PROVIDER, 0x01),
 }
