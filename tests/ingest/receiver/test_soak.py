@@ -78,6 +78,17 @@ def _send(
     return sent
 
 
+def _status_while_stopped(session_factory: sessionmaker[Session], receiver: Receiver) -> None:
+    """`radflow status` between the two runs: the backlog, its age, and why nothing is taken."""
+    with session_factory() as session:
+        status = receiver_status(session, receiver.settings)
+    assert status["spool_waiting"] == receiver.spool.count()
+    assert status["oldest_waiting_seconds"] >= 0
+    assert status["indexers"]["."]["state"] == "stopped"
+    assert not status["accepting"]
+    assert "no receiver runs" in status["not_accepting_because"]
+
+
 def test_a_mixed_stream_with_a_restart_indexes_each_valid_instance_once(
     start_receiver: Callable[..., Receiver], session_factory: sessionmaker[Session]
 ) -> None:
@@ -92,6 +103,7 @@ def test_a_mixed_stream_with_a_restart_indexes_each_valid_instance_once(
             # Stopped with instances still waiting, and started again on the same spool.
             receiver.stop()
             assert receiver.spool.count() > 0, "nothing was left waiting: no restart tested"
+            _status_while_stopped(session_factory, receiver)
             receiver = start_receiver()
             # The sender re-sends what it sent last before the restart: stored once all the same.
             sent += _send(receiver, "SOAK-RESEND", chunks[k - 1])

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from radflow.ingest.receiver.counters import ReceiverCounters
 from radflow.ingest.receiver.indexer import Indexer
 from radflow.ingest.receiver.report import spool_report
-from radflow.ingest.receiver.spool import Spool, SpoolBusy
+from radflow.ingest.receiver.spool import Spool, SpoolBusy, count_waiting
 from radflow.ingest.receiver.statuses import FAILURE_STATUS, failure_status
 from radflow.ingest.receiver.workers import Supervisor, drain_orphans, spool_folders, worker_spool
 
@@ -24,6 +24,7 @@ __all__ = [
     "Spool",
     "SpoolBusy",
     "Supervisor",
+    "count_waiting",
     "drain_orphans",
     "failure_status",
     "spool_folders",
