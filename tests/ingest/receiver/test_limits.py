@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -29,27 +28,14 @@ from raw import (
 )
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from waiting import eventually, leftovers
 
 from radflow.db import Rejection
-from radflow.ingest.receiver import Receiver, Spool
+from radflow.ingest.receiver import Receiver
 from radflow.services.status import receiver_status
 from radflow.settings import Settings
 
 MIB = 1 << 20
-
-
-def _leftovers(spool: Spool) -> list[str]:
-    """Files of incoming/ that are not empty files made ahead for the next datasets."""
-    return [p.name for p in spool.incoming.iterdir() if p.stat().st_size]
-
-
-def _eventually(check: Callable[[], object], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _reasons(session_factory: sessionmaker[Session]) -> list[str]:
@@ -133,14 +119,14 @@ def test_an_association_ended_mid_dataset_leaves_no_partial_file(
         assert peer.associate().kind == ASSOCIATE_AC
         peer.send(pdu(P_DATA_TF, pdv(1, 0x03, command_set(store_command(sop_class, sop_instance)))))
         peer.send(pdu(P_DATA_TF, pdv(1, 0x00, body[:60000])))
-        assert _eventually(lambda: _leftovers(receiver.spool))  # being received
+        assert eventually(lambda: leftovers(receiver.spool))  # being received
         if ending == "a-abort":
             peer.abort()
         elif ending == "reset":
             peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
             peer.send(struct.pack(">BBL", P_DATA_TF, 0, 1 << 30))
-    assert _eventually(lambda: not _leftovers(receiver.spool)), _leftovers(receiver.spool)
+    assert eventually(lambda: not leftovers(receiver.spool)), leftovers(receiver.spool)
     assert send_store(receiver.port, dicom_bytes()) == 0x0000
     assert receiver.wait_indexed(30)
 
@@ -177,7 +163,7 @@ def test_a_spool_below_its_free_space_threshold_refuses_associations_and_instanc
     assert not status["accepting"]
     assert "RADFLOW_RECEIVER_MIN_FREE_BYTES" in status["not_accepting_because"]
     assert _reasons(session_factory) == ["out-of-resources", "out-of-resources"]
-    assert not _leftovers(receiver.spool)
+    assert not leftovers(receiver.spool)
 
     filler.unlink()
     assert send_store(receiver.port, good) == 0x0000
@@ -204,8 +190,8 @@ def test_a_disk_that_fills_mid_dataset_gets_out_of_resources_not_an_abort(
     assert None not in statuses, statuses  # every C-STORE answered: no abort
     assert 0x0000 in statuses and 0xA701 in statuses, statuses
     assert set(statuses) <= {0x0000, 0xA701}
-    assert not _leftovers(receiver.spool)
+    assert not leftovers(receiver.spool)
 
     assert receiver.wait_indexed(30)
-    assert _eventually(lambda: not list(receiver.spool.done.iterdir()), 10)
+    assert eventually(lambda: not list(receiver.spool.done.iterdir()), 10)
     assert send_store(receiver.port, dicom_bytes(np.ones((400, 400), np.uint16))) == 0x0000

@@ -17,6 +17,7 @@ from malformed import POISON, REFUSED
 from raw import send_store, split_part10
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from waiting import leftovers
 
 from radflow.db import Instance, Rejection
 from radflow.dicom.instance import read_header
@@ -57,11 +58,6 @@ def _set_aside(session_factory: sessionmaker[Session], uid: str) -> list[Rejecti
         return list(session.scalars(query))
 
 
-def _leftovers(spool: Spool) -> list[str]:
-    """Files of incoming/ that are not empty files made ahead for the next datasets."""
-    return [p.name for p in spool.incoming.iterdir() if p.stat().st_size]
-
-
 def test_poison_instances_never_stop_the_indexer(
     receiver: Receiver, session_factory: sessionmaker[Session]
 ) -> None:
@@ -98,7 +94,7 @@ def test_files_that_break_the_parser_are_refused_with_a_reason_and_never_come_ba
         assert status in refused_statuses, (name, status)
         (row,) = _rejections(session_factory, origin=name[:16])
         assert failure_status(row.reason) == status, name
-        assert not _leftovers(receiver.spool), name
+        assert not leftovers(receiver.spool), name
         assert not list(receiver.spool.ready.iterdir()), name
     spool = receiver.spool.root
     receiver.stop()

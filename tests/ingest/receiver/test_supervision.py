@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from peers import radflow_env
 from raw import ASSOCIATE_AC, RawPeer, send_store
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from waiting import eventually
 
 from cli.main import main as radflow
 from radflow.db import Rejection
@@ -33,15 +33,6 @@ def _break_ready(spool: Path) -> None:
     (spool / "ready").write_bytes(b"")
 
 
-def _eventually(check: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_a_dead_indexer_stops_acknowledgements(
     receiver: Receiver, session_factory: sessionmaker[Session]
 ) -> None:
@@ -52,7 +43,7 @@ def test_a_dead_indexer_stops_acknowledgements(
     with RawPeer(receiver.port) as open_before:
         assert open_before.associate().kind == ASSOCIATE_AC
         _break_ready(receiver.spool.root)
-        assert _eventually(lambda: receiver.indexer.failure is not None)
+        assert eventually(lambda: receiver.indexer.failure is not None)
         assert not receiver.indexer.alive
         assert open_before.store(dicom_bytes()) == 0xA700
         with RawPeer(receiver.port) as late:
@@ -82,7 +73,7 @@ def test_radflow_receive_exits_non_zero_when_its_indexer_dies(
     stats = settings.spool / "stats.json"
 
     def break_once_running() -> None:
-        running = _eventually(
+        running = eventually(
             lambda: (load_counters(stats) or {}).get("indexer", {}).get("state") == "running", 60
         )
         assert running

@@ -105,8 +105,9 @@ class Indexer:
 
     @property
     def alive(self) -> bool:
-        """Started and not dead (a stopped indexer is not alive either)."""
-        return self._thread.is_alive()
+        """Started and not dead (a stopped indexer is not alive either; one that failed is dead
+        from the moment its failure is known, before its thread has finished logging it)."""
+        return self._thread.is_alive() and self.failure is None
 
     def start(self) -> None:
         self.counters.indexer_state(RUNNING)

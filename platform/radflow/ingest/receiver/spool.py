@@ -325,13 +325,17 @@ class Spool:
         Files nobody holds are leftovers.
         """
         names = [entry.name for entry in os.scandir(self.incoming) if entry.is_file()]
+        # Sizes first, open files after: a file made ahead that another association takes and
+        # writes to meanwhile is empty here, or open by the time the open files are listed.
+        candidates = [
+            self.incoming / n for n in names if not self._waiting_ahead(self.incoming / n)
+        ]
         held = _open_in_this_process(self.incoming)
         if held is None:
             return 0  # no /proc: cannot tell; a restart clears them (open())
         removed = 0
-        for name in names:
-            path = self.incoming / name
-            if str(path) in held or self._waiting_ahead(path):
+        for path in candidates:
+            if str(path) in held:
                 continue
             path.unlink(missing_ok=True)
             removed += 1
