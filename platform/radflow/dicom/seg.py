@@ -197,7 +197,7 @@ def part10(dataset: Dataset) -> bytes:
 
 def load_sources(store: ObjectStore, object_keys: Sequence[str]) -> list[Dataset]:
     """The headers (no pixel data) of stored instances, in the order of ``object_keys``."""
-    headers = []
+    headers: list[Dataset] = []
     for key in object_keys:
         with store.open(key) as stream:
             headers.append(pydicom.dcmread(stream, stop_before_pixels=True))
@@ -236,8 +236,15 @@ def _source_grid(sources: Sequence[Dataset]) -> tuple[int, int, int]:
             "the sources mix multi-frame and several images; give one multi-frame image or a "
             "series of single-frame slices",
         )
+    count = frames[0] if len(sources) == 1 else len(sources)
+    if count > 1 and any("FrameOfReferenceUID" not in s for s in sources):
+        raise SegmentationError(
+            "sources",
+            f"the {count} source frames or images have no frame of reference, so nothing places "
+            "them in one volume; a SEG without one covers a single image: write one per image",
+        )
     rows, columns = sizes.pop()
-    return (frames[0] if len(sources) == 1 else len(sources)), rows, columns
+    return count, rows, columns
 
 
 def _stacked(
@@ -363,13 +370,14 @@ def _source_ordered(seg: hd.seg.Segmentation, sources: Sequence[Dataset]) -> NDA
     numbers = [int(d.SegmentNumber) for d in seg.SegmentSequence]
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames") or 1) > 1:
         source = sources[0]
-        return seg.get_pixels_by_source_frame(
+        frames: NDArray[np.generic] = seg.get_pixels_by_source_frame(
             source_sop_instance_uid=source.SOPInstanceUID,
             source_frame_numbers=range(1, int(source.NumberOfFrames) + 1),
             segment_numbers=numbers,
             assert_missing_frames_are_empty=True,
             rescale_fractional=True,
         )
+        return frames
     return seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[s.SOPInstanceUID for s in sources],
         segment_numbers=numbers,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -188,7 +189,8 @@ def _segment_group(
     identity: ReportIdentity,
 ) -> _Group:
     segment = measurement.segment
-    common = {
+    # The arguments every kind of group takes (highdicom's three group classes share them).
+    common: dict[str, Any] = {
         "tracking_identifier": _tracking(identity, f"{measurement.number} {segment.label}"),
         "finding_type": segment.property_type,
         "finding_category": segment.category,
@@ -263,7 +265,7 @@ def _report(
     identity: ReportIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     observer = hd.sr.ObserverContext(
-        observer_type=DEVICE,
+        observer_type=hd.sr.CodedConcept.from_code(DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(entropy_srcs=["radflow-model", algorithm.name, algorithm.version]),
             name=algorithm.device[:64],
