@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import Delivery, DeliveryStatus, ResultKind, unit_of_work
 from radflow.db.base import utcnow
 from radflow.delivery.scu import Outgoing, send
+from radflow.errors import RadflowError
 from radflow.ingest.routing import Destination, RoutingRules, default_rules
 from radflow.outages import FailureLog, describe, is_outage
 from radflow.settings import Settings
@@ -150,7 +151,7 @@ def _send(
             items.append(Outgoing(delivery.id, pydicom.dcmread(io.BytesIO(data))))
         except ObjectNotFound as exc:
             outcomes[delivery.id] = exc
-        except (InvalidDicomError, EOFError, ValueError) as exc:
+        except (InvalidDicomError, EOFError) as exc:
             outcomes[delivery.id] = exc
     if not items:
         return outcomes
@@ -186,7 +187,7 @@ def _record(
                 values |= {"status": DeliveryStatus.SENT, "sent_at": now, "last_error": None}
                 report.sent += 1
             else:
-                reason = _reason(error)
+                reason = reason_for(error)
                 report.reasons[delivery.id] = reason
                 if is_outage(error) and attempts < settings.delivery_max_attempts:
                     values |= {"next_attempt_at": now + _backoff(settings, attempts)}
@@ -201,12 +202,15 @@ def _record(
             session.execute(update(Delivery).where(Delivery.id == delivery.id).values(**values))
 
 
-def _reason(error: Exception) -> str:
+def reason_for(error: BaseException) -> str:
+    """Why a result could not be made or sent, for the pipeline page."""
     if isinstance(error, ObjectNotFound):
         return f"the object {error.args[0]} is missing from the object store"
-    if isinstance(error, InvalidDicomError | EOFError | ValueError):
-        return f"the stored object is not readable DICOM ({describe(error)})"
-    return str(error) or describe(error)
+    if isinstance(error, InvalidDicomError | EOFError):
+        return f"the object is not readable DICOM ({describe(error)})"
+    if isinstance(error, RadflowError | ConnectionError | Unconfigured):
+        return str(error)  # written for people already
+    return describe(error)
 
 
 def _backoff(settings: Settings, attempts: int) -> timedelta:

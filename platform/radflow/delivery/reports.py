@@ -42,7 +42,7 @@ from radflow.db import (
     Study,
     unit_of_work,
 )
-from radflow.delivery.outbox import enqueue
+from radflow.delivery.outbox import enqueue, reason_for
 from radflow.dicom.equipment import Algorithm
 from radflow.dicom.seg import (
     SEG_KEY,
@@ -62,7 +62,7 @@ from radflow.dicom.sr import (
 from radflow.errors import RadflowError
 from radflow.ingest.routing import Image, Routed, RoutingRules, candidates, route_series
 from radflow.learning.tasks import Task, get_task
-from radflow.outages import FailureLog, describe, is_outage
+from radflow.outages import FailureLog, is_outage
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _report(
         if is_outage(exc):
             raise
         failures.failed(f"the SR of prediction {prediction_id}", exc)
-        reason = str(exc) if isinstance(exc, RadflowError) else describe(exc)
+        reason = reason_for(exc)
         _set_aside(session_factory, prediction_id, reason)
         run.failed[prediction_id] = reason
         return

@@ -119,9 +119,8 @@ def _not_associated(assoc: Association, destination: Destination, calling: str) 
             f"{response.source_str}: {response.reason_str}); check that it knows the calling "
             f"AE title {calling} and is called {destination.ae_title}"
         )
-    if assoc.is_aborted:
-        return f"{destination.describe()} aborted the association request"
+    # pynetdicom reports a refused or failed connection as an aborted association too.
     return (
-        f"cannot associate with {destination.describe()}: not reachable, connection refused or "
-        "no answer in time"
+        f"cannot associate with {destination.describe()}: not reachable, connection refused, "
+        "aborted or no answer in time"
     )

@@ -69,10 +69,17 @@ def free_port() -> int:
 class Orthanc:
     """An Orthanc PACS (Debian package) on loopback ports, storage in ``folder``; a context manager.
 
-    ``modalities`` maps a name to (AE title, port) of DICOM peers on 127.0.0.1 it may send to.
+    ``modalities`` maps a name to (AE title, port) of DICOM peers on 127.0.0.1 it may send to;
+    ``check_called_aet``: refuse associations that call another AE title than ``ORTHANC``.
     """
 
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        modalities: dict[str, tuple[str, int]] | None = None,
+        *,
+        check_called_aet: bool = False,
+    ) -> None:
         self.folder = folder
         self.dicom_port, self.http_port = free_port(), free_port()
         self.aet = "ORTHANC"
@@ -86,7 +93,7 @@ class Orthanc:
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
+            "DicomCheckCalledAet": check_called_aet,
             "Plugins": [],
             "DicomModalities": {
                 name: [aet, "127.0.0.1", port] for name, (aet, port) in (modalities or {}).items()
