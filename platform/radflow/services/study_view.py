@@ -18,7 +18,7 @@ from pydicom.pixels.utils import pixel_array
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from radflow.db import Prediction, Series, Study
+from radflow.db import Delivery, Prediction, ResultObject, Series, Study
 from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.services.users import Permission, Principal, require
@@ -87,6 +87,22 @@ class PredictionView:
 
 
 @dataclass(frozen=True)
+class ResultView:
+    """A DICOM object made from a prediction (SR, SEG), and where it has been sent."""
+
+    kind: str
+    model: str
+    object_key: str
+    created_at: datetime
+    deliveries: dict[str, str] = field(default_factory=dict)
+    """Destination -> status (pending, sent, parked)."""
+
+    @property
+    def file_name(self) -> str:
+        return self.object_key.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class StudyView:
     study_uid: str
     accession: str | None
@@ -100,6 +116,8 @@ class StudyView:
     series: list[SeriesView] = field(default_factory=list)
     predictions: list[PredictionView] = field(default_factory=list)
     """Newest first."""
+    results: list[ResultView] = field(default_factory=list)
+    """DICOM results (SR, SEG) sent to PACS, newest first."""
 
     @property
     def latest(self) -> PredictionView | None:
@@ -150,6 +168,7 @@ def get_study_view(session: Session, study_uid: str) -> StudyView:
         received_at=study.received_at,
         series=[_series_view(s) for s in study.series],
         predictions=_prediction_views(session, study.id),
+        results=_result_views(session, study.id),
     )
 
 
@@ -189,6 +208,63 @@ def _prediction_views(session: Session, study_id: int) -> list[PredictionView]:
         )
         for p in predictions
     ]
+
+
+def _result_views(session: Session, study_id: int) -> list[ResultView]:
+    rows = session.execute(
+        select(ResultObject, Prediction)
+        .join(Prediction, Prediction.id == ResultObject.prediction_id)
+        .where(ResultObject.study_id == study_id, ResultObject.object_key.is_not(None))
+        .options(selectinload(Prediction.model_version))
+        .order_by(ResultObject.created_at.desc(), ResultObject.id.desc())
+    ).all()
+    sent: dict[str, dict[str, str]] = {}
+    for key, destination, status in session.execute(
+        select(Delivery.object_key, Delivery.destination, Delivery.status).where(
+            Delivery.study_id == study_id
+        )
+    ):
+        sent.setdefault(key, {})[destination] = status.value
+    return [
+        ResultView(
+            kind=result.kind.value.upper(),
+            model=prediction.model_version.name,
+            object_key=str(result.object_key),
+            created_at=result.created_at,
+            deliveries=sent.get(str(result.object_key), {}),
+        )
+        for result, prediction in rows
+    ]
+
+
+class ResultNotFound(RadflowError, LookupError):
+    def __init__(self, study_uid: str, object_key: str) -> None:
+        super().__init__(
+            f"{object_key[:200]!r} is not a DICOM result of study {study_uid[:80]}; "
+            "choose one from the study's results"
+        )
+
+
+def download_result(
+    session: Session, store: ObjectStore, principal: Principal, study_uid: str, object_key: str
+) -> bytes:
+    """The bytes of one of the study's DICOM results, for someone allowed to see studies.
+
+    Only a result of this study is served (never an arbitrary key); the download is audited
+    and joins the caller's transaction. Raises ResultNotFound, or ObjectNotFound when the
+    object is missing from the store.
+    """
+    require(principal, Permission.VIEW_STUDIES)
+    known = session.scalar(
+        select(ResultObject.id)
+        .join(Study, Study.id == ResultObject.study_id)
+        .where(Study.study_uid == study_uid, ResultObject.object_key == object_key)
+    )
+    if known is None:
+        raise ResultNotFound(study_uid, object_key)
+    data = store.get_bytes(object_key)
+    session.add(record(principal.name, "download", "study", study_uid, object_key=object_key))
+    return data
 
 
 def render_image(
