@@ -197,7 +197,8 @@ def _record(
                         reason = f"{reason} (gave up after {attempts} attempts)"
                     values |= {"status": DeliveryStatus.PARKED}
                     report.parked += 1
-                    logger.warning("delivery %s parked: %s", delivery.id, reason)
+                    # The reason is on the pipeline page; the log stays free of study UIDs.
+                    logger.warning("delivery %s to %s parked", delivery.id, delivery.destination)
                 values["last_error"] = reason[:1024]
             session.execute(update(Delivery).where(Delivery.id == delivery.id).values(**values))
 
