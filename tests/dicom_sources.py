@@ -28,6 +28,8 @@ from radflow.settings import Settings
 from radflow.store import ObjectStore
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
+OPHTHALMIC_PHOTOGRAPHY_8_BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 DCIODVFY = "/usr/bin/dciodvfy"
 VESSELS = Segment(
     "vessels",
@@ -112,6 +114,20 @@ def multiframe_capture(frames: int = 3, size: int = 32) -> Dataset:
     """A multi-frame image without a frame of reference (a capture, a cine)."""
     pixels = np.zeros((frames, size, size), np.uint16)
     return pydicom.dcmread(io.BytesIO(dicom_bytes(pixels)))
+
+
+def photograph(sop_class: str = VL_PHOTOGRAPHIC, rows: int = 40, columns: int = 50) -> Dataset:
+    """An RGB photograph (e.g. of the fundus), as read from a file."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "PAT-3", "Photo^Pat", "XC"
+    ds.set_pixel_data(
+        np.zeros((rows, columns, 3), np.uint8), photometric_interpretation="RGB", bits_stored=8
+    )
+    return reread(ds)
 
 
 def dciodvfy(data: bytes, folder: Path) -> tuple[list[str], list[str]]:

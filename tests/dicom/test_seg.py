@@ -11,11 +11,13 @@ import pydicom
 import pytest
 from dicom_sources import (
     LESION,
+    OPHTHALMIC_PHOTOGRAPHY_8_BIT,
     VESSELS,
     ct_series,
     dciodvfy,
     enhanced_ct,
     multiframe_capture,
+    photograph,
     radiograph,
 )
 
@@ -60,6 +62,29 @@ def test_a_binary_seg_over_a_radiograph_is_valid_and_reads_back(tmp_path: Path) 
     assert back.labels == ("vessels",) and not back.fractional
     assert np.array_equal(back.array[0, ..., 0], mask)
     assert back.pixel_spacing is not None
+
+
+def test_a_seg_over_a_colour_photograph_is_valid_and_reads_back(tmp_path: Path) -> None:
+    source = photograph()
+    mask = np.zeros((40, 50), bool)
+    mask[5:9, 10:30] = True
+
+    data = part10(build_segmentation([source], mask, [VESSELS], MODEL))
+
+    errors, _ = dciodvfy(data, tmp_path)  # warnings: the photograph's own empty type 2 values
+    assert errors == []
+    assert np.array_equal(read_segmentation(data, [source]).array[0, ..., 0], mask)
+
+
+def test_a_source_highdicom_cannot_derive_from_is_refused_with_a_reason() -> None:
+    # highdicom 0.28.2 takes Ophthalmic Photography (a multi-frame IOD) for an enhanced image
+    # and asks for functional groups it does not have; the AttributeError becomes a reason.
+    source = photograph(OPHTHALMIC_PHOTOGRAPHY_8_BIT)
+    source.NumberOfFrames = 1
+    with pytest.raises(SegmentationError) as refused:
+        build_segmentation([source], np.ones((40, 50), bool), [VESSELS], MODEL)
+    assert refused.value.reason == "invalid-segmentation"
+    assert "check the source images" in str(refused.value)
 
 
 def test_a_multi_segment_seg_over_a_ct_series_reads_back_per_slice(tmp_path: Path) -> None:

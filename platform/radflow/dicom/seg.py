@@ -152,15 +152,15 @@ def build_segmentation(
             device_serial_number=algorithm.device,
             series_description=f"AI segmentation {algorithm.device}"[:64],
         )
-    except ValueError as exc:
+    except (AttributeError, KeyError, ValueError) as exc:  # a source image highdicom cannot use
         raise SegmentationError(
             "invalid-segmentation",
-            f"highdicom cannot build the SEG: {exc}; check the source images",
+            f"highdicom cannot build the SEG ({exc}); check the source images",
         ) from exc
     if "FrameOfReferenceUID" not in seg:
         # Without a frame of reference the General Image module requires Patient Orientation
-        # (type 2C): a SEG over a radiograph or photograph lies as its single source does.
-        seg.PatientOrientation = sources[0].get("PatientOrientation", "") if frames == 1 else ""
+        # (type 2C): a SEG over a radiograph or photograph lies as its one source does.
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
     return seg
 
 
