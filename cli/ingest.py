@@ -16,12 +16,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# `radflow ingest` ran to the end but refused some files (listed in its report): scripts can
+# tell a partly refused folder from a clean one, and both from a command that failed (2).
+EXIT_REJECTED = 3
+
 Add = Callable[[str, Callable[[argparse.Namespace, Settings], int], str], argparse.ArgumentParser]
 
 
 def add_commands(add: Add) -> None:
     p = add("ingest", cmd_ingest, "ingest every DICOM file under a folder")
     p.add_argument("folder", type=Path)
+    p.epilog = (
+        "Every file is tried; the report lists each refused file with its reason. Exit status: "
+        f"0 all stored (or already there), {EXIT_REJECTED} done but some files refused, "
+        "2 the command could not run (say, no such folder), 1 it stopped on an outage "
+        "(database or object store unreachable): run it again, nothing is stored twice."
+    )
     p = add("receive", cmd_receive, "run the DICOM receiver (C-ECHO/C-STORE SCP) and its indexer")
     p.add_argument("--port", type=int, default=None, help="default RADFLOW_RECEIVER_PORT (11112)")
     p.add_argument("--ae-title", default=None, help="default RADFLOW_RECEIVER_AE_TITLE (RADFLOW)")
@@ -42,13 +52,16 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     with run_settings():
         result = ingest_flow(str(args.folder))
     rejected: dict[str, str] = result["rejected"]
+    warnings: dict[str, list[str]] = result["warnings"]
     print(
         f"stored {result['stored']}, duplicates {result['duplicates']}, "
         f"rejected {len(rejected)}, stable studies {result['stable_studies']}"
     )
     for path, reason in rejected.items():
         print(f"  rejected {path}: {reason}")
-    return 0
+    for path, dropped in warnings.items():
+        print(f"  stored {path} without: {'; '.join(dropped)}")
+    return EXIT_REJECTED if rejected else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
