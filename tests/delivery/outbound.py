@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from dicom_sources import LESION, ct_series, ingest, score
 from ingest.receiver.peers import Orthanc
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from radflow.db import Instance
+from radflow.dicom.equipment import Algorithm
+from radflow.dicom.seg import SEG_KEY, load_sources, write_segmentation
 from radflow.ingest.routing import RoutingRules, parse_rules
+from radflow.settings import Settings
+from radflow.store import ObjectStore
 
 SEGMENTATION_TASK = "ct-lesions"
 
@@ -51,3 +61,26 @@ def clear(pacs: Orthanc) -> None:
     for study in pacs.request("GET", "/studies"):
         request = urllib.request.Request(f"{pacs.url}/studies/{study}", method="DELETE")
         urllib.request.urlopen(request, timeout=30).close()
+
+
+def scored_segmentation(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, folder: Path
+) -> str:
+    """A CT study with a stored SEG and its prediction; the study's UID."""
+    series = ct_series(slices=2)
+    study_uid = ingest(series, folder, settings, session_factory, store)
+    with session_factory() as session:
+        keys = session.scalars(select(Instance.object_key).order_by(Instance.number)).all()
+    mask = np.zeros((2, 32, 32), bool)
+    mask[0, 2:6, 2:6] = True
+    seg = write_segmentation(
+        store,
+        load_sources(store, keys),
+        mask,
+        [LESION],
+        Algorithm.for_model(SEGMENTATION_TASK, 1),
+        task=SEGMENTATION_TASK,
+        version=1,
+    )
+    score(session_factory, study_uid, 1.0, task=SEGMENTATION_TASK, derived={SEG_KEY: seg.key})
+    return study_uid

@@ -7,44 +7,17 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
-from dicom_sources import LESION, ct_series, ingest, score
 from ingest.receiver.peers import Orthanc, free_port
-from outbound import SEGMENTATION_TASK, clear, rules, stored_in
+from outbound import clear, rules, scored_segmentation, stored_in
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import Delivery, DeliveryStatus, Instance, ResultObject, unit_of_work
+from radflow.db import Delivery, DeliveryStatus, ResultObject, unit_of_work
 from radflow.db.base import utcnow
 from radflow.delivery.outbox import resend, send_due
 from radflow.delivery.reports import write_reports
-from radflow.dicom.equipment import Algorithm
-from radflow.dicom.seg import SEG_KEY, load_sources, write_segmentation
 from radflow.settings import Settings
 from radflow.store import ObjectStore
-
-
-def _scored_segmentation(
-    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, folder: Path
-) -> str:
-    """A CT study with a stored SEG and its prediction; the study's UID."""
-    series = ct_series(slices=2)
-    study_uid = ingest(series, folder, settings, session_factory, store)
-    with session_factory() as session:
-        keys = session.scalars(select(Instance.object_key).order_by(Instance.number)).all()
-    mask = np.zeros((2, 32, 32), bool)
-    mask[0, 2:6, 2:6] = True
-    seg = write_segmentation(
-        store,
-        load_sources(store, keys),
-        mask,
-        [LESION],
-        Algorithm.for_model(SEGMENTATION_TASK, 1),
-        task=SEGMENTATION_TASK,
-        version=1,
-    )
-    score(session_factory, study_uid, 1.0, task=SEGMENTATION_TASK, derived={SEG_KEY: seg.key})
-    return study_uid
 
 
 def _deliveries(session_factory: sessionmaker[Session]) -> dict[str, list[Delivery]]:
@@ -65,7 +38,7 @@ def test_the_sr_and_seg_arrive_in_the_pacs_under_their_study(
     segmentation_task: str,
 ) -> None:
     clear(orthanc)
-    study_uid = _scored_segmentation(settings, session_factory, store, tmp_path / "in")
+    study_uid = scored_segmentation(settings, session_factory, store, tmp_path / "in")
     routing = rules({"pacs": (orthanc.aet, orthanc.dicom_port)}, task=segmentation_task)
     write_reports(session_factory, store, routing)
 
@@ -94,7 +67,7 @@ def test_a_refusing_destination_is_retried_then_parked_and_resent_after_the_fix(
     settings = settings.model_copy(
         update={"delivery_max_attempts": 3, "delivery_retry_seconds": 60.0}
     )
-    study_uid = _scored_segmentation(settings, session_factory, store, tmp_path / "in")
+    study_uid = scored_segmentation(settings, session_factory, store, tmp_path / "in")
     port = orthanc.dicom_port
     wrong = rules(
         {"good": (orthanc.aet, port), "bad": ("NOT-ORTHANC", port)}, task=segmentation_task
@@ -154,7 +127,7 @@ def test_an_unreachable_destination_is_an_outage_and_a_missing_object_is_parked_
     tmp_path: Path,
     segmentation_task: str,
 ) -> None:
-    _scored_segmentation(settings, session_factory, store, tmp_path / "in")
+    scored_segmentation(settings, session_factory, store, tmp_path / "in")
     routing = rules({"offline": ("PACS", free_port())}, task=segmentation_task)
     write_reports(session_factory, store, routing)
     seg, sr = _deliveries(session_factory)["offline"]
@@ -180,7 +153,7 @@ def test_a_destination_removed_from_the_rules_parks_its_deliveries(
     tmp_path: Path,
     segmentation_task: str,
 ) -> None:
-    _scored_segmentation(settings, session_factory, store, tmp_path / "in")
+    scored_segmentation(settings, session_factory, store, tmp_path / "in")
     write_reports(session_factory, store, rules({"old": ("OLD", 104)}, task=segmentation_task))
 
     report = send_due(session_factory, store, settings, rules({}, task=segmentation_task))

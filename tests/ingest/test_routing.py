@@ -102,8 +102,9 @@ def test_destinations_are_read_with_the_rules_that_send_to_them() -> None:
 destinations:
   - {name: pacs, ae_title: ' PACS ', host: pacs.example.org, port: 104}
   - {name: research, ae_title: ARCHIVE, host: 10.0.0.7, port: 11112, calling_ae_title: AI}
+  - {name: cloud, stow_url: 'https://pacs.example.org/dicom-web/studies'}
 rules:
-  - {name: chest, task: pneumonia-cxr, send_to: [pacs, research]}
+  - {name: chest, task: pneumonia-cxr, send_to: [pacs, research, cloud]}
 """,
         "test.yaml",
     )
@@ -111,9 +112,13 @@ rules:
     assert pacs is not None and pacs.ae_title == "PACS"  # surrounding spaces are not significant
     assert pacs.describe() == "pacs (PACS@pacs.example.org:104)"
     assert rules.destination("research").calling_ae_title == "AI"  # type: ignore[union-attr]
+    cloud = rules.destination("cloud")
+    assert cloud is not None and cloud.describe() == (
+        "cloud (https://pacs.example.org/dicom-web/studies)"
+    )
     assert rules.destination("elsewhere") is None
     routed = route(_study(_series()), TASK, rules)
-    assert routed.rule is not None and routed.rule.send_to == ("pacs", "research")
+    assert routed.rule is not None and routed.rule.send_to == ("pacs", "research", "cloud")
     assert default_rules().destinations == ()  # the packaged rules send nowhere
 
 
@@ -141,6 +146,9 @@ rules:
         (_with_destination("port: 70000"), "destinations.0.port"),
         (_with_destination("host: 'pacs; rm -rf'"), "destinations.0.host"),
         (_with_destination("speed: fast"), "destinations.0.speed"),
+        (_with_destination("port: null"), "needs ae_title, host and port (C-STORE) or stow_url"),
+        (_with_destination("stow_url: 'ftp://pacs/studies'"), "not a STOW-RS URL"),
+        (_with_destination("stow_url: 'http://user:pw@pacs/studies'"), "without credentials"),
         (_with_destination("", twice=True), "destination names must be unique; repeated: ['pacs']"),
     ],
 )

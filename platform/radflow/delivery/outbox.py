@@ -1,7 +1,8 @@
 """The outbox: results waiting for their destinations, sent with retries, parked when hopeless.
 
 Each ``Delivery`` row is one object for one destination. :func:`send_due` sends the due ones,
-one association per destination, and records each outcome:
+one association (C-STORE, :mod:`radflow.delivery.scu`) or one request (DICOMweb STOW-RS,
+:mod:`radflow.delivery.stow`) per destination, and records each outcome:
 
 - stored: ``sent``;
 - an outage (radflow.outages.is_outage: unreachable, association refused, no answer, out of
@@ -32,7 +33,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import Delivery, DeliveryStatus, ResultKind, unit_of_work
 from radflow.db.base import utcnow
-from radflow.delivery.scu import Outgoing, send
+from radflow.delivery import scu, stow
+from radflow.delivery.outgoing import Outgoing
 from radflow.errors import RadflowError
 from radflow.ingest.routing import Destination, RoutingRules, default_rules
 from radflow.outages import FailureLog, describe, is_outage
@@ -148,7 +150,7 @@ def _send(
     for delivery in deliveries:
         try:
             data = store.get_bytes(delivery.object_key)
-            items.append(Outgoing(delivery.id, pydicom.dcmread(io.BytesIO(data))))
+            items.append(Outgoing(delivery.id, data, pydicom.dcmread(io.BytesIO(data))))
         except ObjectNotFound as exc:
             outcomes[delivery.id] = exc
         except (InvalidDicomError, EOFError) as exc:
@@ -156,18 +158,24 @@ def _send(
     if not items:
         return outcomes
     try:
-        outcomes |= send(
-            destination,
-            items,
-            calling_ae_title=settings.receiver_ae_title,
-            timeout=settings.delivery_timeout_seconds,
-        )
+        outcomes |= _sent(settings, destination, items)
     except Exception as exc:
         # Classified, not swallowed: every item gets this outcome, recorded with its reason.
         if not is_outage(exc):
             failures.failed(f"sending to {destination.name}", exc)
         outcomes |= {item.id: exc for item in items}
     return outcomes
+
+
+def _sent(
+    settings: Settings, destination: Destination, items: Sequence[Outgoing]
+) -> dict[int, Exception | None]:
+    timeout = settings.delivery_timeout_seconds
+    if destination.stow_url is not None:
+        return stow.send(destination, items, timeout=timeout)
+    return scu.send(
+        destination, items, calling_ae_title=settings.receiver_ae_title, timeout=timeout
+    )
 
 
 def _record(

@@ -1,20 +1,10 @@
-"""Sending results to a destination by C-STORE (pynetdicom's public SCU API).
-
-Every failure is one of two kinds, and :func:`radflow.outages.is_outage` tells them apart:
-
-- :class:`DestinationUnavailable` (a ``ConnectionError``, so an outage): the destination cannot
-  be reached, refuses or drops the association, does not answer in time, or is out of
-  resources. The same object may go through later: it is retried with a backoff.
-- :class:`ObjectRefused`: the destination accepted the association but refuses this object
-  (no presentation context for its SOP class, a failure status about the data). Sending it
-  again fails the same way: it is parked at once.
-"""
+"""Sending results to a destination by C-STORE (pynetdicom's public SCU API); the kinds of
+failure are those of :mod:`radflow.delivery.outgoing`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -22,30 +12,10 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
-from radflow.errors import RadflowError
+from radflow.delivery.outgoing import DestinationUnavailable, ObjectRefused, Outgoing, failure
 from radflow.ingest.routing import Destination
 
 logger = logging.getLogger(__name__)
-
-# Failure statuses that are about the destination's state, not the object: out of resources
-# (PS3.4 B.2.3, 0xA7xx) and Orthanc's and others' catch-all "processing failure".
-_TRANSIENT_FAILURES = (range(0xA700, 0xA800), range(0x0110, 0x0111))
-
-
-class DestinationUnavailable(ConnectionError):
-    """The destination could not take results now: retried later."""
-
-
-class ObjectRefused(RadflowError):
-    """The destination refused this object: sending it again would fail the same way."""
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One object to send, with the id the caller knows it by."""
-
-    id: int
-    dataset: Dataset
 
 
 def send(
@@ -61,12 +31,13 @@ def send(
     Raises DestinationUnavailable when no association can be made; an association lost on the
     way fails the items not yet sent with DestinationUnavailable.
     """
+    called, host, port = destination.c_store_address()
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for sop_class in sorted({str(item.dataset.SOPClassUID) for item in items}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
         raise DestinationUnavailable(_not_associated(assoc, destination, ae.ae_title))
     outcomes: dict[int, Exception | None] = {}
@@ -106,9 +77,7 @@ def _store(assoc: Association, dataset: Dataset, destination: Destination) -> Ex
     comment = str(status.get("ErrorComment", "")).strip()
     why = f"{destination.describe()} answered C-STORE status 0x{code:04X} ({category})"
     why += f": {comment}" if comment else ""
-    if any(code in codes for codes in _TRANSIENT_FAILURES):
-        return DestinationUnavailable(why)
-    return ObjectRefused(f"{why}; the object was refused, fix the cause and re-send")
+    return failure(code, why)
 
 
 def _not_associated(assoc: Association, destination: Destination, calling: str) -> str:

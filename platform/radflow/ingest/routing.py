@@ -115,19 +115,56 @@ class InvalidRoutingRules(RadflowError):
         super().__init__(f"routing rules {source}: {problem}; fix the file (RADFLOW_ROUTING_FILE)")
 
 
+def _stow_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^/@\s]+(/\S*)?", value):
+        raise ValueError(
+            f"{value!r} is not a STOW-RS URL: http(s)://host[:port]/path, without credentials"
+        )
+    return value
+
+
+StowUrl = Annotated[str, AfterValidator(_stow_url)]
+
+
 class Destination(BaseModel):
-    """A DICOM node results are sent to by C-STORE: a PACS, a viewer, a research archive."""
+    """A node results are sent to: a PACS, a viewer, a research archive.
+
+    By DICOM C-STORE to ``ae_title`` at ``host``:``port``, or, when ``stow_url`` is given, by
+    DICOMweb STOW-RS to that URL (e.g. ``http://pacs:8042/dicom-web/studies``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Name
-    ae_title: AETitle
-    host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:\[\]_-]+$")
-    port: int = Field(ge=1, le=65535)
+    ae_title: AETitle | None = None
+    host: str | None = Field(
+        default=None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:\[\]_-]+$"
+    )
+    port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_title: AETitle | None = None
     """The AE title Radflow calls with; default the receiver's (RADFLOW_RECEIVER_AE_TITLE)."""
+    stow_url: StowUrl | None = None
+    """Send by STOW-RS to this URL instead of by C-STORE."""
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Destination:
+        dimse = (self.ae_title, self.host, self.port)
+        if self.stow_url is None and None in dimse:
+            raise ValueError(
+                f"destination {self.name} needs ae_title, host and port (C-STORE) or stow_url "
+                "(DICOMweb STOW-RS)"
+            )
+        return self
+
+    def c_store_address(self) -> tuple[str, str, int]:
+        """(called AE title, host, port) of a destination reached by C-STORE."""
+        if self.ae_title is None or self.host is None or self.port is None:
+            raise ValueError(f"destination {self.name} is reached by STOW-RS, not by C-STORE")
+        return self.ae_title, self.host, self.port
 
     def describe(self) -> str:
+        if self.stow_url is not None:
+            return f"{self.name} ({self.stow_url})"
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
 
