@@ -310,17 +310,17 @@ else:
 
 
 def _results(principal: Principal, view: StudyView) -> None:
-    """The DICOM results sent to PACS (SR, SEG), each downloadable; a download is audited."""
+    """The DICOM results (SR, SEG), each downloadable (audited), and where each was sent."""
     st.subheader("DICOM results")
+    for reason in view.unreported:
+        st.warning(f"An SR could not be made: {reason}", icon=":material/report:")
     if not view.results:
         st.caption("No SR or SEG made for this study yet.")
         return
     for index, result in enumerate(view.results):
-        sent = ", ".join(f"{name}: {status}" for name, status in result.deliveries.items())
         columns = st.columns([3, 1], vertical_alignment="center")
         columns[0].write(
-            f"**{result.kind}** of {result.model} · {result.created_at:%Y-%m-%d %H:%M} · "
-            f"{sent or 'no destination'}"
+            f"**{result.kind}** of {result.model} · {result.created_at:%Y-%m-%d %H:%M}"
         )
         columns[1].download_button(
             "Download",
@@ -330,6 +330,10 @@ def _results(principal: Principal, view: StudyView) -> None:
             icon=":material/download:",
             key=f"result:{index}",
             on_click="ignore",
+        )
+        sent = [delivery.describe() for delivery in result.deliveries]
+        columns[0].caption(
+            "  \n".join(sent) or "Sent to no destination (the routing rule names none)."
         )
 
 

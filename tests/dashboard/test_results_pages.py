@@ -52,8 +52,11 @@ def test_the_study_page_lists_its_dicom_results(runtime: Runtime) -> None:
 
     assert not at.exception
     assert any(h.value == "DICOM results" for h in at.subheader)
+    assert any("**SR** of pneumonia-cxr:v1" in m.value for m in at.markdown)
     assert any(
-        "**SR** of pneumonia-cxr:v1" in m.value and "pacs: parked" in m.value for m in at.markdown
+        c.value == "pacs: parked after 6 attempt(s): pacs (PACS@10.0.0.9:104) rejected the "
+        "association"
+        for c in at.caption
     )
 
 

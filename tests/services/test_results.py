@@ -18,6 +18,7 @@ from radflow.db import (
     Study,
     unit_of_work,
 )
+from radflow.db.base import utcnow
 from radflow.services.pipeline import resend_results, results_out
 from radflow.services.study_view import ResultNotFound, download_result, get_study_view
 from radflow.services.users import PermissionDenied, Role
@@ -50,6 +51,7 @@ def _with_result(
             status=status,
             attempts=6 if status == DeliveryStatus.PARKED else 1,
             last_error=error,
+            sent_at=utcnow() if status == DeliveryStatus.SENT else None,
         )
     )
     session.flush()
@@ -66,7 +68,10 @@ def test_the_study_lists_its_results_and_serves_them_audited(
     with session_factory() as session:
         [result] = get_study_view(session, study.study_uid).results
     assert (result.kind, result.model, result.object_key) == ("SR", "pneumonia-cxr:v1", key)
-    assert result.deliveries == {"pacs": "sent"} and result.file_name == "sr.1.2.3.dcm"
+    assert result.file_name == "sr.1.2.3.dcm"
+    [delivery] = result.deliveries
+    assert (delivery.destination, delivery.status) == ("pacs", "sent")
+    assert delivery.describe().startswith("pacs: sent 20")
 
     with unit_of_work(session_factory) as session:
         assert download_result(session, store, rita, study.study_uid, key) == b"DICM sr bytes"
@@ -119,3 +124,28 @@ def test_parked_results_are_listed_and_resent_by_engineers_only(
         actors = session.scalars(select(AuditEvent.actor).where(AuditEvent.action == "resend"))
         assert list(actors) == ["max"]
         assert results_out(session, max_).counts["parked"] == 0
+
+
+def test_the_study_says_where_each_result_went_and_which_srs_were_not_made(
+    session_factory: sessionmaker[Session], store: ObjectStore
+) -> None:
+    with unit_of_work(session_factory) as session:
+        study, _ = _with_result(
+            session, store, DeliveryStatus.PENDING, error="cannot associate with pacs"
+        )
+        study_id = study.id
+        prediction = session.scalars(select(Prediction).where(Prediction.study_id == study_id))
+        session.add(
+            ResultObject(
+                prediction_id=prediction.one().id,
+                study_id=study_id,
+                kind=ResultKind.SEG,
+                error="the SEG references 1 instance(s) that are not images of this study",
+            )
+        )
+    with session_factory() as session:
+        view = get_study_view(session, study.study_uid)
+    [delivery] = view.results[0].deliveries
+    assert delivery.describe().startswith("pacs: pending, next try 20")
+    assert delivery.describe().endswith("(attempt 1 failed: cannot associate with pacs)")
+    assert view.unreported == ["the SEG references 1 instance(s) that are not images of this study"]

@@ -18,7 +18,7 @@ from pydicom.pixels.utils import pixel_array
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from radflow.db import Delivery, Prediction, ResultObject, Series, Study
+from radflow.db import Delivery, DeliveryStatus, Prediction, ResultObject, Series, Study
 from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.services.users import Permission, Principal, require
@@ -87,6 +87,31 @@ class PredictionView:
 
 
 @dataclass(frozen=True)
+class DeliveryView:
+    """Where one DICOM result went: sent (when), pending (the next try, the last failure) or
+    parked (after how many attempts, and why)."""
+
+    destination: str
+    status: str
+    attempts: int
+    sent_at: datetime | None
+    next_attempt_at: datetime | None
+    reason: str | None
+
+    def describe(self) -> str:
+        if self.status == DeliveryStatus.SENT and self.sent_at is not None:
+            return f"{self.destination}: sent {self.sent_at:%Y-%m-%d %H:%M}"
+        if self.status == DeliveryStatus.PARKED:
+            return f"{self.destination}: parked after {self.attempts} attempt(s): {self.reason}"
+        if self.attempts and self.next_attempt_at is not None:
+            return (
+                f"{self.destination}: pending, next try {self.next_attempt_at:%Y-%m-%d %H:%M} "
+                f"(attempt {self.attempts} failed: {self.reason})"
+            )
+        return f"{self.destination}: {self.status}"
+
+
+@dataclass(frozen=True)
 class ResultView:
     """A DICOM object made from a prediction (SR, SEG), and where it has been sent."""
 
@@ -94,8 +119,7 @@ class ResultView:
     model: str
     object_key: str
     created_at: datetime
-    deliveries: dict[str, str] = field(default_factory=dict)
-    """Destination -> status (pending, sent, parked)."""
+    deliveries: list[DeliveryView] = field(default_factory=list)
 
     @property
     def file_name(self) -> str:
@@ -118,6 +142,8 @@ class StudyView:
     """Newest first."""
     results: list[ResultView] = field(default_factory=list)
     """DICOM results (SR, SEG) sent to PACS, newest first."""
+    unreported: list[str] = field(default_factory=list)
+    """Why the SR of a prediction could not be made, newest first."""
 
     @property
     def latest(self) -> PredictionView | None:
@@ -169,6 +195,7 @@ def get_study_view(session: Session, study_uid: str) -> StudyView:
         series=[_series_view(s) for s in study.series],
         predictions=_prediction_views(session, study.id),
         results=_result_views(session, study.id),
+        unreported=_unreported(session, study.id),
     )
 
 
@@ -218,22 +245,40 @@ def _result_views(session: Session, study_id: int) -> list[ResultView]:
         .options(selectinload(Prediction.model_version))
         .order_by(ResultObject.created_at.desc(), ResultObject.id.desc())
     ).all()
-    sent: dict[str, dict[str, str]] = {}
-    for key, destination, status in session.execute(
-        select(Delivery.object_key, Delivery.destination, Delivery.status).where(
-            Delivery.study_id == study_id
-        )
+    deliveries: dict[str, list[DeliveryView]] = {}
+    for delivery in session.scalars(
+        select(Delivery).where(Delivery.study_id == study_id).order_by(Delivery.id)
     ):
-        sent.setdefault(key, {})[destination] = status.value
+        deliveries.setdefault(delivery.object_key, []).append(
+            DeliveryView(
+                destination=delivery.destination,
+                status=delivery.status.value,
+                attempts=delivery.attempts,
+                sent_at=delivery.sent_at,
+                next_attempt_at=delivery.next_attempt_at,
+                reason=delivery.last_error,
+            )
+        )
     return [
         ResultView(
             kind=result.kind.value.upper(),
             model=prediction.model_version.name,
             object_key=str(result.object_key),
             created_at=result.created_at,
-            deliveries=sent.get(str(result.object_key), {}),
+            deliveries=deliveries.get(str(result.object_key), []),
         )
         for result, prediction in rows
+    ]
+
+
+def _unreported(session: Session, study_id: int) -> list[str]:
+    return [
+        str(error)
+        for error in session.scalars(
+            select(ResultObject.error)
+            .where(ResultObject.study_id == study_id, ResultObject.error.is_not(None))
+            .order_by(ResultObject.created_at.desc(), ResultObject.id.desc())
+        )
     ]
 
 
