@@ -104,6 +104,20 @@ def test_a_multi_segment_seg_over_a_ct_series_reads_back_per_slice(tmp_path: Pat
     assert np.array_equal(reversed_back.array, mask[::-1])
 
 
+def test_a_label_map_gives_one_segment_per_label(tmp_path: Path) -> None:
+    series = ct_series(slices=2)
+    labels = np.zeros((2, 32, 32), np.int64)  # an argmax over background, vessels, lesion
+    labels[0, 2:6, 2:6] = 1
+    labels[1, 10:20, 10:12] = 2
+
+    data = part10(build_segmentation(series, labels, [VESSELS, LESION], MODEL))
+
+    back = read_segmentation(data, series)
+    assert np.array_equal(back.array, np.stack([labels == 1, labels == 2], axis=-1))
+    with pytest.raises(SegmentationError, match=r"holds 0 \(background\) to 2, not 0 to 3"):
+        build_segmentation(series, labels + (labels > 1), [VESSELS, LESION], MODEL)
+
+
 def test_a_fractional_seg_keeps_probabilities_to_one_part_in_255(tmp_path: Path) -> None:
     series = ct_series(slices=3)
     probabilities = np.zeros((3, 32, 32), np.float32)

@@ -7,7 +7,10 @@ returns the mask in the order of the source instances it is given, whoever wrote
 
 Source instances are one 2D image, one multi-frame image, or a series of single-frame slices;
 the mask is ``(rows, cols)``, ``(frames, rows, cols)`` or ``(frames, rows, cols, segments)``
-with frame ``i`` over source frame or slice ``i``.
+with frame ``i`` over source frame or slice ``i``: booleans, 0/1 of any number type, or
+probabilities in [0, 1] for a FRACTIONAL SEG. For several segments, a label map of integers
+(``(rows, cols)`` or ``(frames, rows, cols)``, 0 the background, ``n`` segment ``n``) does too:
+what an argmax over a network's output channels gives.
 
 An empty mask (no foreground in any segment) is refused with :class:`EmptyMask`, reason
 ``empty-mask``: a SEG that outlines nothing only clutters the study in a PACS. The caller
@@ -255,6 +258,8 @@ def _stacked(
     array = mask[None] if mask.ndim == 2 else mask
     if array.ndim == 3 and segments == 1:
         array = array[..., None]
+    elif array.shape == grid and array.dtype.kind in "iu" and not fractional:
+        array = _one_hot(array, segments)
     if array.ndim != 4 or array.shape[:3] != grid:
         raise SegmentationError(
             "mask-shape",
@@ -272,6 +277,17 @@ def _stacked(
     if not values.any():
         raise EmptyMask()
     return values
+
+
+def _one_hot(labels: NDArray[np.generic], segments: int) -> NDArray[np.bool_]:
+    """A label map (0 background, ``n`` segment ``n``) as one boolean channel per segment."""
+    if labels.min() < 0 or labels.max() > segments:
+        raise SegmentationError(
+            "mask-values",
+            f"a label map for {segments} segments holds 0 (background) to {segments}, not "
+            f"{labels.min()} to {labels.max()}; describe one segment per label",
+        )
+    return np.stack([labels == number for number in range(1, segments + 1)], axis=-1)
 
 
 def _checked_values(
