@@ -174,3 +174,34 @@ def test_an_empty_segmentation_is_reported_as_zero_without_a_seg(
     [group] = report.content.get_image_measurement_groups()
     assert [(m.name.meaning, float(m.value)) for m in group.get_measurements()] == [("Volume", 0.0)]
     assert len(group.source_images) == 3  # every slice of the routed series
+
+
+def test_a_seg_of_another_studys_images_is_set_aside_and_the_others_reported(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    tmp_path: Path,
+    segmentation_task: str,
+) -> None:
+    ours, theirs = ct_series(slices=2), ct_series(slices=2)
+    study_uids = [
+        ingest(series, tmp_path / str(i), settings, session_factory, store)
+        for i, series in enumerate((ours, theirs))
+    ]
+    mask = np.ones((2, 32, 32), bool)
+    algorithm = Algorithm.for_model(SEGMENTATION_TASK, 1)
+    wrong = write_segmentation(  # made from the other study's images
+        store, theirs, mask, [LESION], algorithm, task=SEGMENTATION_TASK, version=1
+    )
+    right = write_segmentation(
+        store, theirs, mask, [LESION], algorithm, task=SEGMENTATION_TASK, version=1
+    )
+    for study_uid, seg in zip(study_uids, (wrong, right), strict=True):
+        score(session_factory, study_uid, 1.0, task=SEGMENTATION_TASK, derived={SEG_KEY: seg.key})
+
+    run = write_reports(session_factory, store, rules({}, task=SEGMENTATION_TASK))
+
+    assert run.written == 1
+    [reason] = run.failed.values()
+    assert reason.startswith("unknown-instances: the SEG references 2 instance(s) that are not")
+    assert store.exists(wrong.key)  # nothing stored is lost

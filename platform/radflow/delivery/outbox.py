@@ -35,6 +35,7 @@ from radflow.db import Delivery, DeliveryStatus, ResultKind, unit_of_work
 from radflow.db.base import utcnow
 from radflow.delivery import scu, stow
 from radflow.delivery.outgoing import Outgoing
+from radflow.dicom.seg import SegmentationError
 from radflow.errors import RadflowError
 from radflow.ingest.routing import Destination, RoutingRules, default_rules
 from radflow.outages import FailureLog, describe, is_outage
@@ -217,6 +218,8 @@ def reason_for(error: BaseException) -> str:
         return f"the object {error.args[0]} is missing from the object store"
     if isinstance(error, InvalidDicomError | EOFError):
         return f"the object is not readable DICOM ({describe(error)})"
+    if isinstance(error, SegmentationError):
+        return f"{error.reason}: {error}"
     if isinstance(error, RadflowError | ConnectionError | Unconfigured):
         return str(error)  # written for people already
     return describe(error)
