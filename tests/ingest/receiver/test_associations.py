@@ -34,7 +34,10 @@ REFUSED_ASSOCIATIONS = {
 
 def _reasons(session_factory: sessionmaker[Session]) -> list[tuple[str, str | None]]:
     with session_factory() as session:
-        return list(session.execute(select(Rejection.reason, Rejection.origin)).tuples())
+        return [
+            (reason, origin)
+            for reason, origin in session.execute(select(Rejection.reason, Rejection.origin))
+        ]
 
 
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)  # no database involved

@@ -31,8 +31,9 @@ def spool_report(spool: Path, min_free_bytes: int, max_used_percent: float) -> d
         if counters is not None
     }
     oldest = [t for t in map(oldest_waiting, folders) if t is not None]
-    free, used = disk_space(spool)
-    problems = [_indexer_problem(indexers), space_problem(spool, min_free_bytes, max_used_percent)]
+    disk = _existing(spool)
+    free, used = disk_space(disk)
+    problems = [_indexer_problem(indexers), space_problem(disk, min_free_bytes, max_used_percent)]
     reasons = [problem for problem in problems if problem is not None]
     return {
         **{name: sum(int((c or {}).get(name, 0)) for c in saved.values()) for name in COUNTED},
@@ -46,6 +47,13 @@ def spool_report(spool: Path, min_free_bytes: int, max_used_percent: float) -> d
         "max_used_percent": max_used_percent,
         "indexers": indexers,
     }
+
+
+def _existing(folder: Path) -> Path:
+    """``folder``, or its nearest parent that exists (no receiver has made the spool yet)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
 
 
 def _name(spool: Path, folder: Path) -> str:

@@ -370,9 +370,7 @@ def _open_in_this_process(folder: Path) -> set[str] | None:
 
 def disk_space(root: Path) -> tuple[int, float]:
     """Bytes free (for an unprivileged process) and the percentage used, as ``df`` shows them,
-    on the filesystem of ``root`` (of its nearest existing parent until it is made)."""
-    while not root.exists() and root.parent != root:
-        root = root.parent
+    on the filesystem of ``root``."""
     stats = os.statvfs(root)
     used = stats.f_blocks - stats.f_bfree
     usable = used + stats.f_bavail
