@@ -25,7 +25,7 @@ settings = context.runtime().settings
 st.title("Pipeline")
 
 with context.session() as session:
-    status = platform_status(session)
+    status = platform_status(session, settings)
     hours = ingest_rate(session, user, hours=24)
     rejected, by_reason = rejections(session, user, limit=100)
     outgoing = results_out(session, user, limit=100)
@@ -33,6 +33,22 @@ with context.session() as session:
 numbers = {k: v for k, v in status.items() if isinstance(v, int)}
 for column, (name, value) in zip(st.columns(max(1, len(numbers))), numbers.items(), strict=False):
     column.metric(name.replace("_", " ").capitalize(), value)
+receiver = status["receiver"]
+healths = receiver["indexers"].values()
+if any(health["state"] in ("dead", "gone") for health in healths):
+    st.error(
+        f"The DICOM receiver refuses instances: {receiver['not_accepting_because']}",
+        icon=":material/error:",
+    )
+elif not any(health["alive"] for health in healths):
+    st.info(
+        "No DICOM receiver runs on this spool: start `radflow receive`.", icon=":material/info:"
+    )
+elif not receiver["accepting"]:
+    st.warning(
+        f"The DICOM receiver refuses instances now: {receiver['not_accepting_because']}",
+        icon=":material/block:",
+    )
 queues = {k: v for k, v in status.items() if isinstance(v, dict) and k != "champions"}
 if queues:
     with st.expander("Queues and counts", expanded=True):

@@ -31,6 +31,7 @@ from radflow.db import (
     TrainingRun,
     unit_of_work,
 )
+from radflow.ingest.receiver.counters import DEAD, ReceiverCounters
 from radflow.learning.labels import add_label
 from radflow.runtime import Runtime
 from radflow.services.users import Role
@@ -394,3 +395,22 @@ def test_admin_filters_the_audit_trail(runtime: Runtime) -> None:
     at.selectbox(key="audit_action").set_value("view").run()
     table = at.dataframe[0].value
     assert table[["actor", "object_id"]].values.tolist() == [["rita", uids["HIGH"]]]
+
+
+def test_pipeline_page_shows_a_stopped_indexer(runtime: Runtime, embedded: None) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app(Role.ML_ENGINEER)
+    at.switch_page("views/pipeline.py")
+    at.run()
+    assert any("No DICOM receiver runs" in i.value for i in at.info)
+    assert not at.error
+
+    spool = runtime.settings.spool
+    spool.mkdir(parents=True, exist_ok=True)
+    counters = ReceiverCounters(spool / "stats.json")
+    counters.indexer_state(DEAD, error="OverflowError: int too large")
+    counters.save(force=True)
+    at.run()
+    assert not at.exception
+    (shown,) = [e.value for e in at.error]
+    assert "refuses instances" in shown and "OverflowError" in shown
