@@ -28,6 +28,9 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Files and folders Radflow creates (database, objects, spool, inbox, keys, logs) are the
+    # service user's alone: 0600/0700, not the usual world-readable 0644/0755.
+    os.umask(0o077)
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     parser = _parser()
@@ -56,6 +59,14 @@ def configure_logging(verbose: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radflow", description="Radflow imaging AI platform")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--as",
+        dest="as_user",
+        metavar="USER",
+        default=None,
+        help="act as this dashboard user (asks for the password; read from stdin when it is "
+        "not a terminal) instead of as the operating-system user; recorded in the audit trail",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import context
+from dashboard import context, text
 from flows.launcher import FlowRunsUnavailable, recent_flow_runs
 from radflow.services.pipeline import (
     ingest_rate,
@@ -59,7 +59,11 @@ else:
         ),
         width="stretch",
     )
-    st.dataframe(pd.DataFrame([asdict(r) for r in rejected]), hide_index=True)
+    frame = pd.DataFrame([asdict(r) for r in rejected])
+    if not user.can(Permission.VIEW_INPUT_DETAILS):
+        frame = frame[["at", "source", "reason"]]
+        st.caption("File names and messages can name patients: only admins see them.")
+    st.dataframe(text.table(frame), hide_index=True)
 
 st.subheader("Recent flow runs")
 try:
@@ -74,4 +78,6 @@ else:
         failed = frame[frame["state"].isin(["Failed", "Crashed"])]
         if len(failed):
             st.error(f"{len(failed)} of the last {len(frame)} flow runs failed.")
-        st.dataframe(frame, hide_index=True)
+        if not user.can(Permission.VIEW_INPUT_DETAILS):  # failure messages quote inputs
+            frame = frame.drop(columns=["message"])
+        st.dataframe(text.table(frame), hide_index=True)
