@@ -39,6 +39,6 @@ def table(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with every text cell passed through ``visible``."""
     out = frame.copy()
     for column in out.columns:
-        if out[column].dtype == object:
+        if pd.api.types.is_string_dtype(out[column]) or out[column].dtype == object:
             out[column] = out[column].map(lambda v: visible(v) if isinstance(v, str) else v)
     return out

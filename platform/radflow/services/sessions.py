@@ -26,7 +26,8 @@ from radflow.settings import Settings
 
 COOKIE = "radflow_session"
 TOUCH_EVERY = timedelta(seconds=15)
-"""last_seen_at is written at most this often: one page run after another need not all write."""
+"""last_seen_at is written at most this often (or a tenth of the idle timeout, if shorter): one
+page run after another need not all write."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,15 @@ def resume(
     # SQLite hands datetimes back without a zone; they were written in UTC.
     seen = row.last_seen_at
     seen = seen if seen.tzinfo else seen.replace(tzinfo=now.tzinfo)
-    if now - seen > timedelta(minutes=settings.session_idle_minutes):
+    idle = timedelta(minutes=settings.session_idle_minutes)
+    if now - seen > idle:
         _end(session, row, "idle", now)
         return None
     principal = get_principal(session, row.user_name)
     if principal is None:
         _end(session, row, "deactivated", now)
         return None
-    if touch and now - seen >= TOUCH_EVERY:
+    if touch and now - seen >= min(TOUCH_EVERY, idle / 10):
         row.last_seen_at = seen = now
     return LiveSession(row.id, principal, seen)
 
