@@ -29,6 +29,7 @@ from radflow.learning.tasks.pneumonia_cxr import TASK as CHEST_TASK
 from radflow.runtime import Runtime
 from radflow.services.users import Principal, Role, add_user
 from radflow.settings import DEVELOPMENT_PSEUDONYM_KEY, Settings
+from radflow.store.durable import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def ensure_demo_key(settings: Settings) -> Settings:
         return settings
     path = settings.pseudonym_key_file
     assert path is not None  # filled by the settings validator
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     key = secrets.token_hex(32)
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
         out.write(key + "\n")

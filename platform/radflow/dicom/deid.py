@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from radflow.db import Series, Study
 from radflow.db.audit import record
+from radflow.dicom import as_text
 from radflow.dicom.pseudonym import export_key, key_id, keyed_pseudonym, new_export_salt
 from radflow.errors import RadflowError
 from radflow.store import ObjectStore
@@ -211,7 +212,7 @@ class Deidentifier:
                 "the images, then export with --allow-unverified-burned-in (recorded in the "
                 "audit trail)",
             )
-        pseudonym = self.patient_pseudonym(str(ds.get("PatientID", "") or ""))
+        pseudonym = self.patient_pseudonym(as_text(ds.get("PatientID")))
         self._clean(ds)
         ds.remove_private_tags()
         ds.PatientID = pseudonym
