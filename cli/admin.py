@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -183,11 +184,13 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
         options["server.sslKeyFile"] = str(settings.dashboard_tls_key_file)
     command = [sys.executable, "-m", "streamlit", "run", str(app)]
     command += [arg for name, value in options.items() for arg in (f"--{name}", value)]
+    # Read by the server Streamlit runs on (uvicorn): whose forwarded headers to believe.
+    env = {**os.environ, "FORWARDED_ALLOW_IPS": settings.dashboard_trusted_proxies}
     # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C: subprocess.call then stops the
     # dashboard, and the demo's receiver is stopped on the way out, instead of both orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 

@@ -43,7 +43,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radflow.runtime import Runtime
 from radflow.services.audit import note
-from radflow.services.sessions import COOKIE, resume, sign, start_session, unsign
+from radflow.services.sessions import (
+    COOKIE,
+    end_idle_sessions,
+    resume,
+    sign,
+    start_session,
+    unsign,
+)
 from radflow.services.users import (
     LoginFailed,
     PasswordChangeRequired,
@@ -313,6 +320,7 @@ def _attempt(
             principal = check(session)
         except (LoginFailed, TooManyAttempts, PasswordChangeRequired, WeakPassword) as exc:
             return exc  # returned, not raised: the failed attempt must still be committed
+        end_idle_sessions(session, runtime().settings)  # tabs closed without logging out
         return principal, start_session(session, principal, client)
 
 

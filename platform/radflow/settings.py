@@ -179,6 +179,14 @@ class Settings(BaseSettings):
     dashboard_tls_key_file: Path | None = Field(
         default=None, description="PEM private key of dashboard_tls_cert_file"
     )
+    dashboard_trusted_proxies: str = Field(
+        # The dashboard listens on both IP versions: IPv4 clients arrive as ::ffff:a.b.c.d.
+        default="127.0.0.1,::1,::ffff:127.0.0.1",
+        description="Comma-separated addresses (or networks, or *) of the reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto the dashboard believes: behind an HTTPS proxy "
+        "its cookies are then Secure, and logins are throttled and audited per real client "
+        "address rather than per proxy. Only a proxy no browser can bypass belongs here",
+    )
     batch_size: int = Field(default=32, ge=1, description="Scoring and training batch size")
     promotion_alpha: float = Field(
         default=0.05,

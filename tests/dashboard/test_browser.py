@@ -9,19 +9,27 @@ page asks another host for anything or the browser refuses something under the p
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from factories import PASSWORD, make_study, make_user
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -115,7 +123,10 @@ def _wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> None
         if process.poll() is not None:
             pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            # A self-signed certificate in the HTTPS test: only the server's health is asked.
+            unverified = ssl._create_unverified_context() if url.startswith("https") else None
+            health = f"{url}/_stcore/health"
+            with urllib.request.urlopen(health, timeout=2, context=unverified) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -149,7 +160,8 @@ def _serve(data_dir: Path, log: Path, **settings: str) -> tuple[subprocess.Popen
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
+    scheme = "https" if "dashboard_tls_cert_file" in settings else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
     try:
         _wait_healthy(process, url, log)
     except BaseException:
@@ -384,21 +396,92 @@ def _study_uid(data_dir: Path, accession: str) -> str:
         ).one()
 
 
-def test_an_idle_page_clears_itself_without_a_click(
+def _self_signed(folder: Path) -> dict[str, str]:
+    """A certificate for 127.0.0.1 and its key, as dashboard TLS settings."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert, private = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {"dashboard_tls_cert_file": str(cert), "dashboard_tls_key_file": str(private)}
+
+
+def test_over_https_the_cookie_is_secure_and_an_idle_page_clears_itself(
     data_dir: Path, browser: Browser, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The worklist does not stay on screen past the idle timeout (15 s on this server)."""
-    log = tmp_path_factory.mktemp("idle") / "server.log"
-    process, url = _serve(data_dir, log, session_idle_minutes="0.25")
-    context = browser.new_context()
+    """The dashboard serving HTTPS itself (Streamlit's TLS, from two settings): the session
+    cookie is Secure, and the worklist does not stay on screen past the idle timeout (15 s on
+    this server)."""
+    folder = tmp_path_factory.mktemp("idle")
+    tls = _self_signed(folder)
+    process, url = _serve(data_dir, folder / "server.log", session_idle_minutes="0.25", **tls)
+    context = browser.new_context(ignore_https_errors=True)
     try:
         page = context.new_page()
+        page.set_default_timeout(30_000)
         _log_in(page, url, "rita")
-        expect(page.get_by_test_id("stDataFrame")).to_be_visible()
+        # The first page a fresh server renders (cold imports) can take more than 5 s here.
+        expect(page.get_by_test_id("stDataFrame")).to_be_visible(timeout=30_000)
+        (cookie,) = [c for c in context.cookies() if c["name"] == "radflow_session"]
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
         # Nobody touches the page from here on.
         expect(page.get_by_text("idle too long")).to_be_visible(timeout=40_000)
         expect(page.get_by_test_id("stDataFrame")).to_have_count(0)
-        expect(page.get_by_role("link", name="Log in")).to_be_visible()
+        expect(page.get_by_role("link", name="Log in")).to_be_visible(timeout=30_000)
     finally:
         context.close()
         _stop(process)
+
+
+def test_behind_a_trusted_proxy_cookies_are_secure_and_clients_told_apart(
+    server: str, browser: Browser, data_dir: Path
+) -> None:
+    """An HTTPS reverse proxy in front (here: requests from 127.0.0.1, trusted by default) says
+    the browser's scheme and address: the cookie is Secure, HSTS is sent, and a wrong password
+    counts against the real client, not against everyone behind the proxy."""
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    context = browser.new_context(extra_http_headers=forwarded)
+    try:
+        for password in ("not the password", PASSWORD):
+            form = context.request.get(f"{server}/login").text()
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+            assert csrf is not None
+            fields = {"csrf": csrf[1], "next": "/", "name": "max", "password": password}
+            answer = context.request.post(f"{server}/login", form=fields, max_redirects=0)
+        assert answer.status == 303
+        assert answer.headers["strict-transport-security"].startswith("max-age=")
+        (session,) = [
+            h["value"]
+            for h in answer.headers_array
+            if h["name"].lower() == "set-cookie" and h["value"].startswith("radflow_session=")
+        ]
+        assert "secure" in session.lower()
+    finally:
+        context.close()
+    settings = Settings(data_dir=data_dir, database_url="", store_url="")
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        failed = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "login-failed")
+        ).all()
+    assert [(e.object_id, e.details["client"]) for e in failed] == [("max", "203.0.113.7")]

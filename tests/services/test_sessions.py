@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import AuditEvent, DashboardSession, unit_of_work
 from radflow.db.base import utcnow
 from radflow.services.sessions import (
+    end_idle_sessions,
     end_session,
     ended_reason,
     resume,
@@ -88,3 +89,25 @@ def test_a_click_keeps_the_session_alive_and_a_role_change_applies_at_once(
     with unit_of_work(session_factory) as session:
         live = resume(session, settings, token, now=start + idle * 1.5)
     assert live is not None and live.principal.role == Role.ML_ENGINEER
+
+
+def test_a_session_abandoned_without_logout_is_ended_and_audited_by_the_sweep(
+    session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A closed tab never asks again: its end is still recorded (issue 16: every session end)."""
+    idle = timedelta(minutes=settings.session_idle_minutes)
+    with unit_of_work(session_factory) as session:
+        rita, max_ = make_user(session, "rita"), make_user(session, "max")
+        abandoned = start_session(session, rita, "10.0.0.1")
+        start_session(session, max_, "10.0.0.2")
+    later = utcnow() + idle * 1.5
+    with unit_of_work(session_factory) as session:
+        row = session.scalars(select(DashboardSession).where(DashboardSession.user_name == "max"))
+        row.one().last_seen_at = later - idle / 2  # max is still working
+    with unit_of_work(session_factory) as session:
+        assert end_idle_sessions(session, settings, now=later) == 1
+    with unit_of_work(session_factory) as session:
+        assert end_idle_sessions(session, settings, now=later) == 0  # ended once only
+        assert ended_reason(session, abandoned) == "idle"
+        ends = session.scalars(select(AuditEvent).where(AuditEvent.action == "session-end")).all()
+    assert [(e.actor, e.details["reason"]) for e in ends] == [("rita", "idle")]

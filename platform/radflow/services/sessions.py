@@ -114,6 +114,25 @@ def end_session(session: Session, token: str | None, reason: str) -> None:
         _end(session, row, reason, utcnow())
 
 
+def end_idle_sessions(session: Session, settings: Settings, *, now: datetime | None = None) -> int:
+    """End (and audit) every session idle past the timeout; returns how many.
+
+    A tab closed without logging out never comes back to be ended by ``resume``: this records
+    its end anyway. The login page calls it at each login, so an abandoned session is in the
+    audit trail by the next time anyone logs in.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(minutes=settings.session_idle_minutes)
+    rows = session.scalars(
+        select(DashboardSession)
+        .where(DashboardSession.ended_at.is_(None), DashboardSession.last_seen_at < cutoff)
+        .order_by(DashboardSession.id)
+    ).all()
+    for row in rows:
+        _end(session, row, "idle", now)
+    return len(rows)
+
+
 def ended_reason(session: Session, token: str) -> str | None:
     """Why the session of ``token`` ended (logout, idle, ...); None if it did not or is unknown."""
     row = _row(session, token)
