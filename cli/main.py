@@ -37,11 +37,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     command: Command = args.command
+    settings = None  # a bad setting fails Settings() itself
     try:
-        return command(args, Settings())
+        settings = Settings()
+        return command(args, settings)
     except (RadflowError, LookupError, ValueError, FileNotFoundError) as exc:
+        if settings is not None:
+            _audit_refusal(settings, exc, args.command_name)
         print(f"radflow {args.command_name}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _audit_refusal(settings: Settings, error: Exception, command: str) -> None:
+    """A command refused for the acting user's role is in the audit trail, like a page."""
+    # Imported here, not at the top: `radflow --help` must not load the whole core.
+    from radflow.services.users import PermissionDenied
+
+    if not isinstance(error, PermissionDenied):
+        return
+    from radflow.runtime import Runtime
+    from radflow.services.audit import note_denied
+
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        note_denied(session, error, f"command:{command}")
 
 
 def configure_logging(verbose: bool) -> None:

@@ -121,3 +121,20 @@ def test_account_changes_from_the_cli_are_audited_as_the_os_user(
         (me, "user-deactivate"),
         (me, "user-reset-password"),
     ]
+
+
+def test_a_command_refused_for_the_role_is_audited(
+    env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(pseudonym_key=SecretStr("k" * 32))
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PASSWORD}\n"))
+    assert main(["user", "add", "rita", "--role", "radiologist", "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PASSWORD}\n"))
+    assert main(["--as", "rita", "user", "list"]) == 2
+    assert "rita (radiologist) may not manage-users" in capsys.readouterr().err
+    (denied,) = _events(settings, "permission-denied")
+    assert (denied.actor, denied.object_type, denied.object_id) == (
+        "rita",
+        "command:user",
+        "manage-users",
+    )

@@ -112,7 +112,7 @@ def _chain_new_events(session: Session, _context: object, _instances: object) ->
     new = [o for o in session.new if isinstance(o, AuditEvent)]
     if not new:
         return
-    new.sort(key=lambda o: inspect(o).insert_order)
+    new.sort(key=lambda o: inspect(o).insert_order or 0)  # set on every pending object
     # The UPDATE locks the head row (PostgreSQL) or the database (SQLite) until this
     # transaction ends, so no other writer reads the same last link meanwhile.
     last_seq, prev = session.execute(

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from radflow.db import AuditEvent
 from radflow.db.audit import GENESIS_HASH, AuditChainHead, hash_of, record
-from radflow.services.users import Permission, Principal, require
+from radflow.services.users import Permission, PermissionDenied, Principal, require
 
 MAX_LIMIT = 1000
 
@@ -103,6 +103,11 @@ def note(
 ) -> None:
     """Record something ``principal`` did or was refused (joins the caller's transaction)."""
     session.add(record(principal.name, action, object_type, object_id, **details))
+
+
+def note_denied(session: Session, denied: PermissionDenied, where: str) -> None:
+    """Record a refused action (in a transaction of its own: the refused one rolled back)."""
+    note(session, denied.principal, "permission-denied", where, denied.permission.value)
 
 
 @dataclass(frozen=True)

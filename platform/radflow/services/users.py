@@ -95,6 +95,7 @@ class PermissionDenied(RadflowError, PermissionError):
             f"{principal.name} ({principal.role}) may not {permission.value}; "
             "ask an admin for a role that allows it"
         )
+        self.principal = principal
         self.permission = permission
 
 

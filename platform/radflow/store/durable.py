@@ -3,6 +3,7 @@ object store and the embedded database promise."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,7 +30,5 @@ def private_dir(path: Path) -> None:
 def private_file(path: Path) -> None:
     """Create ``path`` empty with mode 0600 if missing (before a library creates it 0644)."""
     private_dir(path.parent)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
