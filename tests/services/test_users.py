@@ -128,6 +128,9 @@ def test_parallel_wrong_passwords_are_counted_one_by_one(
     session_factory: sessionmaker[Session], settings: Settings
 ) -> None:
     """Twelve simultaneous guesses against a budget of five: only five are checked."""
+    # A first wait longer than any scheduling delay on a loaded machine: the seventh guess
+    # must find the account waiting, however late its thread runs.
+    settings = settings.model_copy(update={"login_delay_seconds": 600.0})
     with unit_of_work(session_factory) as session:
         make_user(session, "rita")
     outcomes: list[str] = []
