@@ -59,6 +59,7 @@ class Permission(enum.StrEnum):
     VIEW_PIPELINE = "view-pipeline"
     VIEW_INPUT_DETAILS = "view-input-details"
     """Rejected inputs' file names and messages, which can hold names and record numbers."""
+    RESEND_RESULTS = "resend-results"
     VIEW_AUDIT = "view-audit"
     MANAGE_USERS = "manage-users"
 
@@ -72,6 +73,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.PROMOTE,
             Permission.RETRAIN,
             Permission.VIEW_PIPELINE,
+            Permission.RESEND_RESULTS,
         }
     ),
     Role.ADMIN: frozenset(Permission),
