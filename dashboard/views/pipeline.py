@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import context
+from dashboard import context, text
 from flows.launcher import FlowRunsUnavailable, recent_flow_runs
 from radflow.services.pipeline import (
     ingest_rate,
@@ -78,7 +78,11 @@ else:
         ),
         width="stretch",
     )
-    st.dataframe(pd.DataFrame([asdict(r) for r in rejected]), hide_index=True)
+    frame = pd.DataFrame([asdict(r) for r in rejected])
+    if not user.can(Permission.VIEW_INPUT_DETAILS):
+        frame = frame[["at", "source", "reason"]]
+        st.caption("File names and messages can name patients: only admins see them.")
+    st.dataframe(text.table(frame), hide_index=True)
 
 st.subheader("Results to PACS")
 for column, (status, count) in zip(st.columns(3), outgoing.counts.items(), strict=False):
@@ -91,7 +95,11 @@ if outgoing.parked:
     )
     parked = pd.DataFrame([asdict(p) for p in outgoing.parked])
     chosen = st.dataframe(
-        parked, hide_index=True, on_select="rerun", selection_mode="multi-row", key="parked"
+        text.table(parked),
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="multi-row",
+        key="parked",
     )
     rows = chosen.selection.rows
     if user.can(Permission.RESEND_RESULTS) and st.button(
@@ -104,7 +112,7 @@ if outgoing.parked:
         st.rerun()
 if outgoing.unwritten:
     st.caption("Predictions whose SR could not be made")
-    st.dataframe(pd.DataFrame([asdict(u) for u in outgoing.unwritten]), hide_index=True)
+    st.dataframe(text.table(pd.DataFrame([asdict(u) for u in outgoing.unwritten])), hide_index=True)
 
 st.subheader("Recent flow runs")
 try:
@@ -119,4 +127,6 @@ else:
         failed = frame[frame["state"].isin(["Failed", "Crashed"])]
         if len(failed):
             st.error(f"{len(failed)} of the last {len(frame)} flow runs failed.")
-        st.dataframe(frame, hide_index=True)
+        if not user.can(Permission.VIEW_INPUT_DETAILS):  # failure messages quote inputs
+            frame = frame.drop(columns=["message"])
+        st.dataframe(text.table(frame), hide_index=True)
