@@ -216,10 +216,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     from flows.embedded import run_settings
-    from flows.process import process_flow
+    from flows.process import process_and_deliver
 
     with run_settings():
-        result = process_flow(args.task)
+        result = process_and_deliver(args.task)
     print(json.dumps(result, default=str))
     return 0
 

@@ -14,7 +14,7 @@ from prefect.schedules import Interval
 
 from flows.deliver import deliver_flow
 from flows.ingest import ingest_flow
-from flows.launcher import LABEL_EVENT, STABLE_EVENT
+from flows.launcher import LABEL_EVENT, SCORED_EVENT, STABLE_EVENT
 from flows.process import process_flow
 from flows.train import train_flow
 from radflow.learning.tasks import TASKS
@@ -35,10 +35,12 @@ def serve_all() -> None:
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
             ),
         ),
-        # Results whose sending failed are due again after their backoff: retried from here.
+        # Started by each process run that scored (its event); every minute as the safety net,
+        # and for results whose sending failed, due again after their backoff.
         deliver_flow.to_deployment(
             name="deliver",
             interval=60,
+            triggers=[scored_trigger()],
             concurrency_limit=ConcurrencyLimitConfig(
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
             ),
@@ -60,6 +62,15 @@ def stable_study_triggers() -> list[DeploymentEventTrigger]:
         )
         for task_name in sorted(TASKS)
     ]
+
+
+def scored_trigger() -> DeploymentEventTrigger:
+    """A process run that recorded predictions (flows/process.py) runs deliver: their SRs."""
+    return DeploymentEventTrigger(
+        name="predictions recorded -> deliver",
+        expect={SCORED_EVENT},
+        match={"prefect.resource.id": "radflow.predictions"},
+    )
 
 
 def retrain_triggers(

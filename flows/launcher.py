@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 STABLE_EVENT = "radflow.study.stable"
 LABEL_EVENT = "radflow.label.created"
+SCORED_EVENT = "radflow.predictions.recorded"
+"""A process flow run recorded new predictions: their results are due (the deliver deployment)."""
 TRAIN_DEPLOYMENT = "train/train"
 """flow name / deployment name, as flows/deployments.py serves it."""
 

@@ -1,12 +1,20 @@
-"""Process flow: stable studies -> preprocessing -> champion model -> predictions -> DICOM results
-(SR, SEG) written and sent to the destinations routing names (flows/deliver.py)."""
+"""Process flow: stable studies -> preprocessing -> champion model -> predictions.
+
+The DICOM results of those predictions (SR, SEG, sent to the destinations routing names) are
+the deliver flow's (flows/deliver.py), a stage of its own: an SR costs ~0.1 s of CPU in
+highdicom, a thousand times a score, so writing them inside this flow would hold the worklist's
+scores back behind them. With a Prefect server, this flow's :data:`SCORED_EVENT` starts the
+deliver deployment; on the embedded default, :func:`process_and_deliver` runs one after the
+other.
+"""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.deliver import deliver
+from flows.deliver import deliver_flow
+from flows.launcher import SCORED_EVENT, emit, orchestrated
 from flows.retry import transient_only
 from radflow.db.registry import champion_tasks
 from radflow.ingest.routing import rules_for
@@ -46,11 +54,13 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
         else:
             names = [task_name]
         reports = {name: score_stable(rt, name) for name in names}
-        results = deliver(rt)
     for report in reports.values():
         logger.info(report.summary())
+    scored = sum(r.scored for r in reports.values())
+    if scored and orchestrated():
+        emit(SCORED_EVENT, {"prefect.resource.id": "radflow.predictions"})
     return {
-        "scored": sum(r.scored for r in reports.values()),
+        "scored": scored,
         "no_model": sum(r.no_model for r in reports.values()),
         "failed": {uid: why for r in reports.values() for uid, why in r.failed.items()},
         "tasks": {
@@ -64,5 +74,14 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
             }
             for name, r in reports.items()
         },
-        "results": results,
     }
+
+
+def process_and_deliver(task_name: str | None = None) -> dict[str, object]:
+    """The process flow, then (on the embedded default) the deliver flow: what a command, the
+    demo or the embedded trigger runs. The process flow's result, with the deliver flow's
+    under ``results``; with a Prefect server, the deliver deployment runs on the event instead
+    and ``results`` is None."""
+    processed = process_flow(task_name)
+    processed["results"] = None if orchestrated() else deliver_flow()
+    return processed

@@ -3,8 +3,8 @@
 - A Prefect server runs (flows/launcher.py ``orchestrated``): one ``radflow.study.stable`` event
   per study; the ``process`` deployment's trigger (flows/deployments.py) starts the run on a
   worker.
-- The embedded default (no server): ``process_flow`` is called here, directly, for every task
-  that has a champion model.
+- The embedded default (no server): ``process_and_deliver`` is called here, directly, for every
+  task that has a champion model.
 
 The receiver's indexer loop and ``radflow watch`` call ``stabilise_and_process`` after each
 pass; it is cheap when nothing is due (one indexed UPDATE).
@@ -68,11 +68,11 @@ def stabilise_and_process(
     # Imported only when there is something to score: the flow imports Prefect's engine, about a
     # second of CPU that a receiver process would otherwise spend while studies arrive.
     from flows.embedded import run_settings
-    from flows.process import process_flow
+    from flows.process import process_and_deliver
 
     with run_settings():
         for task_name in tasks:
-            result.processed[task_name] = process_flow(task_name)
+            result.processed[task_name] = process_and_deliver(task_name)
     return result
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from prefect.events.clients import AssertingEventsClient
+from prefect.events.worker import EventsWorker
+from prefect.testing.fixtures import asserting_events_worker  # noqa: F401  (fixture)
 from sqlalchemy import func, select
 
 from demo.synthetic import write_cxr_studies
+from flows.deliver import deliver_flow
+from flows.deployments import scored_trigger
 from flows.ingest import ingest_flow
-from flows.process import process_flow
+from flows.launcher import SCORED_EVENT
+from flows.process import process_and_deliver, process_flow
 from flows.train import train_flow
 from radflow.db import (
     Instance,
@@ -38,7 +45,12 @@ def _counts(settings: Settings) -> dict[str, int]:
         engine.dispose()
 
 
-def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_path: Path) -> None:
+def test_spine_ingest_train_process(
+    flow_env: Settings,
+    quick_task: str,
+    asserting_events_worker: EventsWorker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     studies = write_cxr_studies(tmp_path / "incoming", 24, seed=3, size=128)
 
     ingested = ingest_flow(str(tmp_path / "incoming"))
@@ -58,8 +70,20 @@ def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_pat
 
     processed = process_flow(quick_task)
     assert (processed["scored"], processed["failed"]) == (24, {})
+    # With a server, the run's event starts the deliver deployment (here: called as it would be).
+    asserting_events_worker.drain()
+    client = asserting_events_worker._client
+    assert isinstance(client, AssertingEventsClient)
+    (event,) = [e for e in client.events if e.event == SCORED_EVENT]
+    assert scored_trigger().match.matches(event.resource)
     # Every scored study gets its SR (the packaged rules send it nowhere).
-    assert processed["results"]["reports"] == 24
+    assert deliver_flow() == {
+        "reports": 24,
+        "reports_set_aside": {},
+        "sent": 0,
+        "retrying": 0,
+        "parked": 0,
+    }
 
     with factory() as session:
         version = session.scalars(select(ModelVersion)).one()
@@ -77,6 +101,25 @@ def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_pat
     assert (again["stored"], again["duplicates"]) == (0, 24)
     assert process_flow(quick_task)["scored"] == 0
     assert _counts(flow_env) == before
+
+
+def test_embedded_default_delivers_after_processing(
+    flow_env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server configured (as the flows see it; this session's server still runs them): the
+    deliver flow runs right after the process flow, and no event is needed."""
+    monkeypatch.setattr("flows.process.orchestrated", lambda: False)
+    write_cxr_studies(tmp_path / "incoming", 2, seed=1, size=64)
+    ingest_flow(str(tmp_path / "incoming"))
+    processed = process_and_deliver(task_name=None)  # no champion: nothing to score
+    assert processed["scored"] == 0 and processed["tasks"] == {}
+    assert processed["results"] == {
+        "reports": 0,
+        "reports_set_aside": {},
+        "sent": 0,
+        "retrying": 0,
+        "parked": 0,
+    }
 
 
 def test_process_without_a_champion_fails_with_a_way_out(
