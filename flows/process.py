@@ -1,4 +1,4 @@
-"""Process flow: stable studies -> preprocessing -> champion model -> predictions."""
+"""Process flow: stable studies -> preprocessing -> champion model (served runtime) -> predictions."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
         "tasks": {
             name: {
                 "model": r.model,
+                "runtime": r.runtime,
                 "scored": r.scored,
                 "no_model": r.no_model,
                 "failed": len(r.failed),

@@ -5,7 +5,13 @@ from radflow.db.audit import AuditEvent, Rejection
 from radflow.db.base import Base
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
-from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
+from radflow.db.registry import (
+    ModelStatus,
+    ModelVariant,
+    ModelVersion,
+    TrainingRun,
+    VariantRuntime,
+)
 from radflow.db.results import Label, Prediction
 from radflow.db.session import (
     ensure_schema,
@@ -25,6 +31,7 @@ __all__ = [
     "LoginAttempt",
     "ModelEvaluation",
     "ModelStatus",
+    "ModelVariant",
     "ModelVersion",
     "Patient",
     "Prediction",
@@ -34,6 +41,7 @@ __all__ = [
     "StudyStatus",
     "TrainingRun",
     "User",
+    "VariantRuntime",
     "ensure_schema",
     "make_engine",
     "make_sessionmaker",

@@ -1,4 +1,4 @@
-"""Scoring: stable studies -> the task's champion -> prediction rows.
+"""Scoring: stable studies -> the task's champion (in its served runtime) -> prediction rows.
 
 Made for a backlog of thousands of studies as much as for the one that just arrived, so the
 cost per study is the network's and little else:
@@ -17,6 +17,10 @@ digest),
   previous one while PyTorch computes (mostly outside the GIL); on 2 cores this took the time
   outside the network from ~20% of the network's to ~4% (the network itself slows a little);
 - Grad-CAM maps are computed per network batch and written by threads, without an fsync each.
+
+The champion scores in the runtime chosen for it (radflow.learning.variants: PyTorch fp32 unless
+an ONNX variant that passed its non-inferiority check serves); each prediction records which.
+Grad-CAM maps always come from the PyTorch weights, whatever computed the score.
 """
 
 from __future__ import annotations
@@ -43,13 +47,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from torch import nn
-
 from radflow.db import (
     ModelVersion,
     Prediction,
     Study,
     StudyStatus,
+    VariantRuntime,
     triage,
     unit_of_work,
 )
@@ -58,9 +61,10 @@ from radflow.ingest.routing import Image, RoutingRules, candidates, route_series
 from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.learning.device import cpu_threads, select_device
 from radflow.learning.explain import GRADCAM_NAME, Explainer, save_heatmaps
-from radflow.learning.inference import load_network, predict
+from radflow.learning.inference import Runner, TorchRunner, load_network, load_runner
 from radflow.learning.registry import require_champion
 from radflow.learning.tasks import Task, get_task
+from radflow.learning.variants import serving_variant
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED)
 @dataclass
 class ScoreReport:
     model: str = ""
+    runtime: str = VariantRuntime.TORCH_FP32.value
     scored: int = 0
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -86,7 +91,7 @@ class ScoreReport:
 
     def summary(self) -> str:
         return (
-            f"{self.model}: scored {self.scored}, no applicable model {self.no_model}, "
+            f"{self.model} ({self.runtime}): scored {self.scored}, no applicable model {self.no_model}, "
             f"failed {len(self.failed)} in {self.seconds:.2f} s, {self.network_seconds:.2f} s "
             f"of it in the network (preprocessing cache: {self.cache_hits} hits, "
             f"{self.cache_misses} decoded)"
@@ -99,8 +104,8 @@ class _Scorer:
 
     task: Task
     champion: ModelVersion
-    network: nn.Module
-    explainer: Explainer | None
+    runner: Runner
+    explainer: Explainer | None  # Grad-CAM, always on the PyTorch weights
     device: torch.device
     batch_size: int
     store: ObjectStore
@@ -186,20 +191,29 @@ def score_stable(
     device = select_device()
     with unit_of_work(session_factory) as session:
         champion = require_champion(session, task.name)
-    network = load_network(store, champion, device)
+        variant = serving_variant(session, champion)
+    runner = load_runner(store, champion, variant, device, threads)
     cam_layer = champion.config.get("cam_layer", task.network.cam_layer)
+    explainer = None
+    if explain and cam_layer:
+        network = (
+            runner.network
+            if isinstance(runner, TorchRunner)
+            else load_network(store, champion, device)
+        )
+        explainer = Explainer(network, cam_layer)
     scorer = _Scorer(
         task=task,
         champion=champion,
-        network=network,
-        explainer=Explainer(network, cam_layer) if explain and cam_layer else None,
+        runner=runner,
+        explainer=explainer,
         device=device,
         batch_size=batch_size,
         store=store,
         cache=PreprocessCache(cache_dir, task),
         rules=rules,
     )
-    report = ScoreReport(model=champion.name)
+    report = ScoreReport(model=champion.name, runtime=runner.runtime.value)
     with (
         cpu_threads(threads),
         _heap_frozen(),
@@ -380,14 +394,15 @@ def _infer(
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Scores, and with an explainer each study's stored heat map key."""
     if scorer.explainer is None:
-        return predict(scorer.network, batch, scorer.device, scorer.batch_size), [
-            {} for _ in studies
-        ]
+        return scorer.runner.predict(batch, scorer.batch_size), [{} for _ in studies]
     scores, maps = [], []
     for part in torch.split(batch, scorer.batch_size):
         part_scores, part_maps = scorer.explainer(part, scorer.device)
         scores.append(part_scores)
         maps.append(part_maps)
+    if scorer.runner.runtime != VariantRuntime.TORCH_FP32:
+        # Grad-CAM's forward pass gave the PyTorch scores; the served runtime gives the score.
+        scores = [scorer.runner.predict(batch, scorer.batch_size)]
     task, version = scorer.task.name, scorer.champion.version
     map_keys = [keys.derived(s.study_uid, task, version, GRADCAM_NAME) for s in studies]
     save_heatmaps(scorer.store, map_keys, np.concatenate(maps))
@@ -422,6 +437,7 @@ def _record(
                     "latency_ms": latency_ms,
                     "created_at": created,
                     "superseded": False,
+                    "runtime": scorer.runner.runtime,
                 }
                 for study, score, keys_out in zip(studies, scores, derived, strict=True)
             ],
