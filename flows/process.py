@@ -1,4 +1,4 @@
-"""Process flow: stable studies -> preprocessing -> champion model (served runtime) -> predictions."""
+"""Process flow: stable studies -> preprocessing -> champion (its served runtime) -> predictions."""
 
 from __future__ import annotations
 

@@ -248,7 +248,12 @@ def compress(
     }
     with unit_of_work(session_factory) as session:
         variants = judge_variants(
-            settings, session, store, session.get_one(ModelVersion, version.id), models, data,
+            settings,
+            session,
+            store,
+            session.get_one(ModelVersion, version.id),
+            models,
+            data,
             actor=actor,
         )
     return variants

@@ -206,8 +206,10 @@ class NonInferiority:
 
     @property
     def passed(self) -> bool:
-        return math.isfinite(self.reference) and math.isfinite(self.candidate) and (
-            self.drop <= self.margin
+        return (
+            math.isfinite(self.reference)
+            and math.isfinite(self.candidate)
+            and (self.drop <= self.margin)
         )
 
     @property

@@ -47,6 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session, sessionmaker
+
 from radflow.db import (
     ModelVersion,
     Prediction,
@@ -91,10 +92,10 @@ class ScoreReport:
 
     def summary(self) -> str:
         return (
-            f"{self.model} ({self.runtime}): scored {self.scored}, no applicable model {self.no_model}, "
-            f"failed {len(self.failed)} in {self.seconds:.2f} s, {self.network_seconds:.2f} s "
-            f"of it in the network (preprocessing cache: {self.cache_hits} hits, "
-            f"{self.cache_misses} decoded)"
+            f"{self.model} ({self.runtime}): scored {self.scored}, no applicable model "
+            f"{self.no_model}, failed {len(self.failed)} in {self.seconds:.2f} s, "
+            f"{self.network_seconds:.2f} s of it in the network (preprocessing cache: "
+            f"{self.cache_hits} hits, {self.cache_misses} decoded)"
         )
 
 
