@@ -64,6 +64,7 @@ def serve(
 
     ``torch-fp32`` always may (it is the version itself); any other runtime needs a variant
     that passed its non-inferiority check (``radflow model compress`` builds and judges them).
+    PyTorch fp32 serves when no variant is marked serving.
     """
     wanted = _runtime(runtime)
     before = _switch(session, version, wanted)
@@ -100,10 +101,10 @@ def _switch(session: Session, version: ModelVersion, runtime: VariantRuntime) ->
 def _servable(
     session: Session, version: ModelVersion, runtime: VariantRuntime
 ) -> ModelVariant | None:
-    """The variant row to mark serving (None: PyTorch fp32, which needs no row to serve)."""
-    variant = next((v for v in variants_of(session, version) if v.runtime == runtime), None)
+    """The variant row to mark serving (None: PyTorch fp32, which serves when none is marked)."""
     if runtime == VariantRuntime.TORCH_FP32:
-        return variant
+        return None
+    variant = next((v for v in variants_of(session, version) if v.runtime == runtime), None)
     if variant is None:
         raise VariantError(
             "no-variant",
