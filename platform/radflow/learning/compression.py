@@ -103,6 +103,7 @@ def export_onnx(network: nn.Module, shape: Sequence[int]) -> bytes:
     assert program is not None  # dynamo=True returns the exported program
     model = program.model_proto
     _leaky_relus(model)
+    _without_debug_info(model)
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())
 
@@ -117,6 +118,15 @@ def _quiet(name: str) -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def _without_debug_info(model: onnx.ModelProto) -> None:
+    """Drop what the exporter notes on each node for debugging: the PyTorch stack trace, module
+    path and FX node (2.5 kB a node, with this machine's file paths, which a bundle should not
+    carry; nothing reads them to run the model)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
 
 
 def _leaky_relus(model: onnx.ModelProto) -> None:

@@ -127,43 +127,36 @@ def _not_scored_by(model_version_id: int) -> ColumnElement[bool]:
     return ~current
 
 
-def _pending_ids(session: Session, model_version_id: int, limit: int) -> list[int]:
-    """Ids of stable studies without a current prediction from this model version, oldest first.
-
-    A reopened study's earlier predictions are superseded (radflow.ingest.stability), so it is
-    scored
-    again as one whole study; after a promotion, studies scored by an earlier champion (and not
-    reviewed yet) are pending again.
-    """
-    return list(
-        session.scalars(
-            select(Study.id)
-            .where(Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
-            .order_by(Study.received_at, Study.id)
-            .limit(limit)
-        )
-    )
-
-
 class _Pending(NamedTuple):
     id: int
     study_uid: str
 
 
-def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[_Pending]:
-    """The studies of ``ids`` still pending in this transaction, in the order of ``ids``."""
-    found = session.execute(
-        select(Study.id, Study.study_uid).where(
-            Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pending]:
+    """Stable studies without a current prediction from this model version, oldest first.
+
+    A reopened study's earlier predictions are superseded (radflow.ingest.stability), so it is
+    scored again as one whole study; after a promotion, studies scored by an earlier champion
+    (and not reviewed yet) are pending again.
+    """
+    rows = session.execute(
+        select(Study.id, Study.study_uid)
+        .where(Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
+        .order_by(Study.received_at, Study.id)
+        .limit(limit)
+    )
+    return [_Pending(row.id, row.study_uid) for row in rows]
+
+
+def _still_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> set[int]:
+    """Those of ``ids`` still pending in this transaction."""
+    return set(
+        session.scalars(
+            select(Study.id).where(
+                Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+            )
         )
     )
-    by_id = {row.id: _Pending(row.id, row.study_uid) for row in found}
-    return [by_id[i] for i in ids if i in by_id]
-
-
-def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pending]:
-    """Pending studies (see _pending_ids), oldest first."""
-    return _load_pending(session, model_version_id, _pending_ids(session, model_version_id, limit))
 
 
 def score_stable(
@@ -222,21 +215,21 @@ def score_stable(
     ):
         while True:
             with session_factory() as session:
-                ids = _pending_ids(session, champion.id, PENDING_PAGE)
-            if not ids:
+                page = _pending(session, champion.id, PENDING_PAGE)
+            if not page:
                 report.seconds = time.perf_counter() - started
                 return report
-            _score_page(session_factory, scorer, ids, io, report)
+            _score_page(session_factory, scorer, page, io, report)
 
 
 def _score_page(
     session_factory: sessionmaker[Session],
     scorer: _Scorer,
-    ids: Sequence[int],
+    page: Sequence[_Pending],
     io: ThreadPoolExecutor,
     report: ScoreReport,
 ) -> None:
-    """Score a page of pending ids, a chunk at a time, the database work beside the network.
+    """Score a page of pending studies, a chunk at a time, the database work beside the network.
 
     The network spends most of its time in PyTorch kernels, outside the GIL; meanwhile the
     ``io`` thread reads the next chunk (rows, cached tensors) and writes the previous one's
@@ -244,7 +237,7 @@ def _score_page(
     the latest one chunk later; its studies stay pending for the next run).
     """
     size = scorer.batch_size * BATCHES_PER_TRANSACTION
-    parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+    parts = [page[i : i + size] for i in range(0, len(page), size)]
     upcoming = io.submit(_read_chunk, session_factory, scorer, parts[0])
     writing: Future[int] | None = None
     for part in [*parts[1:], None]:
@@ -289,16 +282,16 @@ class _Chunk:
 
 
 def _read_chunk(
-    session_factory: sessionmaker[Session], scorer: _Scorer, ids: Sequence[int]
+    session_factory: sessionmaker[Session], scorer: _Scorer, pending: Sequence[_Pending]
 ) -> _Chunk:
-    """The studies of ``ids`` still pending, routed, with their images.
+    """The studies of a chunk, routed, with their images.
 
-    Reads only: the chunk's writes happen in :func:`_score_chunk`'s transaction, so a chunk read
-    ahead holds no lock (SQLite) while the one before it commits.
+    Reads only: the chunk's writes happen in :func:`_write_chunk`'s transaction, which scores
+    only the studies still pending then (a study scored or reopened meanwhile is left alone); a
+    chunk read ahead holds no lock (SQLite) while the one before it commits.
     """
     started = time.perf_counter()
     with session_factory() as session:
-        pending = _load_pending(session, scorer.champion.id, ids)
         series = candidates(session, [study.id for study in pending])
     ended: list[_Ended] = []
     routable: list[tuple[_Pending, Image]] = []
@@ -372,7 +365,7 @@ def _write_chunk(
     """
     with unit_of_work(session_factory) as session:
         ids = [study.id for study in chunk.studies] + [study.id for study in chunk.ended]
-        still = {study.id for study in _load_pending(session, scorer.champion.id, ids)}
+        still = _still_pending(session, scorer.champion.id, ids)
         if ended := [study.row() for study in chunk.ended if study.id in still]:
             session.execute(update(Study), ended)
         keep = [i for i, study in enumerate(chunk.studies) if study.id in still]
@@ -421,12 +414,15 @@ def _record(
     """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers."""
     task, champion = scorer.task, scorer.champion
     created = utcnow()
-    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again.
+    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again. The
+    # new ids come back with their study ids, in no particular order: asking SQLAlchemy for
+    # them in parameter order made it insert (and fetch) one row at a time on SQLite, which
+    # cost as much as the int8 network's whole forward pass.
     table: Table = Prediction.__table__  # type: ignore[assignment]  # mapped to a Table
-    ids = (
+    inserted: dict[int, int] = dict(
         session.connection()
-        .scalars(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True),
+        .execute(
+            insert(table).returning(table.c.study_id, table.c.id),
             [
                 {
                     "study_id": study.id,
@@ -449,8 +445,8 @@ def _record(
     triage.advance(
         session.connection(),
         [
-            triage.Move(study.id, prediction_id, triage.rank(float(score), champion.threshold))
-            for study, prediction_id, score in zip(studies, ids, scores, strict=True)
+            triage.Move(study.id, inserted[study.id], triage.rank(float(score), champion.threshold))
+            for study, score in zip(studies, scores, strict=True)
         ],
         status=StudyStatus.SCORED,
         status_reason=None,
