@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,7 +138,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
             test_auc[runtime] = binary_metrics(test_y, scores, champion.threshold)["auc"]
 
     # Throughput, interleaved: each round, every variant bare and through the process flow.
-    served = _served(judged)
+    served = served_runtime(judged)
     bare: dict[Any, list[float]] = {r: [] for r in runners}
     flow: dict[Any, list[float]] = {r: [] for r in runners}
     reports: dict[Any, list[dict[str, Any]]] = {r: [] for r in runners}
@@ -149,7 +148,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
                 started = time.perf_counter()
                 runner.predict(every, settings.batch_size)
                 bare[runtime].append(len(every) / (time.perf_counter() - started))
-            _new_champion(settings, runtime)
+            new_champion(settings, runtime)
             started = time.perf_counter()
             result = process_flow(TASK)
             seconds = time.perf_counter() - started
@@ -168,7 +167,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     # Cold: the served variant through the flow with the preprocessing cache emptied.
     import shutil
 
-    _new_champion(settings, served)
+    new_champion(settings, served)
     shutil.rmtree(settings.cache_dir)
     cold, cold_seconds = _timed(process_flow, TASK)
     cold_per_s = int(cold["scored"]) / cold_seconds
@@ -266,7 +265,7 @@ def _test_images(session_factory: Any, uids: list[str]) -> list[tuple[str, str]]
     return [found[uid] for uid in uids]
 
 
-def _served(judged: dict[Any, Any]) -> Any:
+def served_runtime(judged: dict[Any, Any]) -> Any:
     """The variant a site would serve: int8 if it passed, else ONNX fp32 if it did, else fp32."""
     from radflow.db import VariantRuntime
 
@@ -276,7 +275,7 @@ def _served(judged: dict[Any, Any]) -> Any:
     return VariantRuntime.TORCH_FP32
 
 
-def _new_champion(settings: Any, runtime: Any) -> None:
+def new_champion(settings: Any, runtime: Any) -> None:
     """The champion's weights again as a new champion, with its variants' files, serving
     ``runtime``: every study is pending again, to be scored in that runtime."""
     import torch
@@ -440,5 +439,4 @@ def _explore(store: Any, champion: Any, images: Any, settings: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/accuracy.py's carve()
     raise SystemExit(main())

@@ -243,6 +243,21 @@ def test_variants_need_an_evaluation_set(
     assert error.value.reason == "no-evaluation-set"
 
 
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_a_kind_without_a_primary_metric_is_refused_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+) -> None:
+    task = tasks.get_task("pneumonia-cxr")
+    monkeypatch.setitem(tasks.TASKS, task.name, dataclasses.replace(task, kind="segmentation-3d"))
+    # No version exists: the kind is refused before the registry is even read.
+    with pytest.raises(VariantError, match="PRIMARY_METRIC") as error:
+        compress(settings, session_factory, store, task.name, 1, actor="max")
+    assert error.value.reason == "unsupported-kind"
+
+
 def test_onnx_providers_prefer_tensorrt_then_cuda_and_always_keep_the_cpu() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

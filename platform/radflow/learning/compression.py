@@ -52,7 +52,12 @@ from radflow.db.audit import record
 from radflow.ingest.routing import rules_for
 from radflow.learning.cache import CachedImage, PreprocessCache
 from radflow.learning.device import cpu_threads, select_device
-from radflow.learning.evaluation import evaluate, non_inferiority, primary_metric
+from radflow.learning.evaluation import (
+    PRIMARY_METRIC,
+    evaluate,
+    non_inferiority,
+    primary_metric,
+)
 from radflow.learning.inference import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -245,6 +250,13 @@ def compress(
 ) -> list[ModelVariant]:
     """Make, measure and judge every runtime variant of version ``number`` of ``task_name``."""
     task = get_task(task_name)
+    if task.kind not in PRIMARY_METRIC:
+        raise VariantError(
+            "unsupported-kind",
+            f"{task.name} is a {task.kind} task, and variants of {task.kind} models cannot be "
+            "judged yet (no primary metric in radflow.learning.evaluation.PRIMARY_METRIC): "
+            "it scores with its PyTorch weights",
+        )
     with session_factory() as session:
         version = get_version(session, task.name, number)
         data = evaluation_data(settings, session, store, task)
