@@ -153,7 +153,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
             result = process_flow(TASK)
             seconds = time.perf_counter() - started
             flow[runtime].append(int(result["scored"]) / seconds)
-            reports[runtime].append({"seconds": seconds, **result["tasks"][TASK]})
+            reports[runtime].append({**result["tasks"][TASK], "run_seconds": seconds})
         print(
             f"round {r + 1}: "
             + "; ".join(
@@ -198,7 +198,9 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         "int8_speedup": round(median(_ratios(bare[int8], bare[fp32])), 3),
         "int8_speedup_rounds": [round(x, 3) for x in _ratios(bare[int8], bare[fp32])],
         "int8_auc_drop": round(test_auc[fp32] - test_auc[int8], 4),
-        "int8_eval_auc_drop": round(-judged[int8].metrics["auc_delta"], 4),
+        "int8_eval_auc_drop": round(
+            judged[int8].metrics["reference_auc"] - judged[int8].metrics["auc"], 4
+        ),
         "int8_size_ratio": round(judged[int8].size_bytes / judged[fp32].size_bytes, 3),
         "int8_passed": judged[int8].passed,
         "served": served.value,
@@ -208,9 +210,12 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         "bare_per_s": round(median(bare[served]), 1),
         "flow_cold_per_s": round(cold_per_s, 1),
         "flow_cold_vs_bare": round(cold_per_s / median(bare[served]), 3),
+        # Of the median round's process flow run: its seconds end to end, those inside the
+        # scoring task, and of those, in the network; and a run with nothing to score.
+        "flow_run_s": round(float(mid["run_seconds"]), 2),
         "flow_task_s": round(float(mid["seconds"]), 2),
         "flow_task_network_s": round(float(mid["network_seconds"]), 2),
-        "flow_run_seconds": round(float(mid["seconds"]), 2),
+        "flow_task_vs_bare": round(int(mid["scored"]) / mid["seconds"] / median(bare[served]), 3),
         "flow_run_overhead_s": round(run_overhead, 2),
         "projected_100k_s": round(100_000 / median(flow[served]), 1),
         "fp32_eager_per_s": round(median(bare[fp32]), 1),
@@ -223,6 +228,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         "rounds": args.rounds,
         "task_kinds": [task.kind],
     }
+    _verdict(result)
     if args.explore:
         with Runtime.open(settings) as rt:
             _explore(rt.store, champion, every, settings)
@@ -344,6 +350,23 @@ def _table(rows: list[dict[str, Any]], served: str) -> None:
             f"{row['eval_auc_delta']:>+10.4f}  {'passed' if row['passed'] else 'refused'}{mark}"
         )
     print()
+
+
+FLOOR = {"int8_speedup": 2.0, "int8_auc_drop": 0.005, "int8_size_ratio": 0.3, "flow_vs_bare": 0.9}
+GOAL = {"int8_speedup": 3.0, "flow_vs_bare": 0.95, "projected_100k_s": 120.0}
+LOWER_IS_BETTER = {"int8_auc_drop", "int8_size_ratio", "projected_100k_s"}
+
+
+def _verdict(result: dict[str, Any]) -> None:
+    """Each figure against issue 14's floor and goal."""
+    for name, targets in (("floor", FLOOR), ("goal", GOAL)):
+        marks = []
+        for key, target in targets.items():
+            value = result[key]
+            met = value <= target if key in LOWER_IS_BETTER else value >= target
+            sign = "<=" if key in LOWER_IS_BETTER else ">="
+            marks.append(f"{key} {value} ({sign} {target}: {'met' if met else 'MISSED'})")
+        print(f"{name}: " + "; ".join(marks))
 
 
 def _explore(store: Any, champion: Any, images: Any, settings: Any) -> None:
