@@ -1,7 +1,7 @@
 """Runtime variants (ONNX fp32, int8) against fp32 eager PyTorch, and scoring at network speed.
 
     python benchmarks/compression.py [--npz ../shared/data/pneumoniamnist_trainval.npz]
-                                     [--carve 0.1] [--rounds 3] [--explore]
+                                     [--carve 0.1] [--rounds 3] [--limit N] [--explore]
 
 In a fresh data directory, everything in one run:
 
@@ -16,7 +16,8 @@ In a fresh data directory, everything in one run:
    each round measures every variant side by side; figures are medians, every round's ratio is
    in the JSON):
    - bare: ``Runner.predict`` on every study's cached tensor, in memory (the same batches,
-     batch size and threads for every variant: ``RADFLOW_BATCH_SIZE``, ``RADFLOW_TORCH_THREADS``);
+     batch size and threads for every variant: ``RADFLOW_BATCH_SIZE``, ``RADFLOW_TORCH_THREADS``),
+     once right before and once right after the variant's flow run, the two taken together;
    - flow: a new champion with the same weights and the same variant files, that variant
      served, every study scored by the process flow (a Prefect run: pending studies, routing,
      cached tensors, the network, predictions and triage written), timed end to end;
@@ -144,14 +145,17 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     reports: dict[Any, list[dict[str, Any]]] = {r: [] for r in runners}
     for r in range(args.rounds):
         for runtime, runner in runners.items():
+            # The bare pass right before and right after the flow run, as one figure: the
+            # machine's speed drifts within seconds, and bracketing halves what drift does.
             with cpu_threads(threads):
-                started = time.perf_counter()
-                runner.predict(every, settings.batch_size)
-                bare[runtime].append(len(every) / (time.perf_counter() - started))
+                before = _timed(runner.predict, every, settings.batch_size)[1]
             new_champion(settings, runtime)
             started = time.perf_counter()
             result = process_flow(TASK)
             seconds = time.perf_counter() - started
+            with cpu_threads(threads):
+                after = _timed(runner.predict, every, settings.batch_size)[1]
+            bare[runtime].append(2 * len(every) / (before + after))
             flow[runtime].append(int(result["scored"]) / seconds)
             reports[runtime].append({**result["tasks"][TASK], "run_seconds": seconds})
         print(
