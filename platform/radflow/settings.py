@@ -119,6 +119,28 @@ class Settings(BaseSettings):
         description="Where the receiver keeps acknowledged instances until they are indexed; "
         "default <data_dir>/spool (must be a local disk: it is fsynced)",
     )
+    receiver_max_pdu_bytes: int = Field(
+        default=1024 * 1024,
+        ge=16 * 1024,
+        le=64 * 1024 * 1024,
+        description="Largest PDU the receiver announces and accepts: a peer's PDU declaring more "
+        "is refused (A-ABORT) before any of it is read, so memory stays bounded per association",
+    )
+    receiver_min_free_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Below this many bytes free on the spool's disk the receiver refuses new "
+        "associations and instances (transient: senders retry); 0 turns the check off. MONAI "
+        "Informatics Gateway uses 5 GB on servers; 2 GiB keeps a laptop demo receiving",
+    )
+    receiver_max_used_percent: float = Field(
+        default=100.0,
+        gt=0,
+        le=100,
+        description="Above this share of the spool's disk in use the receiver refuses as above; "
+        "100 turns the check off (75 on a volume dedicated to the spool, as MONAI Informatics "
+        "Gateway does)",
+    )
     session_idle_minutes: float = Field(
         default=30.0, gt=0, description="Dashboard sessions idle this long must log in again"
     )
