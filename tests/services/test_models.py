@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import (
     AuditEvent,
+    ModelEvaluation,
     ModelStatus,
     ModelVariant,
     ModelVersion,
@@ -18,6 +19,7 @@ from radflow.db import (
 from radflow.learning.labels import add_label
 from radflow.learning.variants import VariantError
 from radflow.services.models import (
+    PromotionNeedsReason,
     evaluate,
     labels_since_training,
     list_versions,
@@ -182,3 +184,38 @@ def test_variants_are_listed_served_by_engineers_only_and_rolled_back(
         ("max", "serve", f"{TASK}:v1", "onnx-int8", "torch-fp32"),
         ("max", "serve-rollback", f"{TASK}:v1", "torch-fp32", "onnx-int8"),
     ]
+
+
+def test_a_promotion_against_the_statistical_decision_needs_a_typed_reason(
+    session_factory: sessionmaker[Session], two_versions: dict[str, int]
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        session.add(
+            ModelEvaluation(
+                model_version_id=two_versions["v2"],
+                champion_version_id=two_versions["v1"],
+                task=TASK,
+                n_studies=50,
+                auc=0.81,
+                champion_auc=0.80,
+                p_value=0.4,
+                alpha=0.05,
+                promoted=False,
+                reason="AUC not significantly higher than the champion's",
+            )
+        )
+    with unit_of_work(session_factory) as session:
+        with pytest.raises(PromotionNeedsReason, match=r"p = 0.4 >= alpha 0.05"):
+            promote(session, engineer, TASK, 2)
+        with pytest.raises(PromotionNeedsReason):
+            promote(session, engineer, TASK, 2, "   ok   ")
+    with unit_of_work(session_factory) as session:
+        promote(session, engineer, TASK, 2, "v1 misses the new scanner's low-dose images")
+    with session_factory() as session:
+        promoted = session.scalars(select(AuditEvent).where(AuditEvent.action == "promote")).one()
+    assert promoted.actor == "max"
+    assert promoted.details["reason"] == (
+        "against the statistical decision (p = 0.4 >= 0.05): "
+        "v1 misses the new scanner's low-dose images"
+    )
