@@ -10,6 +10,7 @@ from factories import add_variant, make_model_version
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from cli.actor import os_user
 from cli.main import main
 from radflow.db import AuditEvent, ModelStatus, unit_of_work
 from radflow.settings import Settings
@@ -25,7 +26,6 @@ def test_serve_list_and_roll_back_the_runtime(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("RADFLOW_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("USER", "max")
     with unit_of_work(session_factory) as session:
         v1 = make_model_version(session, version=1)
         v1.status = ModelStatus.CHAMPION
@@ -66,6 +66,6 @@ def test_serve_list_and_roll_back_the_runtime(
             .order_by(AuditEvent.id)
         ).all()
     assert [tuple(e) for e in trail] == [
-        ("max", "serve", f"{TASK}:v1"),
-        ("max", "serve-rollback", f"{TASK}:v1"),
+        (f"os:{os_user()}", "serve", f"{TASK}:v1"),  # the operating-system user acts
+        (f"os:{os_user()}", "serve-rollback", f"{TASK}:v1"),
     ]
