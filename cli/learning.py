@@ -61,7 +61,9 @@ def add_commands(add: Add) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    model = add("model", cmd_model_list, "the model registry: list, promote, rollback, bundles")
+    model = add(
+        "model", cmd_model_list, "the model registry: list, promote, rollback, compress, serve"
+    )
     sub = model.add_subparsers(required=True, metavar="ACTION")
 
     def action(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
@@ -82,6 +84,27 @@ def add_commands(add: Add) -> None:
     )
     q = action("rollback", cmd_model_rollback, "restore the champion the current one replaced")
     q.add_argument("task")
+    q.add_argument(
+        "--serving",
+        action="store_true",
+        help="instead: serve again the runtime the champion served before the last `serve`",
+    )
+    q = action(
+        "compress",
+        cmd_model_compress,
+        "make a version's ONNX fp32 and int8 variants and judge them on the evaluation set",
+    )
+    q.add_argument("task")
+    q.add_argument("version", type=int)
+    q = action("serve", cmd_model_serve, "choose the runtime a version scores in (audited)")
+    q.add_argument("task")
+    q.add_argument("version", type=int)
+    q.add_argument(
+        "--runtime",
+        required=True,
+        help="torch-fp32 (the version's weights), or a variant that passed its check: "
+        "onnx-fp32, onnx-int8 (`radflow model list` shows them)",
+    )
     q = action("export", cmd_model_export, "write a version as a MONAI bundle folder")
     q.add_argument("task")
     q.add_argument("version", type=int)
@@ -125,6 +148,7 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> int:
 
 def _version_row(session: Any, version: Any) -> dict[str, Any]:
     from radflow.learning.registry import latest_evaluation
+    from radflow.learning.variants import serving_runtime, variants_of
 
     evaluation = latest_evaluation(session, version)
     return {
@@ -137,7 +161,37 @@ def _version_row(session: Any, version: Any) -> dict[str, Any]:
         "training_run": version.training_run_id,
         "code_version": version.code_version,
         "why": evaluation.reason if evaluation else version.metrics.get("decision", ""),
+        "serving": serving_runtime(session, version).value,
+        "variants": [_variant_row(v) for v in variants_of(session, version)],
     }
+
+
+def _variant_row(variant: Any) -> dict[str, Any]:
+    metrics = variant.metrics
+    return {
+        "runtime": variant.runtime.value,
+        "size_mb": round(variant.size_bytes / 1e6, 3),
+        "images_per_second": metrics.get("images_per_second"),
+        "speedup": metrics.get("speedup"),
+        "auc": metrics.get("auc"),
+        "auc_delta": metrics.get("auc_delta"),
+        "passed": variant.passed,
+        "serving": variant.serving,
+        "why": variant.reason,
+    }
+
+
+def _print_variants(rows: list[dict[str, Any]], indent: str = "  ") -> None:
+    for row in rows:
+        delta = row["auc_delta"]
+        speed = row["images_per_second"]
+        print(
+            f"{indent}{row['runtime']:<11} {row['size_mb']:>8.2f} MB "
+            f"{(f'{speed:,.0f} img/s' if speed else '-'):>12} "
+            f"AUC {(f'{delta:+.4f}' if delta is not None else '-'):>8} "
+            f"{'serving' if row['serving'] else ('passed' if row['passed'] else 'refused'):<8} "
+            f"{row['why']}"
+        )
 
 
 def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -155,6 +209,7 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
     for row in rows:
         auc = f"{row['auc']:.4f}" if isinstance(row["auc"], float) else "-"
         print(f"{row['model']:<24} {row['status']:<10} AUC {auc}  {row['why']}")
+        _print_variants(row["variants"])
     return 0
 
 
@@ -172,12 +227,52 @@ def cmd_model_promote(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.learning.registry import rollback
+    from radflow.learning.variants import rollback_serving
     from radflow.runtime import Runtime
 
+    task = task_name(args)
     actor = _actor(args, settings)
     with Runtime.open(settings) as rt, rt.transaction() as session:
-        restored = rollback(session, task_name(args), actor=actor).name
-    print(f"rolled back: {restored} is the champion of {task_name(args)} again")
+        if args.serving:
+            runtime = rollback_serving(session, task, actor=actor)
+            print(f"rolled back: the champion of {task} serves {runtime} again")
+            return 0
+        restored = rollback(session, task, actor=actor).name
+    print(f"rolled back: {restored} is the champion of {task} again")
+    return 0
+
+
+def cmd_model_compress(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.db import VariantRuntime
+    from radflow.learning.compression import compress
+    from radflow.runtime import Runtime
+
+    task = task_name(args)
+    actor = _actor(args, settings)
+    with Runtime.open(settings) as rt:
+        variants = compress(settings, rt.session_factory, rt.store, task, args.version, actor=actor)
+        rows = [_variant_row(v) for v in variants]
+    print(f"{task}:v{args.version} variants on the evaluation set:")
+    _print_variants(rows)
+    if any(row["passed"] for row in rows if row["runtime"] != VariantRuntime.TORCH_FP32):
+        print(f"serve one with `radflow model serve {task} {args.version} --runtime RUNTIME`")
+    return 0
+
+
+def cmd_model_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.actor import principal
+    from radflow.learning.registry import get_version
+    from radflow.runtime import Runtime
+    from radflow.services.models import serve
+
+    task = task_name(args)
+    actor = principal(args, settings)
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        previous = serve(session, actor, task, args.version, args.runtime)
+        version = get_version(session, task, args.version)
+        name, champion = version.name, version.status == "champion"
+    when = "" if champion else " (once it is the champion)"
+    print(f"{name} scores with {args.runtime}{when}, instead of {previous}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Process flow: stable studies -> preprocessing -> champion model -> predictions.
+"""Process flow: stable studies -> preprocessing -> champion (its served runtime) -> predictions.
 
 The DICOM results of those predictions (SR, SEG, sent to the destinations routing names) are
 the deliver flow's (flows/deliver.py), a stage of its own: an SR costs ~0.1 s of CPU in
@@ -66,6 +66,7 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
         "tasks": {
             name: {
                 "model": r.model,
+                "runtime": r.runtime,
                 "scored": r.scored,
                 "no_model": r.no_model,
                 "failed": len(r.failed),

@@ -217,6 +217,14 @@ class Settings(BaseSettings):
         description="Significance level of the one-sided DeLong test a new model version must "
         "pass (AUC higher than the champion's on the evaluation set) to become champion",
     )
+    max_variant_auc_drop: float = Field(
+        default=0.005,
+        ge=0,
+        lt=1,
+        description="Largest AUC loss a compressed runtime variant (ONNX fp32, int8) may show "
+        "against its version's PyTorch fp32 scores on the same evaluation studies to be "
+        "allowed to serve",
+    )
     retrain_after_labels: int = Field(
         default=50,
         ge=1,

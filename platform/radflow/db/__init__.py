@@ -6,7 +6,13 @@ from radflow.db.base import Base
 from radflow.db.delivery import Delivery, DeliveryStatus, ResultKind, ResultObject
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
-from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
+from radflow.db.registry import (
+    ModelStatus,
+    ModelVariant,
+    ModelVersion,
+    TrainingRun,
+    VariantRuntime,
+)
 from radflow.db.results import Label, Prediction
 from radflow.db.session import (
     ensure_schema,
@@ -29,6 +35,7 @@ __all__ = [
     "LoginThrottle",
     "ModelEvaluation",
     "ModelStatus",
+    "ModelVariant",
     "ModelVersion",
     "Patient",
     "Prediction",
@@ -40,6 +47,7 @@ __all__ = [
     "StudyStatus",
     "TrainingRun",
     "User",
+    "VariantRuntime",
     "ensure_schema",
     "make_engine",
     "make_sessionmaker",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, false, text
+from sqlalchemy import Enum, ForeignKey, Index, String, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from radflow.db.base import Base, utcnow
 from radflow.db.imaging import Study
-from radflow.db.registry import ModelVersion
+from radflow.db.registry import ModelVersion, VariantRuntime
 
 
 class Prediction(Base):
@@ -43,6 +43,17 @@ class Prediction(Base):
     latency_ms: Mapped[float]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     superseded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Which variant of the model version computed the score (radflow.db.registry.ModelVariant).
+    runtime: Mapped[VariantRuntime] = mapped_column(
+        Enum(
+            VariantRuntime,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        default=VariantRuntime.TORCH_FP32,
+        server_default=VariantRuntime.TORCH_FP32.value,
+    )
 
     study: Mapped[Study] = relationship()
     model_version: Mapped[ModelVersion] = relationship()

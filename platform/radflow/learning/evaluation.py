@@ -4,17 +4,23 @@ A new version replaces the champion only if its AUC on the task's fixed evaluati
 higher with statistical significance: DeLong's test for two correlated ROC curves (DeLong,
 DeLong & Clarke-Pearson, Biometrics 1988), computed with the fast midrank algorithm of Sun & Xu
 (IEEE Signal Processing Letters 21(11), 2014), one-sided at ``settings.promotion_alpha``.
+
+A runtime variant of a version (ONNX fp32, int8) is judged the other way round: it must not be
+worse than the version's own PyTorch outputs on the same studies by more than a margin
+(:func:`non_inferiority`), on the task kind's primary metric.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from radflow.learning.tasks import OperatingPoint
+from radflow.learning.tasks import OperatingPoint, TaskKind
 
 
 def youden_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
@@ -158,3 +164,83 @@ def decide(
     if test.auc_new > test.auc_old and test.p_value < alpha:
         return Decision(True, f"promoted: better than the champion. {summary}", test)
     return Decision(False, f"challenger: not significantly better. {summary}", test)
+
+
+def _auc(targets: np.ndarray, scores: np.ndarray) -> float:
+    targets = np.asarray(targets).astype(int)
+    if len(np.unique(targets)) < 2 or not np.isfinite(scores).all():
+        return float("nan")
+    return float(roc_auc_score(targets, scores))
+
+
+METRICS: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] = {"auc": _auc}
+"""Metrics a variant is judged on: (targets, the network's outputs) -> value, higher is better.
+A segmentation kind adds "dice" (masks, probability maps) here."""
+PRIMARY_METRIC: Mapping[TaskKind, str] = {"binary-classification": "auc"}
+
+
+def primary_metric(kind: TaskKind) -> str:
+    """The metric a variant of a ``kind`` model must not lose on."""
+    try:
+        return PRIMARY_METRIC[kind]
+    except KeyError:
+        raise NotImplementedError(
+            f"runtime variants of {kind} models need a primary metric in "
+            "radflow.learning.evaluation.PRIMARY_METRIC first"
+        ) from None
+
+
+@dataclass(frozen=True)
+class NonInferiority:
+    """A candidate's outputs against the reference's, on the same cases (paired)."""
+
+    metric: str
+    reference: float
+    candidate: float
+    margin: float
+    n: int
+
+    @property
+    def drop(self) -> float:
+        return self.reference - self.candidate
+
+    @property
+    def passed(self) -> bool:
+        return (
+            math.isfinite(self.reference)
+            and math.isfinite(self.candidate)
+            and (self.drop <= self.margin)
+        )
+
+    @property
+    def reason(self) -> str:
+        if not math.isfinite(self.reference) or not math.isfinite(self.candidate):
+            return (
+                f"refused: {self.metric} cannot be computed on the {self.n} evaluation studies "
+                "(one class only, or outputs that are not numbers)"
+            )
+        verdict = "passed" if self.passed else "refused"
+        return (
+            f"{verdict}: {self.metric} {self.candidate:.4f} vs {self.reference:.4f} of the "
+            f"PyTorch weights on the same {self.n} evaluation studies (drop {self.drop:+.4f}, "
+            f"allowed {self.margin:g})"
+        )
+
+
+def non_inferiority(
+    metric: str,
+    targets: np.ndarray,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    margin: float,
+) -> NonInferiority:
+    """Whether ``candidate`` outputs lose at most ``margin`` of ``metric`` against
+    ``reference`` outputs for the same ``targets``."""
+    measure = METRICS[metric]
+    return NonInferiority(
+        metric=metric,
+        reference=measure(targets, reference),
+        candidate=measure(targets, candidate),
+        margin=margin,
+        n=len(targets),
+    )

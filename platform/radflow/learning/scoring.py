@@ -1,4 +1,4 @@
-"""Scoring: stable studies -> the task's champion -> prediction rows.
+"""Scoring: stable studies -> the task's champion (in its served runtime) -> prediction rows.
 
 Made for a backlog of thousands of studies as much as for the one that just arrived, so the
 cost per study is the network's and little else:
@@ -17,6 +17,10 @@ digest),
   previous one while PyTorch computes (mostly outside the GIL); on 2 cores this took the time
   outside the network from ~20% of the network's to ~4% (the network itself slows a little);
 - Grad-CAM maps are computed per network batch and written by threads, without an fsync each.
+
+The champion scores in the runtime chosen for it (radflow.learning.variants: PyTorch fp32 unless
+an ONNX variant that passed its non-inferiority check serves); each prediction records which.
+Grad-CAM maps always come from the PyTorch weights, whatever computed the score.
 """
 
 from __future__ import annotations
@@ -43,13 +47,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from torch import nn
 
 from radflow.db import (
     ModelVersion,
     Prediction,
     Study,
     StudyStatus,
+    VariantRuntime,
     triage,
     unit_of_work,
 )
@@ -58,9 +62,10 @@ from radflow.ingest.routing import Image, RoutingRules, candidates, route_series
 from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.learning.device import cpu_threads, select_device
 from radflow.learning.explain import GRADCAM_NAME, Explainer, save_heatmaps
-from radflow.learning.inference import load_network, predict
+from radflow.learning.inference import Runner, TorchRunner, load_network, load_runner
 from radflow.learning.registry import require_champion
 from radflow.learning.tasks import Task, get_task
+from radflow.learning.variants import serving_variant
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,7 @@ SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED)
 @dataclass
 class ScoreReport:
     model: str = ""
+    runtime: str = VariantRuntime.TORCH_FP32.value
     scored: int = 0
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -86,10 +92,10 @@ class ScoreReport:
 
     def summary(self) -> str:
         return (
-            f"{self.model}: scored {self.scored}, no applicable model {self.no_model}, "
-            f"failed {len(self.failed)} in {self.seconds:.2f} s, {self.network_seconds:.2f} s "
-            f"of it in the network (preprocessing cache: {self.cache_hits} hits, "
-            f"{self.cache_misses} decoded)"
+            f"{self.model} ({self.runtime}): scored {self.scored}, no applicable model "
+            f"{self.no_model}, failed {len(self.failed)} in {self.seconds:.2f} s, "
+            f"{self.network_seconds:.2f} s of it in the network (preprocessing cache: "
+            f"{self.cache_hits} hits, {self.cache_misses} decoded)"
         )
 
 
@@ -99,8 +105,8 @@ class _Scorer:
 
     task: Task
     champion: ModelVersion
-    network: nn.Module
-    explainer: Explainer | None
+    runner: Runner
+    explainer: Explainer | None  # Grad-CAM, always on the PyTorch weights
     device: torch.device
     batch_size: int
     store: ObjectStore
@@ -121,43 +127,36 @@ def _not_scored_by(model_version_id: int) -> ColumnElement[bool]:
     return ~current
 
 
-def _pending_ids(session: Session, model_version_id: int, limit: int) -> list[int]:
-    """Ids of stable studies without a current prediction from this model version, oldest first.
-
-    A reopened study's earlier predictions are superseded (radflow.ingest.stability), so it is
-    scored
-    again as one whole study; after a promotion, studies scored by an earlier champion (and not
-    reviewed yet) are pending again.
-    """
-    return list(
-        session.scalars(
-            select(Study.id)
-            .where(Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
-            .order_by(Study.received_at, Study.id)
-            .limit(limit)
-        )
-    )
-
-
 class _Pending(NamedTuple):
     id: int
     study_uid: str
 
 
-def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[_Pending]:
-    """The studies of ``ids`` still pending in this transaction, in the order of ``ids``."""
-    found = session.execute(
-        select(Study.id, Study.study_uid).where(
-            Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pending]:
+    """Stable studies without a current prediction from this model version, oldest first.
+
+    A reopened study's earlier predictions are superseded (radflow.ingest.stability), so it is
+    scored again as one whole study; after a promotion, studies scored by an earlier champion
+    (and not reviewed yet) are pending again.
+    """
+    rows = session.execute(
+        select(Study.id, Study.study_uid)
+        .where(Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
+        .order_by(Study.received_at, Study.id)
+        .limit(limit)
+    )
+    return [_Pending(row.id, row.study_uid) for row in rows]
+
+
+def _still_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> set[int]:
+    """Those of ``ids`` still pending in this transaction."""
+    return set(
+        session.scalars(
+            select(Study.id).where(
+                Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+            )
         )
     )
-    by_id = {row.id: _Pending(row.id, row.study_uid) for row in found}
-    return [by_id[i] for i in ids if i in by_id]
-
-
-def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pending]:
-    """Pending studies (see _pending_ids), oldest first."""
-    return _load_pending(session, model_version_id, _pending_ids(session, model_version_id, limit))
 
 
 def score_stable(
@@ -186,20 +185,29 @@ def score_stable(
     device = select_device()
     with unit_of_work(session_factory) as session:
         champion = require_champion(session, task.name)
-    network = load_network(store, champion, device)
+        variant = serving_variant(session, champion)
+    runner = load_runner(store, champion, variant, device, threads)
     cam_layer = champion.config.get("cam_layer", task.network.cam_layer)
+    explainer = None
+    if explain and cam_layer:
+        network = (
+            runner.network
+            if isinstance(runner, TorchRunner)
+            else load_network(store, champion, device)
+        )
+        explainer = Explainer(network, cam_layer)
     scorer = _Scorer(
         task=task,
         champion=champion,
-        network=network,
-        explainer=Explainer(network, cam_layer) if explain and cam_layer else None,
+        runner=runner,
+        explainer=explainer,
         device=device,
         batch_size=batch_size,
         store=store,
         cache=PreprocessCache(cache_dir, task),
         rules=rules,
     )
-    report = ScoreReport(model=champion.name)
+    report = ScoreReport(model=champion.name, runtime=runner.runtime.value)
     with (
         cpu_threads(threads),
         _heap_frozen(),
@@ -207,21 +215,21 @@ def score_stable(
     ):
         while True:
             with session_factory() as session:
-                ids = _pending_ids(session, champion.id, PENDING_PAGE)
-            if not ids:
+                page = _pending(session, champion.id, PENDING_PAGE)
+            if not page:
                 report.seconds = time.perf_counter() - started
                 return report
-            _score_page(session_factory, scorer, ids, io, report)
+            _score_page(session_factory, scorer, page, io, report)
 
 
 def _score_page(
     session_factory: sessionmaker[Session],
     scorer: _Scorer,
-    ids: Sequence[int],
+    page: Sequence[_Pending],
     io: ThreadPoolExecutor,
     report: ScoreReport,
 ) -> None:
-    """Score a page of pending ids, a chunk at a time, the database work beside the network.
+    """Score a page of pending studies, a chunk at a time, the database work beside the network.
 
     The network spends most of its time in PyTorch kernels, outside the GIL; meanwhile the
     ``io`` thread reads the next chunk (rows, cached tensors) and writes the previous one's
@@ -229,7 +237,7 @@ def _score_page(
     the latest one chunk later; its studies stay pending for the next run).
     """
     size = scorer.batch_size * BATCHES_PER_TRANSACTION
-    parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+    parts = [page[i : i + size] for i in range(0, len(page), size)]
     upcoming = io.submit(_read_chunk, session_factory, scorer, parts[0])
     writing: Future[int] | None = None
     for part in [*parts[1:], None]:
@@ -274,16 +282,16 @@ class _Chunk:
 
 
 def _read_chunk(
-    session_factory: sessionmaker[Session], scorer: _Scorer, ids: Sequence[int]
+    session_factory: sessionmaker[Session], scorer: _Scorer, pending: Sequence[_Pending]
 ) -> _Chunk:
-    """The studies of ``ids`` still pending, routed, with their images.
+    """The studies of a chunk, routed, with their images.
 
-    Reads only: the chunk's writes happen in :func:`_score_chunk`'s transaction, so a chunk read
-    ahead holds no lock (SQLite) while the one before it commits.
+    Reads only: the chunk's writes happen in :func:`_write_chunk`'s transaction, which scores
+    only the studies still pending then (a study scored or reopened meanwhile is left alone); a
+    chunk read ahead holds no lock (SQLite) while the one before it commits.
     """
     started = time.perf_counter()
     with session_factory() as session:
-        pending = _load_pending(session, scorer.champion.id, ids)
         series = candidates(session, [study.id for study in pending])
     ended: list[_Ended] = []
     routable: list[tuple[_Pending, Image]] = []
@@ -357,7 +365,7 @@ def _write_chunk(
     """
     with unit_of_work(session_factory) as session:
         ids = [study.id for study in chunk.studies] + [study.id for study in chunk.ended]
-        still = {study.id for study in _load_pending(session, scorer.champion.id, ids)}
+        still = _still_pending(session, scorer.champion.id, ids)
         if ended := [study.row() for study in chunk.ended if study.id in still]:
             session.execute(update(Study), ended)
         keep = [i for i, study in enumerate(chunk.studies) if study.id in still]
@@ -380,14 +388,15 @@ def _infer(
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Scores, and with an explainer each study's stored heat map key."""
     if scorer.explainer is None:
-        return predict(scorer.network, batch, scorer.device, scorer.batch_size), [
-            {} for _ in studies
-        ]
+        return scorer.runner.predict(batch, scorer.batch_size), [{} for _ in studies]
     scores, maps = [], []
     for part in torch.split(batch, scorer.batch_size):
         part_scores, part_maps = scorer.explainer(part, scorer.device)
         scores.append(part_scores)
         maps.append(part_maps)
+    if scorer.runner.runtime != VariantRuntime.TORCH_FP32:
+        # Grad-CAM's forward pass gave the PyTorch scores; the served runtime gives the score.
+        scores = [scorer.runner.predict(batch, scorer.batch_size)]
     task, version = scorer.task.name, scorer.champion.version
     map_keys = [keys.derived(s.study_uid, task, version, GRADCAM_NAME) for s in studies]
     save_heatmaps(scorer.store, map_keys, np.concatenate(maps))
@@ -405,12 +414,15 @@ def _record(
     """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers."""
     task, champion = scorer.task, scorer.champion
     created = utcnow()
-    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again.
+    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again. The
+    # new ids come back with their study ids, in no particular order: asking SQLAlchemy for
+    # them in parameter order made it insert (and fetch) one row at a time on SQLite, which
+    # cost as much as the int8 network's whole forward pass.
     table: Table = Prediction.__table__  # type: ignore[assignment]  # mapped to a Table
-    ids = (
+    inserted: dict[int, int] = dict(
         session.connection()
-        .scalars(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True),
+        .execute(
+            insert(table).returning(table.c.study_id, table.c.id),
             [
                 {
                     "study_id": study.id,
@@ -422,6 +434,7 @@ def _record(
                     "latency_ms": latency_ms,
                     "created_at": created,
                     "superseded": False,
+                    "runtime": scorer.runner.runtime,
                 }
                 for study, score, keys_out in zip(studies, scores, derived, strict=True)
             ],
@@ -432,8 +445,8 @@ def _record(
     triage.advance(
         session.connection(),
         [
-            triage.Move(study.id, prediction_id, triage.rank(float(score), champion.threshold))
-            for study, prediction_id, score in zip(studies, ids, scores, strict=True)
+            triage.Move(study.id, inserted[study.id], triage.rank(float(score), champion.threshold))
+            for study, score in zip(studies, scores, strict=True)
         ],
         status=StudyStatus.SCORED,
         status_reason=None,
