@@ -39,9 +39,9 @@ TASK = CHEST_TASK.name
 # Created only by `radflow demo` on its synthetic data, never by migrations or settings: a
 # production installation has no user until an admin runs `radflow user add`.
 DEMO_USERS = (
-    ("demo-radiologist", Role.RADIOLOGIST, "demo-radiologist-pw"),
-    ("demo-ml", Role.ML_ENGINEER, "demo-ml-engineer-pw"),
-    ("demo-admin", Role.ADMIN, "demo-admin-pw"),
+    ("demo-radiologist", Role.RADIOLOGIST, "quiet-lung-window-radiologist"),
+    ("demo-ml", Role.ML_ENGINEER, "tuned-model-curve-engineer"),
+    ("demo-admin", Role.ADMIN, "locked-audit-ledger-admin"),
 )
 DEMO_ACTOR = Principal("demo", Role.ADMIN)
 
