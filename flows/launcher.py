@@ -7,6 +7,15 @@
 - On the embedded default (no server), flows run in the calling process, or a ``radflow``
   command runs in the background (:func:`start_background`), reaped when it ends.
 
+The database is the source of truth for what needs doing; events only make it fast.
+:func:`reconcile` starts whatever the database says is left (stable studies not scored by their
+task's champion, tasks due for retraining): at worker start, after a training registers a
+champion, and (through the deployments' schedules) every minute and every hour.
+
+Work that must run once at a time holds a lease (radflow.leases) named by :func:`holder`: a flow
+run's holder is its flow run id, so whoever takes over an expired lease marks the dead run
+Crashed on the server (:func:`crash_dead_run`) instead of leaving it Running for hours.
+
 The dashboard imports this module and nothing else of ``flows``; the CLI and the flows use it
 too. The train flow itself decides from the database whether a task is due, so a trigger that
 fires twice, or late, trains at most once.
@@ -23,12 +32,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+from uuid import UUID
 
 from prefect.events import emit_event
 from prefect.settings import PREFECT_API_URL
 
 from radflow.db import unit_of_work
+from radflow.db.registry import champion_tasks
+from radflow.errors import RadflowError
 from radflow.learning.retrain import retrain_status
+from radflow.learning.tasks import TASKS
+from radflow.leases import LeaseState, this_process
 from radflow.runtime import Runtime
 from radflow.services.users import Permission, Principal, require
 from radflow.settings import Settings
@@ -36,14 +50,86 @@ from radflow.settings import Settings
 logger = logging.getLogger(__name__)
 
 STABLE_EVENT = "radflow.study.stable"
+STABLE_RESOURCE = "radflow.stable-studies"
+"""One event per pass that found studies stable (not one per study): a burst of studies starts
+one run, which scores them all."""
 LABEL_EVENT = "radflow.label.created"
 TRAIN_DEPLOYMENT = "train/train"
 """flow name / deployment name, as flows/deployments.py serves it."""
+PROCESS_DEPLOYMENT = "process/process"
+FLOW_RUN_HOLDER = "flow-run/"
+
+
+class NoPrefectServer(RadflowError):
+    """A command that needs the Prefect server found none; the message says what to do."""
 
 
 def orchestrated() -> bool:
     """Whether a Prefect server is configured: work then starts there, not in this process."""
     return bool(PREFECT_API_URL.value())
+
+
+def require_server(timeout: float = 5.0) -> str:
+    """The configured Prefect API URL, once it answers; NoPrefectServer otherwise.
+
+    Without PREFECT_API_URL Prefect would quietly start a temporary server of its own, which
+    no receiver, dashboard or automation can reach: a worker serving it would never run a thing.
+    """
+    import httpx
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise NoPrefectServer(
+            "no Prefect server configured: set PREFECT_API_URL (e.g. "
+            "http://127.0.0.1:4200/api, after `prefect server start`) in the environment of "
+            "the worker, the receiver and the dashboard alike. Without a server, flows run in "
+            "the calling process (`radflow receive`, `radflow watch`, `radflow process`) and "
+            "need no worker"
+        )
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise NoPrefectServer(
+            f"the Prefect server at PREFECT_API_URL={url} does not answer ({exc}): start it "
+            "(`prefect server start`) or correct PREFECT_API_URL"
+        ) from exc
+    return url
+
+
+def holder() -> str:
+    """Who holds a lease taken here: the flow run (so a taker can mark it Crashed), or this
+    process outside a flow run."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    return f"{FLOW_RUN_HOLDER}{run_id}" if run_id else this_process()
+
+
+def crash_dead_run(dead: LeaseState) -> None:
+    """Mark the flow run behind an expired lease Crashed, if the server still shows it running.
+
+    Its process stopped renewing the lease, so it died (a killed worker, a lost machine); the
+    server would otherwise show it Running until its heartbeats are missed for minutes.
+    """
+    if not dead.holder.startswith(FLOW_RUN_HOLDER) or not orchestrated():
+        return
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    run_id = dead.holder.removeprefix(FLOW_RUN_HOLDER)
+    message = f"its lease {dead.name} expired at {dead.expires_at:%H:%M:%S} UTC: its process died"
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(run_id))
+            if run.state is None or run.state.is_final():
+                return
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    except (httpx.HTTPError, ObjectNotFound, ValueError) as exc:
+        logger.warning("could not mark flow run %s crashed: %s", run_id, exc)
+        return
+    logger.warning("flow run %s marked Crashed: %s", run_id, message)
 
 
 def emit(event: str, resource: dict[str, str]) -> None:
@@ -89,6 +175,49 @@ def start_background(arguments: Sequence[str], log: Path) -> Started:
     command = " ".join(arguments)
     logger.info("started `radflow %s` as process %d (log %s)", command, process.pid, log)
     return Started("process", str(process.pid), log)
+
+
+def start_processing(settings: Settings) -> Started:
+    """Start the process flow for every task with a champion: a deployment run when a server
+    is configured, else a background ``radflow process`` here."""
+    if orchestrated():
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(PROCESS_DEPLOYMENT, timeout=0)
+        return Started("deployment", str(run.id))
+    return start_background(["process"], settings.data_dir / "logs" / "process.log")
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What the database said was left to do, and what was started for it."""
+
+    scoring: list[str]
+    """Tasks with stable studies their champion has not scored."""
+    training: list[str]
+    """Tasks due for retraining."""
+    started: list[Started]
+
+
+def reconcile(rt: Runtime, *, scoring: bool = True, training: bool = True) -> Reconciled:
+    """Start processing if any stable study waits for its champion, and the training of every
+    task due for it: whatever events were lost (a receiver restarted while the server was down,
+    studies that arrived before the first champion), the database still says what is left."""
+    from radflow.learning.scoring import has_pending
+
+    with rt.session_factory() as session:
+        pending = [t for t in champion_tasks(session) if has_pending(session, t)] if scoring else []
+        threshold = rt.settings.retrain_after_labels
+        due = (
+            [t for t in sorted(TASKS) if retrain_status(session, t, threshold).due]
+            if training
+            else []
+        )
+    started = [start_processing(rt.settings)] if pending else []
+    started += [start_training(rt.settings, task, if_due=True) for task in due]
+    if pending or due:
+        logger.info("reconciled: scoring pending for %s, due for training %s", pending, due)
+    return Reconciled(pending, due, started)
 
 
 def start_training(settings: Settings, task_name: str, *, if_due: bool = False) -> Started:

@@ -5,6 +5,7 @@ from radflow.db.audit import AuditEvent, Rejection
 from radflow.db.base import Base
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
+from radflow.db.leases import Lease
 from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
 from radflow.db.results import Label, Prediction
 from radflow.db.session import (
@@ -22,6 +23,7 @@ __all__ = [
     "EvaluationSet",
     "Instance",
     "Label",
+    "Lease",
     "LoginAttempt",
     "ModelEvaluation",
     "ModelStatus",

@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from radflow.db import (
+    ModelStatus,
     ModelVersion,
     Prediction,
     Study,
@@ -75,6 +76,8 @@ SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED)
 
 @dataclass
 class ScoreReport:
+    """What one scoring did; reports of shards of one backlog add up (:meth:`add`)."""
+
     model: str = ""
     scored: int = 0
     no_model: int = 0
@@ -83,6 +86,16 @@ class ScoreReport:
     cache_misses: int = 0
     seconds: float = 0.0
     network_seconds: float = 0.0  # of ``seconds``: the network (and Grad-CAM) alone
+
+    def add(self, other: ScoreReport) -> None:
+        self.model = self.model or other.model
+        self.scored += other.scored
+        self.no_model += other.no_model
+        self.failed.update(other.failed)
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.seconds += other.seconds
+        self.network_seconds += other.network_seconds
 
     def summary(self) -> str:
         return (
@@ -160,6 +173,21 @@ def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pendi
     return _load_pending(session, model_version_id, _pending_ids(session, model_version_id, limit))
 
 
+def has_pending(session: Session, task_name: str) -> bool:
+    """Whether any stable study waits for the task's champion (False without a champion)."""
+    champion_id = session.scalar(
+        select(ModelVersion.id).where(
+            ModelVersion.task == task_name, ModelVersion.status == ModelStatus.CHAMPION
+        )
+    )
+    return champion_id is not None and bool(_pending_ids(session, champion_id, 1))
+
+
+def pending_ids(session: Session, task_name: str, limit: int = PENDING_PAGE) -> list[int]:
+    """Ids of the studies waiting for the task's champion, oldest first (for sharding)."""
+    return _pending_ids(session, require_champion(session, task_name).id, limit)
+
+
 def score_stable(
     session_factory: sessionmaker[Session],
     store: ObjectStore,
@@ -170,6 +198,7 @@ def score_stable(
     threads: int | None = None,
     rules: RoutingRules | None = None,
     cache_dir: Path | None = None,
+    ids: Sequence[int] | None = None,
 ) -> ScoreReport:
     """Score every stable study with the task's champion, one chunk of batches per transaction.
 
@@ -180,6 +209,8 @@ def score_stable(
     the site's routing rules (radflow.ingest.routing.rules_for(settings)); None means the packaged
     ones.
     ``cache_dir``: the preprocessing cache (``settings.cache_dir``); None decodes every image.
+    ``ids``: only these studies (those still pending), once: a shard of a backlog scored on
+    several machines at once (flows/process.py).
     """
     started = time.perf_counter()
     task = get_task(task_name)
@@ -205,13 +236,18 @@ def score_stable(
         _heap_frozen(),
         ThreadPoolExecutor(1, thread_name_prefix="radflow-scoring-io") as io,
     ):
+        if ids is not None:
+            if ids:
+                _score_page(session_factory, scorer, ids, io, report)
+            report.seconds = time.perf_counter() - started
+            return report
         while True:
             with session_factory() as session:
-                ids = _pending_ids(session, champion.id, PENDING_PAGE)
-            if not ids:
+                page = _pending_ids(session, champion.id, PENDING_PAGE)
+            if not page:
                 report.seconds = time.perf_counter() - started
                 return report
-            _score_page(session_factory, scorer, ids, io, report)
+            _score_page(session_factory, scorer, page, io, report)
 
 
 def _score_page(
