@@ -177,13 +177,26 @@ def start_background(arguments: Sequence[str], log: Path) -> Started:
     return Started("process", str(process.pid), log)
 
 
-def start_processing(settings: Settings) -> Started:
+def start_processing(settings: Settings) -> Started | None:
     """Start the process flow for every task with a champion: a deployment run when a server
-    is configured, else a background ``radflow process`` here."""
+    is configured, else a background ``radflow process`` here.
+
+    None when the server has no process deployment yet: no worker ever started, and the first
+    one's start-up reconcile scores what waits.
+    """
     if orchestrated():
         from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
 
-        run = run_deployment(PROCESS_DEPLOYMENT, timeout=0)
+        try:
+            run = run_deployment(PROCESS_DEPLOYMENT, timeout=0)
+        except ObjectNotFound:
+            logger.warning(
+                "no %s deployment on the Prefect server yet: the stable studies are scored "
+                "when a `radflow worker` starts",
+                PROCESS_DEPLOYMENT,
+            )
+            return None
         return Started("deployment", str(run.id))
     return start_background(["process"], settings.data_dir / "logs" / "process.log")
 
@@ -213,7 +226,8 @@ def reconcile(rt: Runtime, *, scoring: bool = True, training: bool = True) -> Re
             if training
             else []
         )
-    started = [start_processing(rt.settings)] if pending else []
+    processing = start_processing(rt.settings) if pending else None
+    started = [processing] if processing is not None else []
     started += [start_training(rt.settings, task, if_due=True) for task in due]
     if pending or due:
         logger.info("reconciled: scoring pending for %s, due for training %s", pending, due)

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import pytest
 from pydantic import SecretStr
-from servers import PostgresServer, SeaweedS3, ServerUnavailable
+from servers import PostgresServer, PrefectServer, SeaweedS3, ServerUnavailable
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -73,6 +73,14 @@ def s3(_s3_launched: SeaweedS3) -> SeaweedS3:
 def postgres() -> Iterator[PostgresServer]:
     """A running PostgreSQL server for the whole session."""
     server = _started(PostgresServer.start)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    """A live Prefect server (``prefect server start``) for the whole session, services and all."""
+    server = _started(PrefectServer.start)
     yield server
     server.stop()
 

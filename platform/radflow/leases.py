@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import delete, or_, update
@@ -44,6 +44,11 @@ def this_process() -> str:
     return f"{socket.gethostname()}/pid-{os.getpid()}"
 
 
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; every one stored here is UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 @dataclass(frozen=True)
 class LeaseState:
     name: str
@@ -54,7 +59,8 @@ class LeaseState:
 
     @classmethod
     def of(cls, row: Lease) -> LeaseState:
-        return cls(row.name, row.holder, row.acquired_at, row.renewed_at, row.expires_at)
+        times = (_utc(row.acquired_at), _utc(row.renewed_at), _utc(row.expires_at))
+        return cls(row.name, row.holder, *times)
 
     def live(self, now: datetime | None = None) -> bool:
         return self.expires_at > (now or utcnow())

@@ -1,4 +1,5 @@
-"""The trigger: stable studies emit radflow.study.stable with a server, run process without."""
+"""The trigger: stable studies emit radflow.study.stable with a server (one event per pass, not
+per study), run process without."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from prefect.testing.fixtures import asserting_events_worker  # noqa: F401  (fix
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from flows.deployments import stable_study_triggers
+from flows.deployments import stable_study_trigger
 from flows.trigger import STABLE_EVENT, stabilise_and_process, trigger_mode
 from radflow import ingest
 from radflow.db import Study, StudyStatus
@@ -52,13 +53,18 @@ def test_stable_studies_emit_events_for_the_deployment_trigger(
     asserting_events_worker.drain()
     client = asserting_events_worker._client
     assert isinstance(client, AssertingEventsClient)
-    emitted = [e for e in client.events if e.event == STABLE_EVENT]
-    assert sorted(e.resource.id for e in emitted) == sorted(f"radflow.study.{ids[u]}" for u in uids)
-    # The process deployment listens for exactly these events.
-    (trigger,) = stable_study_triggers()
+    # One event for the pass, whatever its size: a burst starts one run, not one per study.
+    (event,) = [e for e in client.events if e.event == STABLE_EVENT]
+    assert event.resource["radflow.studies"] == "2"
+    assert event.resource["radflow.study-ids"] == ",".join(
+        str(ids[u]) for u in sorted(uids, key=ids.get)
+    )
+    assert not any(uid in event.model_dump_json() for uid in uids)  # no UIDs leave the database
+    # The process deployment listens for exactly these events, and scores every task.
+    trigger = stable_study_trigger()
     assert trigger.expect == {STABLE_EVENT}
-    assert all(trigger.match.matches(e.resource) for e in emitted)
-    assert trigger.parameters == {"task_name": "pneumonia-cxr"}
+    assert trigger.match.matches(event.resource)
+    assert not trigger.parameters
 
 
 def test_embedded_default_processes_directly(flow_env: Settings, tmp_path: Path) -> None:

@@ -122,10 +122,13 @@ class Receiver:
             incoming=self.spool.incoming_files,
             listen_fd=self.listen_fd,
         )
+        # The socket's own address: a worker inherits a socket bound by its supervisor (to
+        # --host), which its own settings' receiver_host need not match.
+        bound_host = self._server.server_address[0]
         logger.info(
             "DICOM receiver %s listening on %s:%d, spool %s",
             self.ae_title,
-            self.host,
+            bound_host,
             self.port,
             self.spool.root,
         )
