@@ -87,6 +87,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         # waited for a champion, due retrains) starts now, not at the next event or schedule.
         with Runtime.open(settings) as rt:
             reconcile(rt, scoring=pool != "train", training=pool != "process")
+        print("radflow worker: deployments registered, serving", flush=True)
 
     print(
         f"radflow worker: pool {pool}, Prefect server {url}, asking for runs every "

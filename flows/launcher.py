@@ -312,11 +312,23 @@ def recent_flow_runs(principal: Principal, *, limit: int = 30) -> list[FlowRunRo
         )
     import httpx
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    # Not the schedules' future runs (the scheduler keeps many ahead): they would fill the page.
+    happened = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))
+    )
     try:
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
+            runs = client.read_flow_runs(
+                flow_run_filter=happened, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
+            )
             flows = {f.id: f.name for f in client.read_flows(limit=200)}
     except (httpx.HTTPError, OSError, RuntimeError) as exc:
         raise FlowRunsUnavailable(

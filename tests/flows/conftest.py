@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
+from live import settings_env
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import PrefectServer
 
@@ -34,16 +35,6 @@ def flow_env(
         monkeypatch.setenv(name, value)
     assert Settings().database_url == settings.database_url
     return settings
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        secret = getattr(value, "get_secret_value", None)
-        env[f"RADFLOW_{name.upper()}"] = str(secret() if secret else value)
-    return env
 
 
 @pytest.fixture
