@@ -23,19 +23,18 @@ fires twice, or late, trains at most once.
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from uuid import UUID
-
-from prefect.events import emit_event
-from prefect.settings import PREFECT_API_URL
+from uuid import UUID, uuid4
 
 from radflow.db import unit_of_work
 from radflow.db.registry import champion_tasks
@@ -64,9 +63,24 @@ class NoPrefectServer(RadflowError):
     """A command that needs the Prefect server found none; the message says what to do."""
 
 
+def api_url() -> str | None:
+    """PREFECT_API_URL as Prefect reads it, without importing Prefect when it is not loaded.
+
+    Prefect's own settings (a temporary override, the environment, the active profile) once it
+    is imported; before that the environment, which Prefect would read first anyway, and only
+    without it the profile (importing Prefect costs a light command like `radflow label` two
+    seconds).
+    """
+    if "prefect.settings" not in sys.modules and "PREFECT_API_URL" in os.environ:
+        return os.environ["PREFECT_API_URL"] or None
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
 def orchestrated() -> bool:
     """Whether a Prefect server is configured: work then starts there, not in this process."""
-    return bool(PREFECT_API_URL.value())
+    return api_url() is not None
 
 
 def require_server(timeout: float = 5.0) -> str:
@@ -77,7 +91,7 @@ def require_server(timeout: float = 5.0) -> str:
     """
     import httpx
 
-    url = PREFECT_API_URL.value()
+    url = api_url()
     if not url:
         raise NoPrefectServer(
             "no Prefect server configured: set PREFECT_API_URL (e.g. "
@@ -132,9 +146,35 @@ def crash_dead_run(dead: LeaseState) -> None:
     logger.warning("flow run %s marked Crashed: %s", run_id, message)
 
 
-def emit(event: str, resource: dict[str, str]) -> None:
-    """One event for the server's automations (only meaningful when :func:`orchestrated`)."""
-    emit_event(event=event, resource=resource)
+def emit(event: str, resource: dict[str, str], count: int = 1) -> None:
+    """``count`` copies of one event for the server's automations, in one request.
+
+    Posted and confirmed by the server (not queued in memory for a background sender): when the
+    server is down the caller hears of it (an outage) and the work stays recorded in the
+    database for the reconciler, instead of an event silently lost.
+    """
+    import httpx
+
+    url = api_url()
+    if url is None:
+        raise NoPrefectServer("no Prefect server configured (PREFECT_API_URL) to emit events to")
+    occurred = datetime.now(UTC).isoformat()
+    body = [
+        {"id": str(uuid4()), "occurred": occurred, "event": event, "resource": resource}
+        for _ in range(count)
+    ]
+    response = httpx.post(f"{url.rstrip('/')}/events", json=body, headers=_auth(), timeout=10)
+    response.raise_for_status()
+
+
+def _auth() -> dict[str, str]:
+    # What Prefect's client sends: an API key (Prefect Cloud) or a basic-auth string (a
+    # self-hosted server with PREFECT_SERVER_API_AUTH_STRING).
+    if key := os.environ.get("PREFECT_API_KEY"):
+        return {"Authorization": f"Bearer {key}"}
+    if auth := os.environ.get("PREFECT_API_AUTH_STRING"):
+        return {"Authorization": f"Basic {base64.b64encode(auth.encode()).decode()}"}
+    return {}
 
 
 def task_resource(task_name: str) -> dict[str, str]:
@@ -261,8 +301,7 @@ def labels_recorded(
     ``rt``: the caller's open runtime, if any (else one is opened from the environment).
     """
     if orchestrated():
-        for _ in range(count):
-            emit(LABEL_EVENT, task_resource(task_name))
+        emit(LABEL_EVENT, task_resource(task_name), count)
         return None
     runtime = rt or Runtime.open(Settings())
     try:
@@ -332,7 +371,7 @@ def recent_flow_runs(principal: Principal, *, limit: int = 30) -> list[FlowRunRo
             flows = {f.id: f.name for f in client.read_flows(limit=200)}
     except (httpx.HTTPError, OSError, RuntimeError) as exc:
         raise FlowRunsUnavailable(
-            f"the Prefect server at {PREFECT_API_URL.value()} did not answer: {exc}"
+            f"the Prefect server at {api_url()} did not answer: {exc}"
         ) from exc
     return [
         FlowRunRow(
