@@ -16,19 +16,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# `radflow ingest` ran to the end but refused some files (listed in its report): scripts can
+# tell a partly refused folder from a clean one, and both from a command that failed (2).
+EXIT_REJECTED = 3
+
 Add = Callable[[str, Callable[[argparse.Namespace, Settings], int], str], argparse.ArgumentParser]
 
 
 def add_commands(add: Add) -> None:
     p = add("ingest", cmd_ingest, "ingest every DICOM file under a folder")
     p.add_argument("folder", type=Path)
+    p.epilog = (
+        "Every file is tried; the report lists each refused file with its reason. Exit status: "
+        f"0 all stored (or already there), {EXIT_REJECTED} done but some files refused, "
+        "2 the command could not run (say, no such folder), 1 it stopped on an outage "
+        "(database or object store unreachable): run it again, nothing is stored twice."
+    )
     p = add("receive", cmd_receive, "run the DICOM receiver (C-ECHO/C-STORE SCP) and its indexer")
     p.add_argument("--port", type=int, default=None, help="default RADFLOW_RECEIVER_PORT (11112)")
     p.add_argument("--ae-title", default=None, help="default RADFLOW_RECEIVER_AE_TITLE (RADFLOW)")
     p.add_argument("--host", default=None, help="default RADFLOW_RECEIVER_HOST (0.0.0.0)")
-    # A supervisor's worker (radflow.ingest.receiver.workers): its number and the shared socket.
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p = add("watch", cmd_watch, "ingest files and zips dropped in the inbox (a polling loop)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p = add("export", cmd_export, "write de-identified copies of a study (PS3.15 Basic profile)")
@@ -45,31 +52,22 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     with run_settings():
         result = ingest_flow(str(args.folder))
     rejected: dict[str, str] = result["rejected"]
+    warnings: dict[str, list[str]] = result["warnings"]
     print(
         f"stored {result['stored']}, duplicates {result['duplicates']}, "
         f"rejected {len(rejected)}, stable studies {result['stable_studies']}"
     )
     for path, reason in rejected.items():
         print(f"  rejected {path}: {reason}")
-    return 0
+    for path, dropped in warnings.items():
+        print(f"  stored {path} without: {'; '.join(dropped)}")
+    return EXIT_REJECTED if rejected else 0
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.ingest.receiver.service import serve, serve_worker
-    from radflow.runtime import Runtime
-
-    if args.worker is not None:  # started by a supervisor (radflow.ingest.receiver.workers)
-        with Runtime.open(settings) as rt:
-            serve_worker(
-                settings,
-                args.worker,
-                args.listen_fd,
-                session_factory=rt.session_factory,
-                store=rt.store,
-                ae_title=args.ae_title,
-            )
-        return 0
     from flows.trigger import stabilise_and_process
+    from radflow.ingest.receiver.service import serve
+    from radflow.runtime import Runtime
 
     with Runtime.open(settings) as rt:
         serve(

@@ -53,5 +53,6 @@ def ingest_flow(folder: str) -> dict[str, object]:
         "stored": report.stored,
         "duplicates": report.duplicates,
         "rejected": report.rejected,
+        "warnings": report.warnings,
         "stable_studies": stable,
     }

@@ -11,7 +11,11 @@ class InvalidInstance(RadflowError):
     """A received file is not an instance Radflow can accept.
 
     ``reason`` is a short stable code (for counters, quarantine files and DICOM failure statuses);
-    the message is for people.
+    the message is for people. The codes: ``not-dicom``, ``unreadable``, ``truncated``,
+    ``missing-uid``, ``invalid-uid``, ``no-pixel-data``, ``bad-dimensions``, ``too-large``,
+    ``unsupported-transfer-syntax`` (:mod:`radflow.dicom.instance`); ``uid-conflict``
+    (:class:`ConflictingInstance`); ``unprocessable`` (:class:`Unprocessable`); for the watch
+    folder ``bad-archive``, ``unsafe-archive``, ``archive-too-large`` and ``symlink``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -19,15 +23,43 @@ class InvalidInstance(RadflowError):
         self.reason = reason
 
 
-class ConflictingInstance(InvalidInstance):
-    """An instance with this SOP Instance UID is already stored with different content."""
+# Reasons for refusing an instance whose header and encoding contradict each other (issue 17),
+# raised by radflow.dicom.instance.read_header; each has its status in
+# radflow.ingest.receiver.statuses.
+PIXEL_DATA_MISMATCH = "pixel-data-mismatch"
+TOO_DEEPLY_NESTED = "too-deeply-nested"
 
-    def __init__(self, sop_instance_uid: str) -> None:
+
+class ConflictingInstance(InvalidInstance):
+    """An instance with this SOP Instance UID is already stored with other pixels or identity.
+
+    Another encoding of the same image (another transfer syntax, other file meta) is not a
+    conflict but a duplicate; see :mod:`radflow.ingest.index`.
+    """
+
+    def __init__(self, sop_instance_uid: str, stored: str, received: str, difference: str) -> None:
         super().__init__(
             "uid-conflict",
-            f"SOP Instance UID {sop_instance_uid} is already stored with different content; "
-            "the sender must assign a new SOP Instance UID to changed images",
+            f"SOP Instance UID {sop_instance_uid} is already stored (SHA-256 {stored}) and this "
+            f"file (SHA-256 {received}) {difference}; the stored copy is kept. The sender must "
+            "assign a new SOP Instance UID to changed images",
         )
+
+
+class Unprocessable(InvalidInstance):
+    """Processing a file failed in a way Radflow did not foresee (not an outage).
+
+    Such a failure repeats on every attempt, so the file is set aside like a refused one and
+    the next goes on; the traceback is logged once (:func:`radflow.ingest.index.refusal`).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unprocessable", message)
+
+
+# Not a refusal: the instance is indexed, without a value its column cannot hold (recorded as a
+# Rejection row of source ``warning``, see radflow.ingest.index).
+VALUE_DROPPED = "value-dropped"
 
 
 class NoChampion(RadflowError):

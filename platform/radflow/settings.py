@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "own spool folder and indexer: about one per CPU core when several modalities send at "
         "once",
     )
+    receiver_fast_path: bool = Field(
+        default=True,
+        description="Use the receiver's C-STORE fast path where the installed pynetdicom and "
+        "pydicom are the releases it was written for; false: pynetdicom's public API only "
+        "(slower)",
+    )
     receiver_ae_title: str = Field(
         default="RADFLOW", min_length=1, max_length=16, description="AE title of the receiver"
     )

@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import Instance, Label, Patient, Study, StudyStatus
+from radflow.dicom import writer
 from radflow.dicom.pixels import to_array
+from radflow.ingest import importers
 from radflow.ingest.importers import import_npz
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -98,3 +101,45 @@ def test_unknown_split_names_the_available_ones(
     path = _npz(tmp_path / "mini.npz")
     with pytest.raises(ValueError, match=r"no split\(s\) \['test'\].*\['train', 'val'\]"):
         import_npz(settings, session_factory, store, path, TASK, splits=["test"])
+
+
+def test_importing_again_after_a_pydicom_upgrade_adds_nothing(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = _npz(tmp_path / "mini.npz")
+    import_npz(settings, session_factory, store, path, TASK, splits=["val"])
+    # Every pydicom release has its own implementation UID, written in each file's meta: the
+    # same images come out in other bytes.
+    monkeypatch.setattr(writer, "PYDICOM_IMPLEMENTATION_UID", generate_uid())
+
+    again = import_npz(settings, session_factory, store, path, TASK, splits=["val"])
+
+    assert (again.stored, again.duplicates, again.labels) == (0, 4, 0)
+    with session_factory() as session:
+        assert (_count(session, Instance), _count(session, Label)) == (4, 4)
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_images_refused_by_ingest_stop_the_import_with_the_reason(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = _npz(tmp_path / "mini.npz")
+    import_npz(settings, session_factory, store, path, TASK, splits=["val"])
+    # An importer that converted pixels otherwise would write other images under the same UIDs.
+    to_12_bit = importers._to_12_bit
+    monkeypatch.setattr(importers, "_to_12_bit", lambda image: 4095 - to_12_bit(image))
+
+    with pytest.raises(
+        ValueError,
+        match=r"refused 4 of the images imported from val 0\.\.3 "
+        r"\(uid-conflict: 4\); the first: uid-conflict: .* has other pixel data",
+    ):
+        import_npz(settings, session_factory, store, path, TASK, splits=["val"])

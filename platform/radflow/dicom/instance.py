@@ -1,25 +1,37 @@
-"""One received DICOM instance: read tolerantly, validated strictly, summarised for indexing."""
+"""One received DICOM instance: read tolerantly, validated strictly, summarised for indexing.
+
+:func:`read_header` raises nothing but :class:`~radflow.errors.InvalidInstance` whatever the
+file holds (OSError from the file system aside), with the most specific reason it can prove from
+the header alone, and in bounded memory and time: the structure is walked by
+:mod:`radflow.dicom.elements` (no recursion, pixel data skipped unread, deflated data inflated as
+a stream); this module checks what the values say against each other and against the pixel data
+element. Pixel data is never decoded here: what cannot be proved without decoding is left to
+whatever decodes it.
+
+The integers in an :class:`InstanceHeader` fit the index's 32-bit INTEGER columns: a Series or
+Instance Number that is not a number or lies outside that range (senders have sent 20-digit
+ones) becomes None and is listed in ``InstanceHeader.unusable``; the image itself is kept.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
 
-import pydicom
 from pydicom.charset import python_encoding
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from radflow.errors import InvalidInstance
+from radflow.dicom.elements import PixelData, read_meta, walk
+from radflow.errors import PIXEL_DATA_MISMATCH, InvalidInstance
 from radflow.store.keys import check_uid
 
 # Transfer syntaxes whose pixel data pydicom can decode with the plugins Radflow installs.
@@ -41,6 +53,12 @@ SUPPORTED_TRANSFER_SYNTAXES = frozenset(
         "1.2.840.10008.1.2.5",  # RLE Lossless
     )
 )
+# The others carry their pixel data in fragments (PS3.5 A.4).
+_NATIVE_TRANSFER_SYNTAXES = frozenset(
+    s for s in SUPPORTED_TRANSFER_SYNTAXES if not s.is_encapsulated
+)
+
+_INT32 = range(-(2**31), 2**31)
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,9 @@ class InstanceHeader:
     size_bytes: int
     sha256: str
     image_type: str | None = None  # ImageType values joined by "\\", for routing rules
+    # Keywords of values the file has but the header drops (None above): not one integer, or
+    # outside the 32-bit range the index stores.
+    unusable: tuple[str, ...] = ()
 
 
 def read_header(
@@ -77,16 +98,67 @@ def read_header(
     ``digest`` returns the file's SHA-256 when it is computed elsewhere (the receiver hashes in
     a worker thread while this parses); by default the file is hashed here.
     """
-    ds = _read(path)
-    return header_from_dataset(ds, path, max_pixels, digest or (lambda: file_sha256(path)))
+    name = path.name
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        meta = read_meta(f, size, name)
+        tsyntax = _transfer_syntax(meta.transfer_syntax, name)
+        if meta.body_start is None:
+            raise InvalidInstance(
+                "truncated", f"{name}: the file ends inside its file meta information; resend it"
+            )
+        image = _Image(name, tsyntax, max_pixels)
+        walked = walk(
+            f,
+            size,
+            name,
+            start=meta.body_start,
+            transfer_syntax=tsyntax,
+            wanted=_WANTED,
+            pixel_allowance=image.allowance,
+        )
+    values = _Values(walked.elements)
+    uids = {
+        keyword: _uid(values, keyword, name)
+        for keyword in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID")
+    }
+    if walked.pixels is None:
+        raise InvalidInstance("no-pixel-data", f"{name}: instance has no pixel data")
+    image.check_fragments(walked.pixels)
+    unusable: list[str] = []
+    patient_id = values.ascii("PatientID", "LO")
+    return InstanceHeader(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        transfer_syntax_uid=tsyntax,
+        patient_id=values.text("PatientID") if patient_id is None else patient_id,
+        accession_number=_text(values, "AccessionNumber", "SH", 16),
+        study_date=_text(values, "StudyDate", "DA", 8),
+        study_description=_text(values, "StudyDescription", "LO", 64),
+        series_description=_text(values, "SeriesDescription", "LO", 64),
+        modality=_text(values, "Modality", "CS", 16),
+        body_part=_text(values, "BodyPartExamined", "CS", 16),
+        series_number=_int32(walked.elements, "SeriesNumber", unusable),
+        instance_number=_int32(walked.elements, "InstanceNumber", unusable),
+        rows=image.rows,
+        columns=image.columns,
+        frames=image.frames,
+        size_bytes=size,
+        sha256=(digest or (lambda: file_sha256(path)))(),
+        image_type=_image_type(values),
+        unusable=tuple(unusable),
+    )
 
 
-# The elements read_header looks at. pydicom still walks every element header but keeps only
-# these (and SpecificCharacterSet, which it always keeps), skipping the other values unread.
-# Plain ints: a BaseTag key would make every dict lookup call BaseTag.__eq__ in Python.
+# The elements read_header reads (the walk skips every other value unread; pydicom's
+# SpecificCharacterSet is read too, for text). Plain ints: a BaseTag key would make every dict
+# lookup call BaseTag.__eq__ in Python.
 _TAGS = {
     keyword: int(Tag(keyword))
     for keyword in (
+        "SpecificCharacterSet",
         "SOPInstanceUID",
         "SOPClassUID",
         "SeriesInstanceUID",
@@ -100,182 +172,219 @@ _TAGS = {
         "BodyPartExamined",
         "SeriesNumber",
         "InstanceNumber",
+        "ImageType",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "NumberOfFrames",
         "Rows",
         "Columns",
-        "NumberOfFrames",
-        "ImageType",
-        "PixelData",
-        "FloatPixelData",
+        "BitsAllocated",
     )
 }
-# As BaseTags: dcmread passes each through Tag(), which returns a BaseTag at once.
-_SPECIFIC_TAGS: list[BaseTag | int] = [BaseTag(tag) for tag in _TAGS.values()]
-_SPECIFIC_CHARACTER_SET = int(Tag("SpecificCharacterSet"))
-# Values longer than this stay on disk: in practice only pixel data, which is checked for
-# presence and length but never loaded. Every element with a 16-bit length (all those above
-# but pixel data) is shorter, so none of them is deferred in explicit VR; in implicit VR one
-# that were would be read back on demand by pydicom.
-_DEFER_BYTES = 64 * 1024
+_WANTED = frozenset(_TAGS.values())
+_SPECIFIC_CHARACTER_SET = _TAGS["SpecificCharacterSet"]
 
 
-def _read(path: Path) -> Dataset:
-    ds = _dcmread(path, _SPECIFIC_TAGS)
-    meta = getattr(ds, "file_meta", None) or Dataset()
-    if not len(ds) and "TransferSyntaxUID" in meta and not len(_dcmread(path, None)):
-        # pydicom drops every element it read when the file ends inside an element of
-        # undefined length (a sequence, encapsulated pixel data): only a warning says so.
+def _transfer_syntax(value: str | None, name: str) -> str:
+    if not value:
         raise InvalidInstance(
-            "truncated",
-            f"{path.name}: no data element could be read; the file ends inside one (cut "
-            "short) or holds nothing but file meta information; resend it",
+            "unreadable",
+            f"{name}: no TransferSyntaxUID in the file meta (cut short or corrupt header?)",
         )
-    return ds
-
-
-def _dcmread(path: Path, specific_tags: list[BaseTag | int] | None) -> Dataset:
-    try:
-        return pydicom.dcmread(path, defer_size=_DEFER_BYTES, specific_tags=specific_tags)
-    except InvalidDicomError:
-        raise InvalidInstance(
-            "not-dicom", f"{path.name}: not a DICOM file (no DICM preamble or readable header)"
-        ) from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidInstance(
-            "unreadable", f"{path.name}: truncated or corrupt DICOM ({exc})"
-        ) from None
-
-
-def header_from_dataset(
-    ds: Dataset, path: Path, max_pixels: int, digest: Callable[[], str]
-) -> InstanceHeader:
-    meta = getattr(ds, "file_meta", None)
-    tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
-    if not tsyntax:
-        raise InvalidInstance(
-            "unreadable", f"{path.name}: no TransferSyntaxUID in the file meta (truncated header?)"
-        )
-    # strip() is all UID() would add here (besides a validation warning): the set holds UIDs,
-    # which compare and hash as str.
-    if tsyntax.strip() not in SUPPORTED_TRANSFER_SYNTAXES:
+    # The set holds UIDs, which compare and hash as str.
+    if value not in SUPPORTED_TRANSFER_SYNTAXES:
         raise InvalidInstance(
             "unsupported-transfer-syntax",
-            f"{path.name}: transfer syntax {tsyntax} is not supported; send it uncompressed or "
+            f"{name}: transfer syntax {value[:80]} is not supported; send it uncompressed or "
             "as JPEG, JPEG-LS, JPEG 2000 or RLE",
         )
-    values = _Values(ds)
-    uids = {
-        name: _uid(values, name, path)
-        for name in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID")
-    }
-    pixels = values.raw.get(_TAGS["PixelData"]) or values.raw.get(_TAGS["FloatPixelData"])
-    if pixels is None:
-        raise InvalidInstance("no-pixel-data", f"{path.name}: instance has no pixel data")
-    size = path.stat().st_size
-    _check_complete(pixels, path, tsyntax, size)
+    return value
+
+
+# BitsAllocated each pixel data element may have (PS3.3 C.7.6.3.1, C.7.6.24).
+_BITS_ALLOCATED = {
+    0x7FE00010: (1, 8, 16, 32, 64),  # Pixel Data
+    0x7FE00008: (32,),  # Float Pixel Data
+    0x7FE00009: (64,),  # Double Float Pixel Data
+}
+
+
+class _Image:
+    """The image the header describes, checked against the pixel data element as the walk
+    reaches it: before a deflated data set inflates its pixel data, and without reading any."""
+
+    def __init__(self, name: str, tsyntax: str, max_pixels: int) -> None:
+        self.name, self.tsyntax, self.max_pixels = name, tsyntax, max_pixels
+        self.rows = self.columns = self.frames = 0
+
+    def refuse(self, reason: str, detail: str) -> InvalidInstance:
+        return InvalidInstance(reason, f"{self.name}: {detail}")
+
+    def allowance(self, elements: dict[BaseTag, RawDataElement], pixels: PixelData) -> int:
+        """Check the header's image against ``pixels``; the bytes its value may take."""
+        if self.rows:
+            raise self.refuse(PIXEL_DATA_MISMATCH, "more than one pixel data element")
+        rows, columns = _us(elements, "Rows", self.name), _us(elements, "Columns", self.name)
+        if not rows or not columns:
+            raise self.refuse("bad-dimensions", "Rows/Columns missing or zero")
+        frames = _frames(elements, self.name)
+        if frames not in _INT32 or rows * columns * frames > self.max_pixels:
+            raise self.refuse(
+                "too-large",
+                f"{rows}x{columns}x{frames} pixels exceeds the limit of {self.max_pixels} "
+                "(RADFLOW_MAX_PIXELS)",
+            )
+        samples = _us(elements, "SamplesPerPixel", self.name)
+        if samples not in (1, 3):
+            raise self.refuse("bad-dimensions", f"SamplesPerPixel is {_shown(samples)}, not 1 or 3")
+        bits = _us(elements, "BitsAllocated", self.name)
+        if bits not in _BITS_ALLOCATED[pixels.tag]:
+            raise self.refuse(
+                "bad-dimensions",
+                f"BitsAllocated is {_shown(bits)}; ({pixels.tag >> 16:04X},"
+                f"{pixels.tag & 0xFFFF:04X}) needs one of {_BITS_ALLOCATED[pixels.tag]}",
+            )
+        self.rows, self.columns, self.frames = rows, columns, frames
+        if self.tsyntax not in _NATIVE_TRANSFER_SYNTAXES:
+            if pixels.tag != 0x7FE00010 or pixels.length is not None:
+                raise self.refuse(
+                    PIXEL_DATA_MISMATCH,
+                    f"transfer syntax {self.tsyntax} is compressed (encapsulated) but the pixel "
+                    "data is not in fragments; the sender mislabels its transfer syntax",
+                )
+            return 0
+        if pixels.length is None:
+            raise self.refuse(
+                PIXEL_DATA_MISMATCH,
+                f"the pixel data is in fragments (compressed) but transfer syntax {self.tsyntax} "
+                "is uncompressed; the sender mislabels its transfer syntax",
+            )
+        expected = (rows * columns * frames * samples * bits + 7) // 8
+        if samples == 3 and _text_value(elements, "PhotometricInterpretation") == "YBR_FULL_422":
+            expected = expected // 3 * 2  # two chroma samples for every two pixels
+        if pixels.length not in (expected, expected + expected % 2):  # even-length padding
+            raise self.refuse(
+                PIXEL_DATA_MISMATCH,
+                f"the pixel data is {pixels.length} bytes but {rows}x{columns}x{frames} pixels "
+                f"of {samples} x {bits} bits take {expected}; the file is corrupt",
+            )
+        return pixels.length
+
+    def check_fragments(self, pixels: PixelData) -> None:
+        """Encapsulated pixel data: an offset table, then at least a fragment per frame."""
+        if pixels.length is not None:
+            return
+        if pixels.offset_table_length is None or pixels.offset_table_length % 4:
+            raise self.refuse(
+                PIXEL_DATA_MISMATCH,
+                "the encapsulated pixel data does not begin with a Basic Offset Table item",
+            )
+        if pixels.fragments < self.frames:
+            raise self.refuse(
+                PIXEL_DATA_MISMATCH,
+                f"the encapsulated pixel data has {pixels.fragments} fragment(s) for "
+                f"{self.frames} frame(s); every frame needs at least one",
+            )
+
+
+def _shown(value: int | None) -> str:
+    return "missing" if value is None else str(value)
+
+
+def _us(elements: dict[BaseTag, RawDataElement], keyword: str, name: str) -> int | None:
+    """A US value (None if absent or empty); bad-dimensions if it is not one."""
+    element = elements.get(BaseTag(_TAGS[keyword]))
+    if element is None or not element.value:
+        return None
+    if len(element.value) != 2:
+        raise InvalidInstance("bad-dimensions", f"{name}: {keyword} is not one 16-bit number")
+    return int.from_bytes(element.value, "little" if element.is_little_endian else "big")
+
+
+# An Integer String (PS3.5 6.2): pydicom also takes an integral decimal ("2.0").
+_IS = re.compile(rb" *([+-]?)0*([0-9]+)(?:\.0*)? *")
+_HUGE = 10**20  # stands for any number with more digits: beyond every limit here
+
+
+class _NotAnInteger(ValueError):
+    pass
+
+
+def _is(elements: dict[BaseTag, RawDataElement], keyword: str) -> int | None:
+    """An IS value (None if absent or empty); _NotAnInteger unless it is one integer."""
+    element = elements.get(BaseTag(_TAGS[keyword]))
+    value = element.value.rstrip(b"\0 ") if element is not None and element.value else b""
+    if not value:
+        return None
+    match = _IS.fullmatch(value)
+    if match is None:
+        raise _NotAnInteger
+    number = _HUGE if len(match[2]) > 20 else int(match[2])  # int() of 5000 digits raises
+    return -number if match[1] == b"-" else number
+
+
+def _frames(elements: dict[BaseTag, RawDataElement], name: str) -> int:
     try:
-        rows, columns = values.us("Rows"), values.us("Columns")
-        digits = values.digits("NumberOfFrames")
-        frames = int(ds.get("NumberOfFrames", 1) or 1) if digits is None else int(digits or 1) or 1
-    except (TypeError, ValueError):  # "abc", several values: a sender's bug, not ours
+        frames = _is(elements, "NumberOfFrames")
+    except _NotAnInteger:
         raise InvalidInstance(
-            "bad-dimensions", f"{path.name}: Rows, Columns or NumberOfFrames is not one number"
+            "bad-dimensions", f"{name}: NumberOfFrames is not one integer"
         ) from None
-    if rows <= 0 or columns <= 0:
-        raise InvalidInstance("bad-dimensions", f"{path.name}: Rows/Columns missing or zero")
-    if rows * columns * frames > max_pixels:
+    if frames is None:
+        return 1
+    if frames <= 0:
         raise InvalidInstance(
-            "too-large",
-            f"{path.name}: {rows}x{columns}x{frames} pixels exceeds the limit of {max_pixels} "
-            "(RADFLOW_MAX_PIXELS)",
+            "bad-dimensions", f"{name}: NumberOfFrames is {frames}; an image has at least one"
         )
-    patient_id = values.ascii("PatientID", "LO")
-    return InstanceHeader(
-        sop_instance_uid=uids["SOPInstanceUID"],
-        sop_class_uid=uids["SOPClassUID"],
-        series_uid=uids["SeriesInstanceUID"],
-        study_uid=uids["StudyInstanceUID"],
-        transfer_syntax_uid=tsyntax,
-        patient_id=str(ds.get("PatientID", "") or "") if patient_id is None else patient_id,
-        accession_number=_text(values, "AccessionNumber", "SH", 16),
-        study_date=_text(values, "StudyDate", "DA", 8),
-        study_description=_text(values, "StudyDescription", "LO", 64),
-        series_description=_text(values, "SeriesDescription", "LO", 64),
-        modality=_text(values, "Modality", "CS", 16),
-        body_part=_text(values, "BodyPartExamined", "CS", 16),
-        series_number=_int(values, "SeriesNumber"),
-        instance_number=_int(values, "InstanceNumber"),
-        rows=rows,
-        columns=columns,
-        frames=frames,
-        size_bytes=size,
-        sha256=digest(),
-        image_type=_image_type(values),
-    )
+    return frames
 
 
-# Encapsulated pixel data (PS3.5 A.4), always little endian: items, then a sequence delimiter.
-_ITEM_HEADER = struct.Struct("<HHL")
-_ITEM = (0xFFFE, 0xE000)
-_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _check_complete(
-    pixels: DataElement | RawDataElement, path: Path, tsyntax: str, size: int
-) -> None:
-    """Reject a file cut short in its pixel data (an interrupted copy or transfer).
-
-    pydicom reads such a file without complaint because the pixel data is only decoded later;
-    catching it here keeps a half file from being acknowledged and stored as if it were whole.
-    ``pixels`` is the element as read, never loaded: only its position and length are needed.
-    """
-    if tsyntax == "1.2.840.10008.1.2.1.99":
-        # Deflated: positions are in the inflated stream, not the file; a cut stream fails to
-        # inflate instead (zlib raises while reading).
-        return
-    tell = getattr(pixels, "value_tell", None)
-    length = getattr(pixels, "length", None)
-    if tell is None or length is None:
-        return
-    if length == _UNDEFINED_LENGTH:
-        with path.open("rb") as f:
-            complete = _encapsulated_end(f, tell, size) is not None
-    else:
-        complete = tell + length <= size
-    if not complete:
-        raise InvalidInstance(
-            "truncated",
-            f"{path.name}: pixel data is cut short or its fragments are malformed ({size} bytes "
-            "on disk); resend it",
-        )
-
-
-def _encapsulated_end(f: BinaryIO, start: int, size: int) -> int | None:
-    """Where encapsulated pixel data whose value starts at ``start`` ends: the offset after
-    its sequence delimiter. None if the file ends first or an item is malformed.
-
-    Walks the item headers (one per fragment), never reading a fragment: elements may follow
-    the pixel data (Data Set Trailing Padding), so its end is not the end of the file.
-    """
-    position = start
-    while position + _ITEM_HEADER.size <= size:
-        f.seek(position)
-        group, element, length = _ITEM_HEADER.unpack(f.read(_ITEM_HEADER.size))
-        position += _ITEM_HEADER.size
-        if (group, element) == _SEQUENCE_DELIMITER:
-            return position
-        if (group, element) != _ITEM or length == _UNDEFINED_LENGTH:
-            return None
-        position += length
+def _int32(
+    elements: dict[BaseTag, RawDataElement], keyword: str, unusable: list[str]
+) -> int | None:
+    try:
+        number = _is(elements, keyword)
+    except _NotAnInteger:
+        number = _HUGE  # as unusable as a number out of range
+    if number is None or number in _INT32:
+        return number
+    unusable.append(keyword)
     return None
 
 
-# pydicom turns each value read (ds.get) into a DataElement through its raw-element hooks, VR
-# lookup and value validation: ~30 µs apiece, half of read_header's time. For the usual value, a
-# single printable-ASCII string in the element's standard VR, that conversion comes down to
-# decoding the bytes and dropping trailing NUL/space padding. So _Values reads the raw bytes in
-# that case and the callers hand anything else (deferred, another VR, non-ASCII or escape
-# sequences, several values, signs...) to pydicom exactly as before.
+def _text_value(elements: dict[BaseTag, RawDataElement], keyword: str) -> str:
+    element = elements.get(BaseTag(_TAGS[keyword]))
+    value = element.value if element is not None and element.value else b""
+    return value.rstrip(b"\0 ").decode("ascii", "replace").strip()
+
+
+# A UID component other than "0" starts with a non-zero digit (PS3.5 9.1).
+_LEADING_ZERO = re.compile(r"(?:^|\.)0[0-9]")
+
+
+def _uid(values: _Values, keyword: str, name: str) -> str:
+    value = values.ascii(keyword, "UI")
+    value = (values.text(keyword) if value is None else value).strip()
+    if not value:
+        raise InvalidInstance("missing-uid", f"{name}: required {keyword} is missing")
+    try:
+        check_uid(value, keyword)
+    except ValueError as exc:
+        raise InvalidInstance("invalid-uid", f"{name}: {exc}") from None
+    if _LEADING_ZERO.search(value):
+        raise InvalidInstance(
+            "invalid-uid",
+            f"{name}: {keyword} {value!r} has a component with a leading zero, which DICOM "
+            "forbids (PS3.5 9.1); the sender must generate valid UIDs",
+        )
+    return value
+
+
+# pydicom turns each value read into a DataElement through its raw-element hooks, VR lookup and
+# value validation: ~30 µs apiece. For the usual value, a single printable-ASCII string in the
+# element's standard VR, that conversion comes down to decoding the bytes and dropping trailing
+# NUL/space padding. So _Values reads the raw bytes in that case and hands anything else
+# (another VR, non-ASCII or escape sequences, several values...) to pydicom.
 _PRINTABLE = re.compile(rb"[ -\[\]-~]*")  # printable ASCII but backslash, the value separator
 _PRINTABLE_MULTI = re.compile(rb"[ -~]*")
 # pydicom decodes these VRs with the SpecificCharacterSet, the others always as ISO-IR 6.
@@ -283,12 +392,26 @@ _CHARSET_VRS = frozenset({"SH", "LO"})
 
 
 class _Values:
-    """A dataset's values read from its raw elements where pydicom's conversion is trivial."""
+    """The values read, taken from their raw bytes where pydicom's conversion is trivial."""
 
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
-        # Deferred elements stay as they are here (value None): never read, only measured.
-        self.raw = {int(element.tag): element for element in ds.values()}
+    def __init__(self, elements: dict[BaseTag, RawDataElement]) -> None:
+        self.elements = elements
+        self.raw = {int(tag): element for tag, element in elements.items()}
+
+    @cached_property
+    def ds(self) -> Dataset:
+        """The elements as a pydicom dataset (converted on access, in its character set).
+
+        A value a sender labelled with another VR than the data dictionary's is converted as
+        UN, that is as the dictionary says: pydicom's converters for the VR claimed could fail
+        on it (a binary VR on text) or not exist (an unknown VR).
+        """
+        return Dataset(
+            {
+                tag: raw if raw.VR in (None, dictionary_VR(tag)) else raw._replace(VR="UN")
+                for tag, raw in self.elements.items()
+            }
+        )
 
     def ascii(self, name: str, vr: str, *, multi: bool = False) -> str | None:
         """The value as pydicom would decode it if that is plain ASCII ("" if absent: callers
@@ -296,17 +419,26 @@ class _Values:
         raw = self.raw.get(_TAGS[name])
         if raw is None:
             return ""
-        if not isinstance(raw, RawDataElement) or raw.VR not in (vr, None):  # None: implicit
+        if raw.VR not in (vr, None):  # None: implicit VR
             return None
-        value = raw.value
-        if not isinstance(value, bytes):
-            return None
-        value = value.rstrip(b"\0 ")
+        value = (raw.value or b"").rstrip(b"\0 ")
         if not (_PRINTABLE_MULTI if multi else _PRINTABLE).fullmatch(value):
             return None
         if vr in _CHARSET_VRS and not self.ascii_charset:
             return None
         return value.decode("ascii")
+
+    def converted(self, name: str) -> object:
+        """pydicom's value (None if absent). pydicom replaces what it cannot decode, with a
+        warning, unless its validation mode is RAISE: then the value counts as absent."""
+        try:
+            return self.ds.get(name)
+        except (ValueError, LookupError):
+            return None
+
+    def text(self, name: str) -> str:
+        value = self.converted(name)
+        return "" if value is None else str(value)
 
     @cached_property
     def ascii_charset(self) -> bool:
@@ -318,59 +450,13 @@ class _Values:
         element = self.raw.get(_SPECIFIC_CHARACTER_SET)
         if element is None:
             return True
-        value = element.value  # pydicom has usually converted this one already
-        if isinstance(value, bytes):
-            value = value.rstrip(b"\0 ").decode("latin-1").split("\\")
-        terms = [value or ""] if value is None or isinstance(value, str) else list(value)
-        return all(term in python_encoding for term in terms)
-
-    def digits(self, name: str) -> str | None:
-        """An IS value made of digits only, or "" if empty or absent; else None."""
-        value = self.ascii(name, "IS")
-        return value if value is not None and (value.isdigit() or not value) else None
-
-    def us(self, name: str) -> int:
-        raw = self.raw.get(_TAGS[name])
-        if raw is None:
-            return 0
-        if (
-            isinstance(raw, RawDataElement)
-            and raw.VR in ("US", None)
-            and isinstance(raw.value, bytes)
-            and len(raw.value) == 2
-        ):
-            return int.from_bytes(raw.value, "little" if raw.is_little_endian else "big")
-        return int(self.ds.get(name, 0) or 0)
-
-
-def _uid(values: _Values, name: str, path: Path) -> str:
-    value = values.ascii(name, "UI")
-    value = (str(values.ds.get(name, "") or "") if value is None else value).strip()
-    if not value:
-        raise InvalidInstance("missing-uid", f"{path.name}: required {name} is missing")
-    try:
-        return check_uid(value, name)
-    except ValueError as exc:
-        raise InvalidInstance("invalid-uid", f"{path.name}: {exc}") from None
+        terms = (element.value or b"").rstrip(b"\0 ").decode("latin-1").split("\\")
+        return all(term.strip() in python_encoding for term in terms)
 
 
 def _text(values: _Values, name: str, vr: str, limit: int) -> str | None:
     fast = values.ascii(name, vr)
-    if fast is not None:
-        return fast.strip()[:limit] or None
-    value = values.ds.get(name)
-    return str(value).strip()[:limit] or None if value is not None else None
-
-
-def _int(values: _Values, name: str) -> int | None:
-    digits = values.digits(name)
-    if digits is not None:
-        return int(digits) if digits else None
-    try:
-        value = values.ds.get(name)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+    return (values.text(name) if fast is None else fast).strip()[:limit] or None
 
 
 def _image_type(values: _Values) -> str | None:
@@ -378,10 +464,10 @@ def _image_type(values: _Values) -> str | None:
     if fast is not None:
         parts: list[object] = list(fast.split("\\"))
     else:
-        value = values.ds.get("ImageType")
+        value = values.converted("ImageType")
         if value is None or value == "":
             return None
-        parts = [value] if isinstance(value, str) else list(value)
+        parts = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
     return "\\".join(str(v).strip().upper() for v in parts)[:128] or None
 
 

@@ -8,20 +8,24 @@
 
 from radflow.ingest.index import (
     IngestReport,
+    Outcome,
     find_files,
     ingest_batch,
     ingest_file,
     ingest_files,
     mark_stable,
+    refusal,
     rejection,
 )
 
 __all__ = [
     "IngestReport",
+    "Outcome",
     "find_files",
     "ingest_batch",
     "ingest_file",
     "ingest_files",
     "mark_stable",
+    "refusal",
     "rejection",
 ]

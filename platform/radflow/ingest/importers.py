@@ -254,7 +254,14 @@ def _ingest_chunk(
             immutable=True,  # written here, only deleted afterwards
         )
     if ingested.rejected:
-        raise ValueError(f"ingest rejected imported images: {ingested.rejected}")
+        # Another encoding of an image imported before is a duplicate (a newer pydicom writes
+        # other file meta): only other pixels under the same UIDs get here.
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(ingested.reasons.items()))
+        first = next(iter(ingested.rejected.values()))
+        raise ValueError(
+            f"ingest refused {len(ingested.rejected)} of the images imported from {part.name} "
+            f"{start}..{stop - 1} ({reasons}); the first: {first}"
+        )
     report.stored += ingested.stored
     report.duplicates += ingested.duplicates
     with unit_of_work(session_factory) as session:

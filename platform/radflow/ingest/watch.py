@@ -5,6 +5,18 @@ it is named as in progress (a leading '.', or ``.part``/``.tmp``/``.partial``/``
 so a half-copied file is not mistaken for a truncated one. A file leaves the inbox only after
 it is durably stored and indexed (removed) or set aside with its reason (quarantined): a crash
 at any point leaves it in the inbox, and the next pass, being idempotent, finishes the job.
+
+No entry blocks the others. Whatever processing an entry raises, unless it is an outage
+(:mod:`radflow.outages`: the pass ends and the entry waits for the next), sets the entry aside
+with a reason (``unprocessable`` for an error nobody foresaw, its traceback logged once) and the
+pass goes on. What quarantine keeps is bounded by what was dropped:
+
+- a symbolic link is never followed (it could point anywhere on this machine): it is refused
+  (``symlink``) without its target being read, and removed from the inbox;
+- a zip is read member by member, each extracted under a name of Radflow's own (a member's name
+  never reaches the filesystem) and only if it starts like a DICOM file (a 1 GiB run of zeros
+  is never inflated); a bad member is refused on its own and the archive itself is kept in
+  quarantine, once, never an inflated member.
 """
 
 from __future__ import annotations
@@ -13,9 +25,11 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.errors import InvalidInstance
-from radflow.ingest import IngestReport, ingest_file, rejection
+from radflow.ingest import IngestReport, ingest_file, refusal, rejection
 from radflow.outages import describe, is_outage
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -34,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 IN_PROGRESS_SUFFIXES = frozenset({".part", ".tmp", ".partial", ".crdownload", ".filepart"})
 _COPY_CHUNK = 1 << 20
+# A DICOM file (PS3.10) starts with a 128-byte preamble and "DICM"; read_header refuses any
+# other file as not-dicom, so a member without them need not be extracted to be refused.
+_PREAMBLE = 128
+_MAGIC = b"DICM"
 
 
 @dataclass
@@ -52,10 +70,14 @@ class WatchReport(IngestReport):
             text += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.reasons.items())) + ")"
         return text
 
+    def set_aside(self, exc: InvalidInstance) -> None:
+        self.quarantined += 1
+        self.reasons[exc.reason] += 1
+
 
 @dataclass(frozen=True)
 class Quarantined:
-    path: Path
+    kept: Path | None  # the copy of what was dropped, None for a link (nothing to keep)
     reason_file: Path
 
 
@@ -73,16 +95,18 @@ def watch_once(
     settled_before = (time.time() if now is None else now) - settings.watch_settle_seconds
     for path in _candidates(inbox):
         try:
-            stat = path.stat()
+            status = path.lstat()
         except FileNotFoundError:  # moved away by its writer meanwhile
             continue
-        if stat.st_mtime > settled_before:
+        if stat.S_ISLNK(status.st_mode):
+            _refuse_link(path, settings, session_factory, report)
+        elif not stat.S_ISREG(status.st_mode):
+            continue  # a pipe or a device: opening it could block the pass
+        elif status.st_mtime > settled_before:
             report.waiting += 1
             continue
-        if zipfile.is_zipfile(path):
-            _ingest_archive(path, settings, session_factory, store, report)
         else:
-            _ingest_one(path, path.name, settings, session_factory, store, report)
+            _ingest_entry(path, settings, session_factory, store, report)
         path.unlink(missing_ok=True)
     _remove_empty_folders(inbox)
     if report.stored or report.quarantined:
@@ -91,13 +115,57 @@ def watch_once(
 
 
 def _candidates(inbox: Path) -> Iterator[Path]:
-    for path in sorted(inbox.rglob("*")):
+    for path in sorted(inbox.rglob("*")):  # never descends into a linked folder
         relative = path.relative_to(inbox)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.suffix.lower() in IN_PROGRESS_SUFFIXES or not path.is_file():
+        if path.suffix.lower() in IN_PROGRESS_SUFFIXES or (path.is_dir() and not path.is_symlink()):
             continue
         yield path
+
+
+def _ingest_entry(
+    path: Path,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    report: WatchReport,
+) -> None:
+    """Ingest the file or zip at ``path``; whatever fails but an outage sets it aside."""
+    try:
+        if _is_archive(path):
+            _ingest_archive(path, settings, session_factory, store, report)
+        else:
+            _ingest_one(path, path.name, settings, session_factory, store, report)
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        problem = refusal(exc, path.name)
+        quarantine(problem, path.name, settings, session_factory, content=path)
+        report.set_aside(problem)
+
+
+def _is_archive(path: Path) -> bool:
+    """A zip, and not a DICOM file whose last bytes happen to read like a zip's end record."""
+    with path.open("rb") as f:
+        head = f.read(_PREAMBLE + len(_MAGIC))
+    return head[_PREAMBLE:] != _MAGIC and zipfile.is_zipfile(path)
+
+
+def _refuse_link(
+    path: Path, settings: Settings, session_factory: sessionmaker[Session], report: WatchReport
+) -> None:
+    try:
+        target = os.readlink(path)  # the link itself, never its target
+    except FileNotFoundError:  # removed by its writer meanwhile
+        return
+    problem = InvalidInstance(
+        "symlink",
+        f"{path.name}: a symbolic link (to {target}); links in the inbox are never "
+        "followed, as they could point anywhere on this machine: copy the file itself in",
+    )
+    quarantine(problem, path.name, settings, session_factory)
+    report.set_aside(problem)
 
 
 def _ingest_one(
@@ -107,45 +175,59 @@ def _ingest_one(
     session_factory: sessionmaker[Session],
     store: ObjectStore,
     report: WatchReport,
+    kept: Callable[[], Path] | None = None,
 ) -> None:
-    """Ingest ``path`` (named ``origin`` for people); on refusal, quarantine a copy of it."""
-    try:
-        header, is_new = ingest_file(
-            path, settings=settings, session_factory=session_factory, store=store
-        )
-    except InvalidInstance as exc:
-        quarantine(path, origin, exc, settings, session_factory)
-        report.quarantined += 1
-        report.reasons[exc.reason] += 1
+    """Ingest ``path`` (named ``origin`` for people); on refusal, quarantine it.
+
+    ``kept``: what to keep instead of a copy of ``path`` (an archive member's archive).
+    """
+    outcome = ingest_file(path, settings=settings, session_factory=session_factory, store=store)
+    if outcome.refused is None:
+        report.add(origin, outcome)
         return
-    report.count(header.study_uid, is_new)
+    if kept is None:
+        quarantine(outcome.refused, origin, settings, session_factory, content=path)
+    else:
+        quarantine(outcome.refused, origin, settings, session_factory, kept=kept())
+    report.set_aside(outcome.refused)
 
 
 def quarantine(
-    path: Path,
-    origin: str,
     exc: InvalidInstance,
+    origin: str,
     settings: Settings,
     session_factory: sessionmaker[Session],
+    *,
+    content: Path | None = None,
+    kept: Path | None = None,
 ) -> Quarantined:
-    """Set ``path`` aside with a ``<name>.reason.json`` and a Rejection row (source "folder")."""
+    """Set ``origin`` aside: a ``<name>.reason.json`` and a Rejection row (source "folder").
+
+    ``content`` is copied into the quarantine folder; ``kept`` is what is already there for it
+    (an archive kept for one of its members); with neither, only the reason is kept.
+    """
     folder = settings.quarantine
     folder.mkdir(parents=True, exist_ok=True)
-    target = _free_name(folder, _flat_name(origin))
-    _durable_copy(path, target)
-    reason_file = target.with_name(target.name + ".reason.json")
+    name = _flat_name(origin)
+    if content is not None:
+        kept = _free_name(folder, name)
+        _durable_copy(content, kept)
+        name = kept.name  # the reason file sits beside the copy: <copy name>.reason.json
+    reason_file = _free_name(folder, name + ".reason.json")
     reason = {
         "reason": exc.reason,
         "message": str(exc),
         "source": "folder",
         "original_name": origin,
+        "kept": kept.name if kept is not None else None,
         "at": utcnow().isoformat(),
     }
     reason_file.write_text(json.dumps(reason, indent=2) + "\n", encoding="utf-8")
+    key = kept.name if kept is not None else reason_file.name
     with unit_of_work(session_factory) as session:
-        session.add(rejection("folder", exc, origin=origin, quarantine_key=target.name))
-    logger.warning("quarantined %s: %s", target.name, exc.reason)
-    return Quarantined(target, reason_file)
+        session.add(rejection("folder", exc, origin=origin, quarantine_key=key))
+    logger.warning("quarantined %s: %s", key, exc.reason)
+    return Quarantined(kept, reason_file)
 
 
 def _flat_name(origin: str) -> str:
@@ -177,6 +259,22 @@ class UnsafeArchive(InvalidInstance):
     """A zip Radflow does not unpack: corrupt, encrypted, escaping its folder, or a zip bomb."""
 
 
+class _KeptArchive:
+    """The archive's copy in quarantine, made when its first bad member is refused."""
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self.path, self.settings = path, settings
+        self.copy: Path | None = None
+
+    def __call__(self) -> Path:
+        if self.copy is None:
+            folder = self.settings.quarantine
+            folder.mkdir(parents=True, exist_ok=True)
+            self.copy = _free_name(folder, _flat_name(self.path.name))
+            _durable_copy(self.path, self.copy)
+        return self.copy
+
+
 def _ingest_archive(
     path: Path,
     settings: Settings,
@@ -184,25 +282,35 @@ def _ingest_archive(
     store: ObjectStore,
     report: WatchReport,
 ) -> None:
-    """Ingest every member of the zip at ``path``; a bad member is quarantined on its own."""
+    """Ingest every member of the zip at ``path``; a bad member is refused on its own."""
     work = settings.data_dir / "tmp"
     work.mkdir(parents=True, exist_ok=True)
+    kept = _KeptArchive(path, settings)
     try:
         with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(dir=work) as tmp:
             members = _checked_members(archive, path.name, settings)
             for i, member in enumerate(members):
                 origin = f"{path.name}/{member.filename}"
-                extracted = Path(tmp) / f"{i:06d}" / PurePosixPath(member.filename).name
-                extracted.parent.mkdir()
-                _extract(archive, member, extracted, settings.max_archive_bytes)
-                _ingest_one(extracted, origin, settings, session_factory, store, report)
-                extracted.unlink()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
-        # RuntimeError: encrypted member; NotImplementedError: unknown compression method.
+                # A name of our own (the member's, made safe, only for messages): however long
+                # or odd the member's name, extracting it cannot fail.
+                extracted = Path(tmp) / f"{i:06d}" / _flat_name(Path(member.filename).name)[:100]
+                try:
+                    _extract(archive, member, extracted, origin, settings.max_archive_bytes)
+                    _ingest_one(extracted, origin, settings, session_factory, store, report, kept)
+                except UnsafeArchive:
+                    raise
+                except Exception as exc:
+                    if is_outage(exc):
+                        raise
+                    problem = refusal(exc, origin)
+                    quarantine(problem, origin, settings, session_factory, kept=kept())
+                    report.set_aside(problem)
+                shutil.rmtree(extracted.parent, ignore_errors=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         bad = UnsafeArchive("bad-archive", f"{path.name}: unreadable zip archive ({exc})")
-        _quarantine_archive(path, bad, settings, session_factory, report)
+        _quarantine_archive(path, bad, settings, session_factory, report, kept)
     except UnsafeArchive as exc:
-        _quarantine_archive(path, exc, settings, session_factory, report)
+        _quarantine_archive(path, exc, settings, session_factory, report, kept)
 
 
 def _quarantine_archive(
@@ -211,12 +319,12 @@ def _quarantine_archive(
     settings: Settings,
     session_factory: sessionmaker[Session],
     report: WatchReport,
+    kept: _KeptArchive,
 ) -> None:
     # Members already ingested stay ingested (each one is valid on its own); the archive is kept
-    # whole for whoever investigates it.
-    quarantine(path, path.name, exc, settings, session_factory)
-    report.quarantined += 1
-    report.reasons[exc.reason] += 1
+    # whole, once, for whoever investigates it.
+    quarantine(exc, path.name, settings, session_factory, kept=kept())
+    report.set_aside(exc)
 
 
 def _checked_members(
@@ -247,19 +355,37 @@ def _checked_members(
     return [m for m in members if not PurePosixPath(m.filename).name.startswith(".")]
 
 
-def _extract(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, limit: int) -> None:
-    """Stream one member to ``target``, never writing more than it declared (zip bombs lie)."""
+def _extract(
+    archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, origin: str, limit: int
+) -> None:
+    """Stream one member to ``target``, if it starts like a DICOM file, never writing more than
+    it declared (zip bombs lie). A member the zip cannot give back refuses the whole archive."""
     allowed = min(member.file_size, limit)
     written = 0
-    with archive.open(member) as src, target.open("wb") as dst:
-        while chunk := src.read(_COPY_CHUNK):
-            written += len(chunk)
-            if written > allowed:
-                raise UnsafeArchive(
-                    "archive-too-large",
-                    f"member {member.filename[:100]!r} inflates past its declared size",
+    try:
+        with archive.open(member) as src:
+            head = src.read(_PREAMBLE + len(_MAGIC))
+            if head[_PREAMBLE:] != _MAGIC:
+                raise InvalidInstance(
+                    "not-dicom", f"{origin}: not a DICOM file (no DICM preamble); not extracted"
                 )
-            dst.write(chunk)
+            target.parent.mkdir()
+            with target.open("wb") as dst:
+                chunk = head
+                while chunk:
+                    written += len(chunk)
+                    if written > allowed:
+                        raise UnsafeArchive(
+                            "archive-too-large",
+                            f"member {member.filename[:100]!r} inflates past its declared size",
+                        )
+                    dst.write(chunk)
+                    chunk = src.read(_COPY_CHUNK)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error, EOFError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method.
+        raise UnsafeArchive(
+            "bad-archive", f"{origin}: unreadable zip archive member ({describe(exc)})"
+        ) from None
 
 
 def _remove_empty_folders(inbox: Path) -> None:

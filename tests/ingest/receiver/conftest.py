@@ -1,4 +1,10 @@
-"""The receiver under test, started in-process on a free loopback port."""
+"""The receiver under test, started in-process on a free loopback port, on each receiving path.
+
+A test that asks for ``receiver_path`` (or ``receiver``, ``start_receiver``) runs on the fast
+path and on the plain one (pynetdicom's public API only, ``RADFLOW_RECEIVER_FAST_PATH=false``).
+The plain path runs on the sqlite-local backend only: how a dataset is received does not depend
+on the database and object store behind the spool, and the peer tests are the slow ones.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +17,48 @@ from radflow.ingest.receiver import Receiver
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
+PATHS = ["fast", "plain"]
+
+
+@pytest.fixture(params=PATHS)
+def receiver_path(request: pytest.FixtureRequest) -> str:
+    """The receiving path under test: "fast" or "plain"."""
+    return str(request.param)
+
+
+@pytest.fixture
+def receiver_settings(settings: Settings, receiver_path: str) -> Settings:
+    """``settings`` for a receiver on the path under test, listening on loopback."""
+    return settings.model_copy(
+        update={"receiver_fast_path": receiver_path == "fast", "receiver_host": "127.0.0.1"}
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    plain_on_postgres = {
+        item
+        for item in items
+        if (spec := getattr(item, "callspec", None)) is not None
+        and spec.params.get("receiver_path") == "plain"
+        and spec.params.get("settings") == "postgres-s3"
+    }
+    if plain_on_postgres:
+        config.hook.pytest_deselected(items=list(plain_on_postgres))
+        items[:] = [item for item in items if item not in plain_on_postgres]
+
 
 @pytest.fixture
 def start_receiver(
-    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore
+    receiver_settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
 ) -> Iterator[Callable[..., Receiver]]:
     """Start an in-process receiver on a free loopback port; ``**changes`` adjust its settings."""
     started: list[Receiver] = []
 
     def start(**changes: object) -> Receiver:
         receiver = Receiver(
-            settings.model_copy(update={"receiver_host": "127.0.0.1", **changes}),
+            receiver_settings.model_copy(update=changes),
             session_factory=session_factory,
             store=store,
             port=0,

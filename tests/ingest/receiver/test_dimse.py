@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pynetdicom
 import pytest
 from factories import dicom_bytes
 from peers import storescu
@@ -37,7 +35,6 @@ from radflow.ingest.receiver.dimse import (
     encode_file_meta,
     encode_store_response,
     store_request,
-    supported,
 )
 from radflow.ingest.receiver.spool import IncomingFiles
 from radflow.ingest.receiver.statuses import SUCCESS, UNKNOWN_REASON_STATUS
@@ -196,20 +193,3 @@ def test_storescu_with_small_pdus_is_stored_byte_for_byte(
     assert stored == meta + raw[dataset_start:]
     # Hashed by the indexer, after the response: the digest of exactly the bytes stored.
     assert instance.sha256 == hashlib.sha256(stored).hexdigest()
-
-
-def test_another_pynetdicom_falls_back_to_stock_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    start_receiver: Callable[..., Receiver],
-    tmp_path: Path,
-) -> None:
-    monkeypatch.setattr(pynetdicom, "__version__", "99.0.0")
-    with caplog.at_level(logging.WARNING, logger="radflow.ingest.receiver.dimse"):
-        assert not supported()
-        receiver = start_receiver()
-    assert "99.0.0" in caplog.text
-    sent = tmp_path / "one.dcm"
-    sent.write_bytes(dicom_bytes())
-    assert storescu(receiver.port, [sent]).returncode == 0
-    assert receiver.wait_indexed(30)

@@ -45,8 +45,7 @@ def test_orthanc_forwards_to_the_receiver(
 
 def _start_receiver(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "cli.main", "receive", "--port", str(port)]
-    env = radflow_env(settings.model_copy(update={"receiver_host": "127.0.0.1"}))
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=radflow_env(settings))
     wait_for_port(port, process)
     return process
 
@@ -58,7 +57,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 def test_sigkill_mid_send_loses_nothing_acknowledged(
     request: pytest.FixtureRequest,
-    settings: Settings,
+    receiver_settings: Settings,
     tmp_path: Path,
     session_factory: sessionmaker[Session],
     store: ObjectStore,
@@ -76,7 +75,7 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(
     storescu = [tool("/usr/bin/storescu"), "-v", "-aec", AE_TITLE, "127.0.0.1", str(port)]
     storescu += ["+sd", str(folder)]
 
-    receiver = _start_receiver(settings, port)
+    receiver = _start_receiver(receiver_settings, port)
     request.addfinalizer(lambda: receiver.poll() is None and receiver.kill())  # on failure
     sender = subprocess.Popen(storescu, env=peer_env(), stderr=subprocess.PIPE, text=True)
     assert sender.stderr is not None
@@ -94,13 +93,13 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(
     assert receiver.returncode == -signal.SIGKILL
     assert 60 <= len(acknowledged) < 200, "the kill must land in the middle of the send"
 
-    receiver = _start_receiver(settings, port)
+    receiver = _start_receiver(receiver_settings, port)
     try:
         resend = subprocess.run(storescu, env=peer_env(), capture_output=True, timeout=120)
         assert resend.returncode == 0, resend.stderr
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if not any((settings.spool / "ready").iterdir()):
+            if not any((receiver_settings.spool / "ready").iterdir()):
                 break
             time.sleep(0.2)
         # Memory must not grow with studies (issue 3: < 500 MB for a 2 GB one), and a receiver

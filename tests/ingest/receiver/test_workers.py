@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from factories import dicom_bytes
-from peers import AE_TITLE, free_port, peer_env, radflow_env, tool, wait_for_port
+from peers import AE_TITLE, echoscu, free_port, peer_env, radflow_env, tool, wait_for_port
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import Instance
-from radflow.ingest.receiver import drain_orphans, worker_spool
+from radflow.ingest.receiver import Receiver, drain_orphans, worker_spool
+from radflow.ingest.receiver.workers import open_listener
 from radflow.services.status import receiver_status
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -63,9 +66,9 @@ def _workers_of(pid: int) -> set[int]:
 
 
 def test_workers_share_the_port_and_a_dead_worker_is_replaced(
-    settings: Settings, tmp_path: Path, session_factory: sessionmaker[Session]
+    receiver_settings: Settings, tmp_path: Path, session_factory: sessionmaker[Session]
 ) -> None:
-    settings = settings.model_copy(update={"receiver_workers": 2, "receiver_host": "127.0.0.1"})
+    settings = receiver_settings.model_copy(update={"receiver_workers": 2})
     port = free_port()
     command = [sys.executable, "-m", "cli.main", "receive", "--port", str(port)]
     supervisor = subprocess.Popen(command, env=radflow_env(settings))
@@ -119,3 +122,32 @@ def test_a_spool_no_worker_owns_is_indexed_at_start(
     drain_orphans(settings, {settings.spool}, session_factory=session_factory, store=store)
     assert _indexed(session_factory, 3, timeout=0) == 3
     assert not list(orphan.iterdir())
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_a_worker_that_stops_leaves_the_shared_socket_to_the_others(
+    receiver_settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+) -> None:
+    """One worker stopped alone (SIGTERM from an operator): the others keep accepting, and so
+    would the worker the supervisor starts in its place."""
+    listener = open_listener("127.0.0.1", 0)
+    workers = [
+        Receiver(
+            receiver_settings,
+            session_factory=session_factory,
+            store=store,
+            spool=worker_spool(receiver_settings.spool, k),
+            listen_fd=os.dup(listener.fileno()),  # each worker process has its own descriptor
+        )
+        for k in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        workers[0].stop()
+        assert echoscu(workers[1].port).returncode == 0
+    finally:
+        workers[1].stop()
+        listener.close()

@@ -8,16 +8,16 @@ Profiled with ``benchmarks/ingest.py``, that is the largest part of the receiver
 Python time under the GIL, and a CT sender on one association waits for every response.
 
 :class:`ReceiverDIMSE` is pynetdicom's own DIMSE provider, given to the receiver's associations
-only (set by the receiver's request handler, radflow/receiver/transport.py; never a global
-patch): it takes
-the common case itself and leaves everything else to pynetdicom, unchanged.
+only (set by the fast path's request handler, radflow/ingest/receiver/transport.py; never a
+global patch): it takes the common case itself and leaves everything else to pynetdicom,
+unchanged.
 
 - **C-STORE-RQ**, command set in one PDV, only the usual elements (:data:`STORE_RQ_TAGS`): the
   command set is read with :mod:`struct`, the request primitive is built directly and the
   dataset is streamed, one unbuffered ``write`` per PDV, into a file in the spool's
   ``incoming/`` folder (made ahead, after the previous response:
   :class:`radflow.ingest.receiver.spool.IncomingFiles`) after file meta information encoded here.
-  The file is byte for byte what pynetdicom writes (tests/receiver/test_dimse.py compares
+  The file is byte for byte what pynetdicom writes (tests/ingest/receiver/test_dimse.py compares
   both).
 - **C-STORE-RSP** with a status only: its command set is encoded here, byte for byte what
   pynetdicom sends, and sent from the association's thread instead of being queued for the DUL
@@ -26,11 +26,17 @@ the common case itself and leaves everything else to pynetdicom, unchanged.
   on the message queue instead of napping 1 ms between polls (:meth:`ReceiverDIMSE.get_msg`).
 
 Any other message (C-ECHO, a command set split across PDVs, Move Originator elements, a UID
-pydicom would read as several values...) goes to pynetdicom as before. Because this replaces
-methods of pynetdicom's provider, it is used only with the pynetdicom version it was written
-and tested against (:data:`PINNED_PYNETDICOM`); with another one the receiver logs a warning
-and runs on stock pynetdicom. pynetdicom's standard logging handlers for received and sent
-DIMSE messages are skipped only while their logger would discard what they log anyway.
+pydicom would read as several values...) goes to pynetdicom as before. pynetdicom's standard
+logging handlers for received and sent DIMSE messages are skipped only while their logger would
+discard what they log anyway.
+
+**The guard.** This replaces methods of pynetdicom's provider, imports private names
+(``pynetdicom._handlers``, ``pynetdicom.dimse._QueueItem``) and writes bytes that must equal
+what pynetdicom and pydicom encode: it is imported (through transport.py) only when
+:func:`radflow.ingest.receiver.guard.fast_path` finds the releases it was written and tested
+against (``guard.WRITTEN_FOR``: pinned in pyproject.toml and constraints.txt). With others, the
+receiver logs one warning and runs on pynetdicom's public API
+(radflow/ingest/receiver/server.py).
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from io import BytesIO, FileIO
 from pathlib import Path
 from typing import Any, cast
 
-import pynetdicom
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID as IMPLEMENTATION_UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_VERSION as IMPLEMENTATION_VERSION
 from pynetdicom import evt
@@ -57,8 +62,6 @@ from pynetdicom.pdu_primitives import P_DATA
 from radflow.ingest.receiver.spool import IncomingFiles
 
 logger = logging.getLogger(__name__)
-
-PINNED_PYNETDICOM = "3.0.4"
 
 # Command set tags (group 0x0000: only the element number varies), PS3.7 Annex E.
 GROUP_LENGTH = 0x0000
@@ -261,7 +264,7 @@ class ReceiverDIMSE(DIMSEServiceProvider):
                 self._receive_data(context_id, data)
             elif self.message is not None or not self._start_store(context_id, data):
                 # pynetdicom's own path, from this PDV on (it also ends the message there). It
-                # takes bytes; the receiver's DUL gives views (radflow/receiver/transport.py).
+                # takes bytes; the receiver's DUL gives views (transport.py).
                 rest = P_DATA()
                 rest.presentation_data_value_list.extend((c, bytes(d)) for c, d in pdvs[index:])
                 super().receive_primitive(rest)
@@ -394,18 +397,3 @@ def _logged(
 
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
-
-
-def supported() -> bool:
-    """Whether the installed pynetdicom is the one this module was written for (else a warning)."""
-    if pynetdicom.__version__ == PINNED_PYNETDICOM:
-        return True
-    logger.warning(
-        "pynetdicom %s is installed but the receiver's C-STORE fast path was written for %s; "
-        "using stock pynetdicom (correct, slower). Pin pynetdicom==%s (constraints.txt) or "
-        "check radflow/receiver/dimse.py against the new version.",
-        pynetdicom.__version__,
-        PINNED_PYNETDICOM,
-        PINNED_PYNETDICOM,
-    )
-    return False

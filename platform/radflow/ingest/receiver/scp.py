@@ -1,14 +1,23 @@
 """The DICOM receiver: a C-ECHO and C-STORE SCP (pynetdicom) in front of the spool and indexer.
 
 Each association runs in its own pynetdicom thread. A C-STORE dataset is streamed into a
-temporary file in ``spool/incoming`` (by :mod:`radflow.ingest.receiver.dimse`, or by pynetdicom with
-``STORE_RECV_CHUNKED_DATASET``: memory does not grow with the instance or study size), fsynced
-while a worker thread validates it with :func:`radflow.dicom.instance.read_header`, and moved
-into ``spool/ready`` (radflow/receiver/spool.py says how that is crash-safe with one fsync);
-only then does the sender get the success status.
-Refused instances get the failure status of :mod:`radflow.ingest.receiver.statuses` and a Rejection
-row.
-The indexer thread stores and indexes the spool behind the senders' backs.
+temporary file in ``spool/incoming`` (memory does not grow with the instance or study size),
+fsynced while a worker thread validates it with :func:`radflow.dicom.instance.read_header`, and
+moved into ``spool/ready`` (radflow/ingest/receiver/spool.py says how that is crash-safe with one
+fsync); only then does the sender get the success status. Refused instances get the failure
+status of :mod:`radflow.ingest.receiver.statuses` and a Rejection row. The indexer thread stores
+and indexes the spool behind the senders' backs.
+
+Two paths receive, chosen once per start by :func:`radflow.ingest.receiver.guard.fast_path`:
+
+- the **fast path** (:mod:`radflow.ingest.receiver.transport` and
+  :mod:`~radflow.ingest.receiver.dimse`), which reaches into pynetdicom's internals and so runs
+  only with the pynetdicom and pydicom releases it was written for, unless
+  ``RADFLOW_RECEIVER_FAST_PATH=false``;
+- the **plain path** otherwise: pynetdicom's public API (:mod:`radflow.ingest.receiver.server`),
+  pynetdicom streaming each dataset to a file itself (``STORE_RECV_CHUNKED_DATASET``). Should a
+  pynetdicom lack that option, it holds datasets in memory (one warning says so) and
+  :meth:`Receiver._on_c_store` writes each to the spool.
 """
 
 from __future__ import annotations
@@ -20,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pydicom.config
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,11 +38,11 @@ from radflow.db import unit_of_work
 from radflow.dicom.instance import SUPPORTED_TRANSFER_SYNTAXES, InstanceHeader, read_header
 from radflow.errors import InvalidInstance
 from radflow.ingest import rejection
+from radflow.ingest.receiver import guard, server
 from radflow.ingest.receiver.counters import ReceiverCounters
 from radflow.ingest.receiver.indexer import UNHASHED, Indexer
 from radflow.ingest.receiver.spool import Spool
 from radflow.ingest.receiver.statuses import OUT_OF_RESOURCES, SUCCESS, failure_status
-from radflow.ingest.receiver.transport import start_server
 from radflow.ingest.receiver.workers import until_signal
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -84,7 +92,7 @@ class Receiver:
             store=store,
             counters=self.counters,
         )
-        self._server: ThreadedAssociationServer | None = None
+        self._server: server.AssociationListener | None = None
         self._checker: ThreadPoolExecutor | None = None
         self._previous_tempdir: str | None = None
         self._previous_validation: tuple[int, int] | None = None
@@ -97,12 +105,9 @@ class Receiver:
 
     def start(self) -> None:
         self.spool.open()
-        # pynetdicom has no per-AE switch for these. Streaming to a file keeps memory flat; its
-        # temporary files go to the process temp dir, pointed at spool/incoming so accepting a
-        # dataset is a rename on the same filesystem. Identifiers may hold PHI: never logged.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
+        server.configure_pynetdicom()
+        # pynetdicom's temporary files go to the process temp dir, pointed at spool/incoming so
+        # accepting a dataset is a rename on the same filesystem.
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.spool.incoming)
         self._relax_value_validation()
@@ -115,22 +120,29 @@ class Receiver:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        self._server = start_server(
-            ae,
-            (self.host, self.requested_port),
-            [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)],
-            incoming=self.spool.incoming_files,
-            listen_fd=self.listen_fd,
-        )
+        address = (self.host, self.requested_port)
+        handlers = [(evt.EVT_C_STORE, self._on_c_store), (evt.EVT_REJECTED, self._on_rejected)]
+        fast = guard.fast_path(self.settings)
+        if fast is None:
+            self._server = server.start_server(ae, address, handlers, listen_fd=self.listen_fd)
+        else:
+            self._server = fast.start_server(
+                ae,
+                address,
+                handlers,
+                incoming=self.spool.incoming_files,
+                listen_fd=self.listen_fd,
+            )
         # The socket's own address: a worker inherits a socket bound by its supervisor (to
         # --host), which its own settings' receiver_host need not match.
         bound_host = self._server.server_address[0]
         logger.info(
-            "DICOM receiver %s listening on %s:%d, spool %s",
+            "DICOM receiver %s listening on %s:%d, spool %s (%s path)",
             self.ae_title,
             bound_host,
             self.port,
             self.spool.root,
+            "plain" if fast is None else "fast",
         )
 
     def stop(self) -> None:
@@ -195,12 +207,15 @@ class Receiver:
     def _on_c_store(self, event: evt.Event) -> int:
         self.counters.add("received")
         origin = str(event.assoc.requestor.ae_title)
-        received = Path(event.dataset_path)
+        written: Path | None = None  # a file this handler wrote (pynetdicom deletes its own)
         try:
+            received = _streamed_file(event)
+            if received is None:  # held in memory: see server.configure_pynetdicom
+                received = written = self._write_incoming(event)
             header, marked = self._sync_and_check(received)
             spooled = self.spool.accept(received, header.sop_instance_uid, marked)
         except InvalidInstance as exc:
-            return self._refuse(exc, origin)
+            status = self._refuse(exc, origin)
         except OSError as exc:
             # Disk full or spool unwritable: refusing (the sender retries later) is the only
             # answer that does not risk acknowledging an instance that is not on disk.
@@ -210,10 +225,24 @@ class Receiver:
                 f"the receiver could not write to its spool ({exc.strerror}); free disk space "
                 "or check RADFLOW_SPOOL_DIR",
             )
-            return self._refuse(problem, origin)
-        self.counters.add("spooled")
-        self.indexer.submit(spooled, header)
-        return SUCCESS
+            status = self._refuse(problem, origin)
+        else:
+            self.counters.add("spooled")
+            self.indexer.submit(spooled, header)
+            return SUCCESS
+        if written is not None:
+            written.unlink(missing_ok=True)
+        return status
+
+    def _write_incoming(self, event: evt.Event) -> Path:
+        """Write a dataset pynetdicom held in memory to a file of ``spool/incoming``."""
+        path = self.spool.incoming_files.take()
+        try:
+            path.write_bytes(event.encoded_dataset())
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+        return path
 
     def _sync_and_check(self, received: Path) -> tuple[InstanceHeader, bool]:
         """fsync a received file here while a worker thread reads and checks its header; the
@@ -265,3 +294,15 @@ class Receiver:
         except SQLAlchemyError as db_error:
             # The failure status still reaches the sender and the counters keep the count.
             logger.error("could not record a rejection in the database: %s", db_error)
+
+
+def _streamed_file(event: evt.Event) -> Path | None:
+    """The file a C-STORE dataset was streamed into; None if pynetdicom held it in memory.
+
+    pynetdicom documents an AttributeError for that case; 3.0.4 gives None.
+    """
+    try:
+        path = event.dataset_path
+    except AttributeError:
+        return None
+    return None if path is None else Path(path)

@@ -10,12 +10,14 @@ missing-uid                           0xA900    Error: data set does not match S
 invalid-uid                           0xA901    Error: data set does not match SOP class
 no-pixel-data                         0xA902    Error: data set does not match SOP class
 bad-dimensions                        0xA903    Error: data set does not match SOP class
+pixel-data-mismatch                   0xA904    Error: data set does not match SOP class
 too-large                             0xA700    Refused: out of resources
 out-of-resources (spool disk)         0xA701    Refused: out of resources
 not-dicom                             0xC000    Error: cannot understand
 unreadable                            0xC001    Error: cannot understand
 truncated                             0xC002    Error: cannot understand
 unsupported-transfer-syntax           0xC003    Error: cannot understand
+too-deeply-nested                     0xC004    Error: cannot understand
 any other reason                      0xC0FF    Error: cannot understand
 ====================================  ========  ==========================================
 
@@ -34,12 +36,14 @@ FAILURE_STATUS: dict[str, int] = {
     "invalid-uid": 0xA901,
     "no-pixel-data": 0xA902,
     "bad-dimensions": 0xA903,
+    "pixel-data-mismatch": 0xA904,
     "too-large": 0xA700,
     OUT_OF_RESOURCES: 0xA701,
     "not-dicom": 0xC000,
     "unreadable": 0xC001,
     "truncated": 0xC002,
     "unsupported-transfer-syntax": 0xC003,
+    "too-deeply-nested": 0xC004,
 }
 UNKNOWN_REASON_STATUS = 0xC0FF
 

@@ -1,4 +1,4 @@
-"""The receiver's network side: pynetdicom's association server, set up for throughput.
+"""The receiver's fast path, network side: pynetdicom's association server, set up for throughput.
 
 pynetdicom's defaults are made for portability, not for a scanner pushing slices as fast as the
 link allows. Measured with ``benchmarks/ingest.py`` (512x512 CT slices), these cost much of the
@@ -9,9 +9,6 @@ receiver's time per instance, and this module changes just those:
   third of the receiver's CPU per instance under the GIL. :class:`BulkReadSocket` reads up to
   :data:`READ_CHUNK` bytes per call. Memory still grows only with the bytes that actually
   arrive, never with the length a peer declares.
-- **No Nagle delay.** Each response is sent at once (``TCP_NODELAY``, as DCMTK and Orthanc do
-  with ``TCP_NODELAY=1``): a C-STORE response held back by Nagle's algorithm waits for the
-  sender's delayed ACK, up to 40 ms on Linux.
 - **Woken by data, not by 1 ms naps.** pynetdicom's DUL reactor naps a millisecond between
   polls (pynetdicom issues #120, #650); :attr:`BulkReadSocket.ready` waits in ``select`` for up
   to :data:`READY_WAIT` instead, so a request from a sender waiting on its previous response is
@@ -20,16 +17,28 @@ receiver's time per instance, and this module changes just those:
   established association into one buffer and gives its PDVs straight to DIMSE, as pynetdicom's
   action DT-2 does after decoding, copying and queueing it (~150 µs per 128 KiB PDU).
 - **C-STORE without pydicom datasets.** Each association gets the DIMSE provider of
-  :mod:`radflow.ingest.receiver.dimse` (C-STORE requests and responses encoded and decoded directly,
-  datasets streamed into ``spool/incoming``, responses sent from the association's thread),
-  when pynetdicom is the version it was written for.
+  :mod:`radflow.ingest.receiver.dimse` (C-STORE requests and responses encoded and decoded
+  directly, datasets streamed into ``spool/incoming``, responses sent from the association's
+  thread).
+
+The other measured cost, Nagle's algorithm, is turned off on both paths (``TCP_NODELAY``,
+radflow/ingest/receiver/server.py).
+
+**The guard.** To do this, the module overrides a private method of pynetdicom's request
+handler (``_create_association``), swaps the class of the socket and DUL provider pynetdicom
+made, and imports private names. Only :func:`~radflow.ingest.receiver.guard.fast_path` imports
+it, once the installed pynetdicom and pydicom are the releases it was written for
+(``guard.WRITTEN_FOR``) and ``RADFLOW_RECEIVER_FAST_PATH`` is on. Otherwise, or if an import
+here fails, the receiver runs on pynetdicom's public API (radflow/ingest/receiver/server.py,
+which also sets pynetdicom's documented configuration options if it has them) and touches
+nothing else of pynetdicom's.
 
 Everything else (association negotiation, the state machine outside data transfer, the
 C-STORE service) is pynetdicom's own, plugged in through its server extension point
-(``AE.make_server(server_class=, request_handler=)``); tests/receiver exercise it with DCMTK
-and Orthanc. Tried and dropped (measured slower, benchmarks/README.md): hashing each fragment
-as it arrives, starting the writeback of each fragment early (``sync_file_range``), a shorter
-GIL switch interval.
+(``AE.make_server(server_class=, request_handler=)``); tests/ingest/receiver exercise it with
+DCMTK and Orthanc, on this path and the plain one. Tried and dropped (measured slower,
+benchmarks/README.md): hashing each fragment as it arrives, starting the writeback of each
+fragment early (``sync_file_range``), a shorter GIL switch interval.
 """
 
 from __future__ import annotations
@@ -46,9 +55,10 @@ from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from radflow.ingest.receiver import dimse
+from radflow.ingest.receiver import dimse, server
+from radflow.ingest.receiver.server import AssociationListener
 from radflow.ingest.receiver.spool import IncomingFiles
 
 logger = logging.getLogger(__name__)
@@ -62,8 +72,8 @@ class BulkReadSocket(AssociationSocket):
     """An association socket that reads what the kernel has, up to :data:`READ_CHUNK` a call.
 
     Its sends are serialised: the receiver's DIMSE provider sends C-STORE responses from the
-    association's thread (radflow/receiver/dimse.py), pynetdicom everything else from its DUL
-    thread, and two PDUs must never interleave on the wire.
+    association's thread (radflow/ingest/receiver/dimse.py), pynetdicom everything else from its
+    DUL thread, and two PDUs must never interleave on the wire.
     """
 
     _send_lock: threading.Lock
@@ -245,51 +255,23 @@ def _observed(assoc: Association) -> bool:
 
 
 class ReceiverRequestHandler(RequestHandler):
-    """pynetdicom's handler for one incoming connection, with the socket set up as above."""
+    """pynetdicom's handler for one incoming connection, with the association set up as above."""
 
     def _create_association(self) -> Association:
-        connection: socket.socket = self.request
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc = super()._create_association()
         # pynetdicom has just wrapped the connection in its AssociationSocket.
         BulkReadSocket.adopt(cast(AssociationSocket, assoc.dul.socket))
-        server = cast(ReceiverServer, self.server)
-        if server.fast_dimse:
-            assoc.dimse = dimse.ReceiverDIMSE(assoc, server.incoming)
-            ReceiverDUL.adopt(assoc.dul)
+        assoc.dimse = dimse.ReceiverDIMSE(assoc, cast(ReceiverServer, self.server).incoming)
+        ReceiverDUL.adopt(assoc.dul)
         return assoc
 
 
-class ReceiverServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, knowing where the receiver streams incoming datasets."""
+class ReceiverServer(AssociationListener):
+    """The receiver's association server, knowing where the fast path streams datasets."""
 
     def __init__(self, *args: Any, incoming: IncomingFiles, **kwargs: Any) -> None:
         self.incoming = incoming
-        # Checked once per server: a pynetdicom other than the pinned one gets one warning.
-        self.fast_dimse = dimse.supported()
         super().__init__(*args, **kwargs)
-
-
-class SharedListenerServer(ReceiverServer):
-    """A server accepting from a listening socket that other receiver processes share.
-
-    The supervisor (receiver/workers.py) opens the socket and hands it down; every worker
-    waits on it and the first free one takes the next connection, so the load follows the
-    workers' actual business (SO_REUSEPORT would spread connections by address hash instead,
-    and two of four senders on one worker is then as likely as not).
-    """
-
-    def __init__(self, *args: Any, listen_fd: int, **kwargs: Any) -> None:
-        self.listen_fd = listen_fd
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        if self.socket is not None:
-            self.socket.close()  # the one socketserver made: this server uses the shared one
-        self.socket = socket.socket(fileno=self.listen_fd)
-        # Several workers wake for one connection; the others must not block in accept().
-        self.socket.setblocking(False)
-        self.server_address = self.socket.getsockname()
 
 
 def start_server(
@@ -299,34 +281,17 @@ def start_server(
     *,
     incoming: IncomingFiles,
     listen_fd: int | None = None,
-) -> ReceiverServer:
-    """Start ``ae``'s association server in a background thread.
+) -> AssociationListener:
+    """:func:`radflow.ingest.receiver.server.start_server` with the fast path's classes.
 
-    On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's). Received
-    datasets are streamed into files ``incoming`` makes ahead.
+    Received datasets are streamed into files ``incoming`` makes ahead.
     """
-    server: ThreadedAssociationServer
-    if listen_fd is None:
-        server = ae.make_server(
-            address,
-            evt_handlers=evt_handlers,
-            server_class=ReceiverServer,
-            request_handler=ReceiverRequestHandler,
-            incoming=incoming,
-        )
-    else:
-        server = ae.make_server(
-            address,
-            evt_handlers=evt_handlers,
-            server_class=SharedListenerServer,
-            request_handler=ReceiverRequestHandler,
-            incoming=incoming,
-            listen_fd=listen_fd,
-        )
-    # Registered as AE.start_server does: server.shutdown() and AE.shutdown() look it up there.
-    ae._servers.append(server)
-    thread = threading.Thread(
-        target=server.serve_forever, name="radflow-dicom-acceptor", daemon=True
+    return server.start_server(
+        ae,
+        address,
+        evt_handlers,
+        listen_fd=listen_fd,
+        server_class=ReceiverServer,
+        request_handler=ReceiverRequestHandler,
+        incoming=incoming,
     )
-    thread.start()
-    return cast(ReceiverServer, server)

@@ -37,6 +37,8 @@ from radflow.store import ObjectStore
 logger = logging.getLogger(__name__)
 
 WORKER_PREFIX = "worker-"
+# A worker's entry point (radflow/ingest/receiver/worker.py).
+WORKER_MODULE = "radflow.ingest.receiver.worker"
 RESTART_DELAY_SECONDS = 2.0
 DRAIN_TIMEOUT_SECONDS = 600.0
 
@@ -104,7 +106,7 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         fd = self._listener.fileno()
-        command = [sys.executable, "-m", "cli.main", "receive", "--worker", str(index)]
+        command = [sys.executable, "-m", WORKER_MODULE, "--index", str(index)]
         command += ["--listen-fd", str(fd), "--ae-title", self.ae_title]
         self._processes[index] = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(fd,))
 
