@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from factories import dicom_bytes
 from live import wait_until
 from prefect.events import Event
@@ -87,3 +88,24 @@ def test_embedded_default_processes_directly(flow_env: Settings, tmp_path: Path)
     assert result.mode == "direct" and len(result.promoted) == 1
     # No champion yet: nothing to run; the study waits as STABLE for the first model.
     assert result.processed == {} and statuses == {StudyStatus.STABLE}
+
+
+def test_an_event_the_server_never_got_leaves_the_studies_for_the_reconciler(
+    flow_env: Settings, tmp_path: Path
+) -> None:
+    """Defect 4: events lived in the receiver's memory, and went with it when it restarted
+    while the server was down. Now the caller hears that the event was not delivered (the
+    receiver logs it and goes on), and the studies stay STABLE in the database, which is what
+    the reconciler (worker start, the process schedule, a new champion) scores."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with Runtime.open(flow_env) as rt:
+        uids = _receive(rt, tmp_path / "in", 2)
+        with (
+            temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}),
+            pytest.raises(httpx.ConnectError),
+        ):
+            stabilise_and_process(rt, now=utcnow() + timedelta(seconds=6))
+        with rt.session_factory() as session:
+            statuses = dict(session.execute(select(Study.study_uid, Study.status)).tuples().all())
+    assert statuses == {uid: StudyStatus.STABLE for uid in uids}
