@@ -21,7 +21,8 @@ only starts its work, so it is the competitor's floor for ack-to-prediction.
 
 Measured per study: acknowledged (storescu returned) to the first prediction stored. ``lost``:
 acknowledged, never scored within ``--deadline`` s of the last send. ``cancelled_runs``: process
-flow runs Cancelled. ``recovery_s``: worker kill to the next prediction stored (scoring
+flow runs Cancelled; ``process_runs``: process flow runs by state (not the minute schedule's runs
+still ahead). ``recovery_s``: worker kill to the next prediction stored (scoring
 resumed); ``backlog_s``: kill to every study acknowledged before the kill scored.
 
 With ``--dask-studies N`` (0 to skip), after the servers' part: N studies ingested directly and
@@ -216,7 +217,7 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         time.sleep(self.after)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             running = [r for r in flow_runs(PROCESS, self.since) if r.state_name == "Running"]
             if running:
@@ -268,6 +269,8 @@ def pipeline(args: argparse.Namespace, work: Path, servers: Servers) -> dict[str
         runs = flow_runs(PROCESS, started)
     states: dict[str, int] = {}
     for run in runs:
+        if run.auto_scheduled and run.state_name == "Scheduled":
+            continue  # the minute schedule's runs ahead, not work done
         states[run.state_name or "?"] = states.get(run.state_name or "?", 0) + 1
     result.update(
         quiet_period_s=quiet, process_runs=states, cancelled_runs=states.get("Cancelled", 0)

@@ -31,7 +31,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID, uuid4
@@ -57,6 +57,9 @@ TRAIN_DEPLOYMENT = "train/train"
 """flow name / deployment name, as flows/deployments.py serves it."""
 PROCESS_DEPLOYMENT = "process/process"
 FLOW_RUN_HOLDER = "flow-run/"
+WAITING_WINDOW = timedelta(seconds=60)
+"""How long an event-started run may wait for a worker before an event goes out again."""
+CLOCK_SKEW = timedelta(seconds=5)
 
 
 class NoPrefectServer(RadflowError):
@@ -165,6 +168,39 @@ def emit(event: str, resource: dict[str, str], count: int = 1) -> None:
     ]
     response = httpx.post(f"{url.rstrip('/')}/events", json=body, headers=_auth(), timeout=10)
     response.raise_for_status()
+
+
+def event_run_waiting(deployment: str = PROCESS_DEPLOYMENT) -> bool:
+    """Whether a run of ``deployment`` that an event started is waiting to start (Scheduled or
+    Pending, due within the last ``WAITING_WINDOW``).
+
+    Such a run reads the database when it starts, so it also takes whatever became due since:
+    another event would only start another process. Runs older than the window count as
+    stuck (no worker took them), so an event goes out again, at most one a window.
+    """
+    import httpx
+
+    url = api_url()
+    if url is None:
+        raise NoPrefectServer("no Prefect server configured (PREFECT_API_URL) to ask")
+    flow_name, deployment_name = deployment.split("/")
+    now = datetime.now(UTC)
+    body = {
+        "flows": {"name": {"any_": [flow_name]}},
+        "deployments": {"name": {"any_": [deployment_name]}},
+        "flow_runs": {
+            "state": {"type": {"any_": ["SCHEDULED", "PENDING"]}},
+            "created_by": {"type_": ["AUTOMATION"]},
+            "expected_start_time": {
+                "after_": (now - WAITING_WINDOW).isoformat(),
+                "before_": (now + CLOCK_SKEW).isoformat(),
+            },
+        },
+        "limit": 1,
+    }
+    response = httpx.post(f"{url.rstrip('/')}/flow_runs/filter", json=body, headers=_auth())
+    response.raise_for_status()
+    return bool(response.json())
 
 
 def _auth() -> dict[str, str]:
