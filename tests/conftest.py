@@ -85,6 +85,15 @@ def prefect_server() -> Iterator[PrefectServer]:
     server.stop()
 
 
+@pytest.fixture
+def no_waiting_runs(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """The session's server with no unfinished process run before and after the test: no
+    stable-study event is held back for a run another test left waiting."""
+    prefect_server.delete_unfinished_runs()
+    yield prefect_server
+    prefect_server.delete_unfinished_runs()
+
+
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # A developer's own RADFLOW_* variables must not change what a test sees.
     for name in list(os.environ):

@@ -599,6 +599,38 @@ class PrefectServer:
                 )
             time.sleep(0.1)
 
+    def delete_unfinished_runs(self, flow: str = "process", deployment: str = "process") -> None:
+        """Delete the runs of ``flow/deployment`` that events started and that never finished
+        (no worker took them, or theirs was killed). A test that needs its event to go out
+        must not find a run an earlier test's event started still waiting: it would take the
+        studies, and no event would be sent."""
+        import httpx
+
+        final = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
+        body = {
+            "flows": {"name": {"any_": [flow]}},
+            "deployments": {"name": {"any_": [deployment]}},
+            "flow_runs": {
+                "state": {"type": {"not_any_": final}},
+                "created_by": {"type_": ["AUTOMATION"]},
+            },
+            "limit": 200,
+        }
+        with httpx.Client(base_url=self.api_url, timeout=30) as client:
+            runs = self._retried(lambda: client.post("/flow_runs/filter", json=body)).json()
+            for run in runs:
+                self._retried(lambda run=run: client.delete(f"/flow_runs/{run['id']}"))
+
+    @staticmethod
+    def _retried(request: Any, attempts: int = 5) -> Any:
+        # The server's SQLite database answers 503 while its services hold it (a busy machine).
+        for _ in range(attempts - 1):
+            response = request()
+            if response.status_code != 503:
+                return response.raise_for_status()
+            time.sleep(1.0)
+        return request().raise_for_status()
+
     def log_errors(self) -> list[str]:
         """Lines of the server's log that report an error (a failing service loop, say)."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

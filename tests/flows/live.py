@@ -143,14 +143,3 @@ def flow_runs(deployment: str | None = None, since: Any = None) -> list[Any]:
             limit=200,
         )
     return list(runs)
-
-
-def delete_unfinished_runs(deployment: str) -> None:
-    """Delete the runs of ``deployment`` that never finished (scheduled ones no worker will
-    take, runs of killed workers): later tests on the same server must not see them waiting."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        for run in flow_runs(deployment):
-            if run.state is None or not run.state.is_final():
-                client.delete_flow_run(run.id)

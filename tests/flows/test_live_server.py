@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 from factories import make_user
-from live import Worker, delete_unfinished_runs, flow_runs, wait_until, worker_env
+from live import Worker, flow_runs, wait_until, worker_env
 from prefect import flow
 from servers import PrefectServer
 from sqlalchemy import func, select
 
 from demo.synthetic import write_cxr_studies
 from flows.deployments import deployments, retrain_deployment
-from flows.launcher import PROCESS_DEPLOYMENT, labels_recorded, recent_flow_runs
+from flows.launcher import FLOW_RUN_HOLDER, PROCESS_DEPLOYMENT, labels_recorded, recent_flow_runs
+from flows.process import scoring_lease
 from flows.train import train_flow
 from flows.trigger import StabiliseResult, stabilise_and_process
-from radflow import ingest
+from radflow import ingest, leases
 from radflow.db import Prediction, Study, StudyStatus, unit_of_work
 from radflow.db.base import utcnow
 from radflow.learning.labels import add_label
@@ -107,21 +108,18 @@ def test_a_new_champion_starts_scoring_of_the_studies_that_waited(
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[Worker]]:
+def workers(tmp_path: Path, no_waiting_runs: PrefectServer) -> Iterator[list[Worker]]:
     started: list[Worker] = []
     yield started
     for worker in started:
         worker.stop()
-    delete_unfinished_runs(PROCESS_DEPLOYMENT)
 
 
 @pytest.fixture
-def process_deployment(flow_env: Settings) -> Iterator[None]:
+def process_deployment(flow_env: Settings, no_waiting_runs: PrefectServer) -> None:
     """The process deployment and its trigger on the server, no worker serving it."""
     for deployment in deployments("process", flow_env):
         deployment.apply()
-    yield
-    delete_unfinished_runs(PROCESS_DEPLOYMENT)
 
 
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
@@ -202,13 +200,17 @@ def test_workers_on_two_machines_score_bursts_once_and_recover_from_a_kill(
             f"no worker's log names the running run {name}",
         )
         busy[0].kill()
-        killed = {r.id: r.state_name for r in flow_runs(PROCESS_DEPLOYMENT, since)}
+        with rt.session_factory() as session:
+            lease = leases.read(session, scoring_lease(quick_task))
         after = _receive(rt, tmp_path / "after", 5)
         _stabilise(rt, after)
         _wait_scored(rt, late + after)
         _assert_scored_once(rt)
         states = {r.id: r.state_name for r in flow_runs(PROCESS_DEPLOYMENT, since)}
-        if killed[running[0].id] == "Running":  # not finished just before the kill
+        if lease is not None and lease.holder == f"{FLOW_RUN_HOLDER}{running[0].id}":
+            # Killed while scoring: whoever took its lease over marked it Crashed. (Killed
+            # before taking the lease, or after letting it go, it stays Running: no lease
+            # tells that it died.)
             assert states[running[0].id] == "Crashed", states
         assert "Cancelled" not in states.values(), states
 

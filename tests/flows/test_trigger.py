@@ -40,7 +40,7 @@ def _receive(rt: Runtime, folder: Path, n: int) -> list[str]:
 
 
 def test_stable_studies_emit_events_for_the_deployment_trigger(
-    flow_env: Settings, prefect_api: PrefectServer, tmp_path: Path
+    flow_env: Settings, no_waiting_runs: PrefectServer, tmp_path: Path
 ) -> None:
     assert trigger_mode() == "event"  # the session's Prefect server sets PREFECT_API_URL
     since = utcnow()
@@ -56,7 +56,7 @@ def test_stable_studies_emit_events_for_the_deployment_trigger(
     # One event for the pass, whatever its size: a burst starts one run, not one per study.
     # Posted to the server, which has it (not queued in this process's memory).
     (event,) = wait_until(
-        lambda: [e for e in _events(prefect_api, since) if e["radflow.study-ids"] == expected],
+        lambda: [e for e in _events(no_waiting_runs, since) if e["radflow.study-ids"] == expected],
         30,
         "the stable-study event never reached the server",
     )

@@ -157,7 +157,7 @@ def test_a_worker_that_stops_leaves_the_shared_socket_to_the_others(
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
 @pytest.mark.parametrize("receiver_path", ["fast"], indirect=True)
 def test_the_receiver_logs_where_it_listens_and_the_events_it_emits(
-    receiver_settings: Settings, tmp_path: Path, prefect_server: PrefectServer
+    receiver_settings: Settings, tmp_path: Path, no_waiting_runs: PrefectServer
 ) -> None:
     """Defect 5: workers logged ``listening on 0.0.0.0`` (their settings) while bound to the
     127.0.0.1 of ``--host``; the stable-study event never showed in the log."""
@@ -170,7 +170,7 @@ def test_the_receiver_logs_where_it_listens_and_the_events_it_emits(
     with log.open("wb") as out:
         supervisor = subprocess.Popen(
             [*command, "--port", str(port)],
-            env={**radflow_env(settings), **prefect_server.env()},
+            env={**radflow_env(settings), **no_waiting_runs.env()},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
