@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from prefect.runner import Runner
 from prefect.schedules import Interval
 
+from flows.deliver import deliver_flow
 from flows.ingest import ingest_flow
 from flows.launcher import LABEL_EVENT, STABLE_EVENT, STABLE_RESOURCE
 from flows.process import process_flow
@@ -47,6 +49,14 @@ def deployments(pool: Pool, settings: Settings) -> list[RunnerDeployment]:
                 name="process",
                 schedules=[Interval(PROCESS_INTERVAL)],
                 triggers=[stable_study_trigger()],
+            ),
+            # Results whose sending failed are due again after their backoff: retried from here.
+            deliver_flow.to_deployment(
+                name="deliver",
+                interval=60,
+                concurrency_limit=ConcurrencyLimitConfig(
+                    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+                ),
             ),
         ]
     if pool in ("all", "train"):

@@ -1,4 +1,5 @@
-"""Process flow: stable studies -> preprocessing -> champion model -> predictions.
+"""Process flow: stable studies -> preprocessing -> champion model -> predictions -> DICOM results
+(SR, SEG) written and sent to the destinations routing names (flows/deliver.py).
 
 Scoring a task is exclusive work: the run holds the task's scoring lease (radflow.leases) and
 scores until nothing is pending; a run that finds a live holder leaves at once (the holder
@@ -21,6 +22,7 @@ from datetime import timedelta
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.deliver import deliver
 from flows.launcher import crash_dead_run, holder
 from flows.retry import transient_only
 from radflow import leases
@@ -140,6 +142,7 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
             names = [task_name]
         who = holder()
         reports = {name: score_task(rt, name, who) for name in names}
+        results = deliver(rt)
     for report in reports.values():
         logger.info(report.summary())
     return {
@@ -157,4 +160,5 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
             }
             for name, r in reports.items()
         },
+        "results": results,
     }
