@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -243,6 +244,7 @@ def production_settings(pg: PostgresServer, s3: SeaweedS3, data_dir: Path) -> Se
         s3_secure=False,
         s3_region=None,
         receiver_host="127.0.0.1",
+        pseudonym_key=SecretStr(secrets.token_hex(32)),  # the receiver refuses the public one
     )
 
 

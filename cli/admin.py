@@ -159,10 +159,10 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    settings.require_pseudonym_key()  # its flows ingest and export studies
     from flows.launcher import reconcile, require_server
 
     url = require_server()  # before anything else: without a server nothing would ever run
+    settings.require_pseudonym_key()  # its flows ingest and export studies
     from flows.deployments import serve_all
     from radflow.runtime import Runtime
 
