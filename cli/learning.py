@@ -36,10 +36,29 @@ def task_name(args: argparse.Namespace) -> str:
 
 
 def add_commands(add: Add) -> None:
-    p = add("label", cmd_label, "record a label for a study")
-    p.add_argument("study_uid")
-    p.add_argument("value")
+    p = add("label", cmd_label, "record a label for a study, or a CSV file of them (--csv)")
+    p.add_argument("study_uid", nargs="?")
+    p.add_argument("value", nargs="?")
     p.add_argument("--task", default=None, help=TASK_HELP)
+    p.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="a CSV file with columns study_uid,value (optional: task, split, comment), one "
+        "label per row, all recorded in one transaction",
+    )
+    p = add("training", cmd_training_list, "training runs: list them, abandon a stuck one")
+    sub_training = p.add_subparsers(required=True, metavar="ACTION")
+    q = sub_training.add_parser("list", help="the newest training runs, with who holds each task")
+    q.set_defaults(command=cmd_training_list)
+    q.add_argument("--task", default=None, help="only this task")
+    q.add_argument("--json", action="store_true")
+    q = sub_training.add_parser(
+        "abandon", help="end a stuck training run and free its task (audited)"
+    )
+    q.set_defaults(command=cmd_training_abandon)
+    q.add_argument("run_id", type=int)
+    q.add_argument("--reason", default="abandoned by hand")
     p = add("train", cmd_train, "train a new model version on the labelled studies")
     p.add_argument("--task", default=None, help=TASK_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -321,24 +340,97 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_label(args: argparse.Namespace, settings: Settings) -> int:
     from cli.actor import principal
-    from flows.launcher import labels_recorded
-    from radflow.learning.labels import add_label
+    from radflow.learning.labels import add_label, import_labels
     from radflow.runtime import Runtime
     from radflow.services.users import Permission, require
 
-    task = task_name(args)
+    if args.csv is None and (args.study_uid is None or args.value is None):
+        raise ValueError("give STUDY_UID VALUE, or --csv FILE for many labels at once")
+    default = task_name(args)
     # The author is who runs the command (or proves who they are with --as), never a claim.
     actor = principal(args, settings)
     require(actor, Permission.REVIEW)
     with Runtime.open(settings) as rt:
         with rt.transaction() as session:
-            add_label(session, args.study_uid, task, args.value, source="cli", author=actor.name)
-        print(f"labelled {args.study_uid} {task}={args.value} as {actor.name}")
-        # Retraining starts by itself once enough labels have arrived (flows/launcher.py).
-        result = labels_recorded(task, rt=rt)
-    if isinstance(result, dict):
-        print(
-            f"{task} was due for retraining: trained {result['model']} "
-            f"({result['status']}): {result.get('decision', '')}"
-        )
+            if args.csv is not None:
+                counts = import_labels(session, args.csv, default, author=actor.name)
+            else:
+                add_label(
+                    session, args.study_uid, default, args.value, source="cli", author=actor.name
+                )
+                counts = {default: 1}
+        for task, count in counts.items():
+            print(
+                f"labelled {count} studies for {task} as {actor.name}"
+                if args.csv
+                else f"labelled {args.study_uid} {task}={args.value} as {actor.name}"
+            )
+        _labels_recorded(counts, rt)
+    return 0
+
+
+def _labels_recorded(counts: dict[str, int], rt: Any) -> None:
+    # Retraining starts by itself once enough labels have arrived (flows/launcher.py). With a
+    # Prefect server that is one event per label; without, a due check here. Imported only
+    # now: Prefect's import is most of a label command's time.
+    from flows.launcher import labels_recorded
+
+    for task, count in counts.items():
+        result = labels_recorded(task, count, rt=rt)
+        if isinstance(result, dict):
+            print(
+                f"{task} was due for retraining: trained {result['model']} "
+                f"({result['status']}): {result.get('decision', '')}"
+            )
+
+
+def cmd_training_list(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow import leases
+    from radflow.learning.retrain import lease_name, training_runs
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        runs = training_runs(session, getattr(args, "task", None))
+        holders = {run.task: leases.read(session, lease_name(run.task)) for run in runs}
+        rows = [
+            {
+                "id": run.id,
+                "task": run.task,
+                "status": run.status,
+                "started": run.started_at.isoformat(timespec="seconds"),
+                "finished": run.finished_at.isoformat(timespec="seconds")
+                if run.finished_at
+                else None,
+                "error": run.error,
+                "lease": holders[run.task].describe()
+                if run.status == "running" and holders[run.task] is not None
+                else None,
+            }
+            for run in runs
+        ]
+    if getattr(args, "json", False):
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no training runs yet")
+    for row in rows:
+        line = f"{row['id']:>5} {row['task']:<20} {row['status']:<10} started {row['started']}"
+        if row["lease"]:
+            line += f"  lease: {row['lease']}"
+        elif row["status"] == "running":
+            line += "  no live lease: its process died (it is abandoned at the next training)"
+        if row["error"]:
+            line += f"  ({row['error']})"
+        print(line)
+    return 0
+
+
+def cmd_training_abandon(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.learning.retrain import abandon
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        run = abandon(session, args.run_id, actor=_actor(args, settings), reason=args.reason)
+        task = run.task
+    print(f"training run {args.run_id} of {task} abandoned; the next training of {task} may start")
     return 0

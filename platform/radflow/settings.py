@@ -262,6 +262,21 @@ class Settings(BaseSettings):
         default=True, description="Store a Grad-CAM heat map with every classification prediction"
     )
     seed: int = 0
+    dask_address: str | None = Field(
+        default=None,
+        description="Scheduler of a Dask cluster (tcp://host:8786): the process flow then "
+        "scores a backlog in shards on its workers; unset, it scores in its own process",
+    )
+    dask_shard_studies: int = Field(
+        default=256, ge=1, description="Studies per Dask shard of a scoring backlog"
+    )
+    worker_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often `radflow worker` asks the Prefect server for runs to start: "
+        "part of every study's latency (Prefect's own default is 10 s)",
+    )
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

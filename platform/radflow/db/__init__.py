@@ -6,6 +6,7 @@ from radflow.db.base import Base
 from radflow.db.delivery import Delivery, DeliveryStatus, ResultKind, ResultObject
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
+from radflow.db.leases import Lease
 from radflow.db.registry import (
     ModelStatus,
     ModelVariant,
@@ -32,6 +33,7 @@ __all__ = [
     "EvaluationSet",
     "Instance",
     "Label",
+    "Lease",
     "LoginThrottle",
     "ModelEvaluation",
     "ModelStatus",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, MetaData
+from sqlalchemy import JSON, DateTime, Double, MetaData
 from sqlalchemy.orm import DeclarativeBase
 
 # Deterministic constraint names: without them PostgreSQL and SQLite invent different ones and
@@ -27,6 +27,9 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         datetime: DateTime(timezone=True),
+        # Double, as SQLAlchemy 2.1 maps float and as the migrations made these columns; 2.0
+        # (pinned for Prefect's scheduler, constraints.txt) would map float to Float.
+        float: Double(),
         dict[str, Any]: JSON,
         list[str]: JSON,
     }

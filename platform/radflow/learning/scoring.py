@@ -49,6 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import (
+    ModelStatus,
     ModelVersion,
     Prediction,
     Study,
@@ -80,6 +81,8 @@ SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED)
 
 @dataclass
 class ScoreReport:
+    """What one scoring did; reports of shards of one backlog add up (:meth:`add`)."""
+
     model: str = ""
     runtime: str = VariantRuntime.TORCH_FP32.value
     scored: int = 0
@@ -89,6 +92,17 @@ class ScoreReport:
     cache_misses: int = 0
     seconds: float = 0.0
     network_seconds: float = 0.0  # of ``seconds``: the network (and Grad-CAM) alone
+
+    def add(self, other: ScoreReport) -> None:
+        if not self.model:
+            self.model, self.runtime = other.model, other.runtime
+        self.scored += other.scored
+        self.no_model += other.no_model
+        self.failed.update(other.failed)
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.seconds += other.seconds
+        self.network_seconds += other.network_seconds
 
     def summary(self) -> str:
         return (
@@ -148,6 +162,17 @@ def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pendi
     return [_Pending(row.id, row.study_uid) for row in rows]
 
 
+def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[_Pending]:
+    """The studies of ``ids`` still pending in this transaction, in the order of ``ids``."""
+    found = session.execute(
+        select(Study.id, Study.study_uid).where(
+            Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+        )
+    )
+    by_id = {row.id: _Pending(row.id, row.study_uid) for row in found}
+    return [by_id[i] for i in ids if i in by_id]
+
+
 def _still_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> set[int]:
     """Those of ``ids`` still pending in this transaction."""
     return set(
@@ -157,6 +182,22 @@ def _still_pending(session: Session, model_version_id: int, ids: Sequence[int]) 
             )
         )
     )
+
+
+def has_pending(session: Session, task_name: str) -> bool:
+    """Whether any stable study waits for the task's champion (False without a champion)."""
+    champion_id = session.scalar(
+        select(ModelVersion.id).where(
+            ModelVersion.task == task_name, ModelVersion.status == ModelStatus.CHAMPION
+        )
+    )
+    return champion_id is not None and bool(_pending(session, champion_id, 1))
+
+
+def pending_ids(session: Session, task_name: str, limit: int = PENDING_PAGE) -> list[int]:
+    """Ids of the studies waiting for the task's champion, oldest first (for sharding)."""
+    champion = require_champion(session, task_name)
+    return [study.id for study in _pending(session, champion.id, limit)]
 
 
 def score_stable(
@@ -169,6 +210,7 @@ def score_stable(
     threads: int | None = None,
     rules: RoutingRules | None = None,
     cache_dir: Path | None = None,
+    ids: Sequence[int] | None = None,
 ) -> ScoreReport:
     """Score every stable study with the task's champion, one chunk of batches per transaction.
 
@@ -179,6 +221,8 @@ def score_stable(
     the site's routing rules (radflow.ingest.routing.rules_for(settings)); None means the packaged
     ones.
     ``cache_dir``: the preprocessing cache (``settings.cache_dir``); None decodes every image.
+    ``ids``: only these studies (those still pending), once: a shard of a backlog scored on
+    several machines at once (flows/process.py).
     """
     started = time.perf_counter()
     task = get_task(task_name)
@@ -213,6 +257,13 @@ def score_stable(
         _heap_frozen(),
         ThreadPoolExecutor(1, thread_name_prefix="radflow-scoring-io") as io,
     ):
+        if ids is not None:
+            with session_factory() as session:
+                shard = _load_pending(session, champion.id, ids)
+            if shard:
+                _score_page(session_factory, scorer, shard, io, report)
+            report.seconds = time.perf_counter() - started
+            return report
         while True:
             with session_factory() as session:
                 page = _pending(session, champion.id, PENDING_PAGE)
@@ -419,7 +470,7 @@ def _record(
     # them in parameter order made it insert (and fetch) one row at a time on SQLite, which
     # cost as much as the int8 network's whole forward pass.
     table: Table = Prediction.__table__  # type: ignore[assignment]  # mapped to a Table
-    inserted: dict[int, int] = dict(
+    rows = (
         session.connection()
         .execute(
             insert(table).returning(table.c.study_id, table.c.id),
@@ -441,6 +492,7 @@ def _record(
         )
         .all()
     )
+    inserted: dict[int, int] = {int(study_id): int(new_id) for study_id, new_id in rows}
     # A bulk INSERT skips the per-row ORM hook, so the triage pointers move here, in bulk.
     triage.advance(
         session.connection(),

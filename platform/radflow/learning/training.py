@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 from tqdm import tqdm
 
+from radflow import leases
 from radflow.db import (
     EvaluationSet,
     Label,
@@ -33,8 +34,15 @@ from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_d
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
 from radflow.learning.inference import load_network, predict
 from radflow.learning.registry import champion, judge, register
-from radflow.learning.retrain import TrainingInProgress, running_run
+from radflow.learning.retrain import (
+    TRAINING_LEASE,
+    TrainingInProgress,
+    lease_name,
+    mark_abandoned,
+    running_run,
+)
 from radflow.learning.tasks import Task, get_task
+from radflow.leases import LeaseState
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
@@ -238,17 +246,56 @@ def train_task(
     progress: bool = True,
     actor: str = "radflow",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    holder: str | None = None,
+    taken_over: Callable[[LeaseState], None] | None = None,
 ) -> ModelVersion:
     """Train a new version of ``task_name`` on every labelled study, evaluate and register it.
 
     The version becomes champion only if it beats the current one on the evaluation set
     (radflow.learning.evaluation.decide); the decision and its reason are stored either way.
+    One training per task at a time: it holds the task's lease (radflow.learning.retrain)
+    while it runs, as ``holder`` (default: this host and process), and raises
+    TrainingInProgress when a live training holds it. ``taken_over``: told about the holder of
+    an expired lease taken over (its runs are marked abandoned here).
     """
     task = get_task(task_name)
+    holder = holder or leases.this_process()
+    name = lease_name(task.name)
+    attempt = leases.try_acquire(session_factory, name, holder, TRAINING_LEASE)
+    if not attempt.ok:
+        with session_factory() as session:
+            busy = running_run(session, task.name)
+        raise TrainingInProgress(task.name, busy.id if busy else None, attempt.current)
+    with leases.Renewed(session_factory, name, holder, TRAINING_LEASE):
+        if attempt.taken_over is not None:
+            _abandon_dead(session_factory, task.name, attempt.taken_over, taken_over)
+        return _train(settings, session_factory, store, task, progress, actor, on_epoch)
+
+
+def _abandon_dead(
+    session_factory: sessionmaker[Session],
+    task: str,
+    dead: LeaseState,
+    taken_over: Callable[[LeaseState], None] | None,
+) -> None:
+    reason = f"its lease expired: {dead.describe()} stopped renewing it (its process died)"
     with unit_of_work(session_factory) as session:
-        busy = running_run(session, task.name)
-        if busy is not None:
-            raise TrainingInProgress(task.name, busy.id)
+        abandoned = mark_abandoned(session, task, reason)
+    logger.warning("training runs %s of %s abandoned: %s", abandoned, task, reason)
+    if taken_over is not None:
+        taken_over(dead)
+
+
+def _train(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    task: Task,
+    progress: bool,
+    actor: str,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> ModelVersion:
+    with unit_of_work(session_factory) as session:
         examples = labelled_examples(session, task, rules_for(settings))
         _check_enough(task, examples)
         split = split_for_training(examples, evaluation_set(session, task, examples, settings.seed))

@@ -17,12 +17,14 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pydoc import locate
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from monai import transforms as monai_transforms
-from monai.bundle.config_item import ComponentLocator
-from monai.transforms import Compose
-from torch import nn
+# MONAI and PyTorch are imported where a network or a transform is built, not here: the task
+# registry is read by light commands too (`radflow label` validates a value against the task's
+# labels), and importing MONAI costs seconds.
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+    from torch import nn
 
 from radflow.dicom.codes import ResultCoding
 
@@ -88,6 +90,8 @@ class NetworkSpec:
     def build(self) -> nn.Module:
         """The network. Only a torch module class is instantiated: a config (from a bundle
         someone sends) that names any other callable is refused before it is called."""
+        from torch import nn
+
         cls = locate(_qualified(self.target))
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ValueError(f"network target {self.target!r} is not an importable torch module")
@@ -103,6 +107,8 @@ def _qualified(target: str) -> str:
     alone ("Classifier"), which MONAI's own locator resolves."""
     if "." in target:
         return target
+    from monai.bundle.config_item import ComponentLocator
+
     module = ComponentLocator().get_component_module_name(target)
     if isinstance(module, list):  # several MONAI modules export the name: take the first
         module = module[0]
@@ -118,12 +124,14 @@ def compose(configs: tuple[TransformConfig, ...]) -> Compose:
     Declaring deterministic preprocessing as data means the exported MONAI bundle's
     ``inference.json`` preprocessing is exactly the platform's.
     """
+    from monai import transforms as monai_transforms
+
     steps = []
     for config in configs:
         args = {k: v for k, v in config.items() if k != "_target_"}
         cls = getattr(monai_transforms, str(config["_target_"]))
         steps.append(cls(**args))
-    return Compose(steps)
+    return monai_transforms.Compose(steps)
 
 
 @dataclass(frozen=True)
