@@ -161,8 +161,8 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from flows.launcher import reconcile, require_server
 
-    url = require_server()  # before anything else: without a server nothing would ever run
-    settings.require_pseudonym_key()  # its flows ingest and export studies
+    settings.require_pseudonym_key()  # its flows ingest and export studies: refused first
+    url = require_server()  # without a server nothing would ever run
     from flows.deployments import serve_all
     from radflow.runtime import Runtime
 

@@ -12,8 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import httpx
+from prefect.events import Event
+from prefect.events.schemas.events import Resource
+from servers import PrefectServer
 
 WORKER_READY_SECONDS = 120.0
 
@@ -143,3 +149,14 @@ def flow_runs(deployment: str | None = None, since: Any = None) -> list[Any]:
             limit=200,
         )
     return list(runs)
+
+
+def server_events(server: PrefectServer, name: str, since: datetime) -> list[Resource]:
+    """The resources of the events named ``name`` the server has recorded since ``since``."""
+    query = {
+        "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
+        "limit": 50,
+    }
+    response = httpx.post(f"{server.api_url}/events/filter", json=query, timeout=10)
+    response.raise_for_status()
+    return [Event.model_validate(e).resource for e in response.json()["events"]]

@@ -3,6 +3,8 @@ cluster (Prefect's Dask task runner); every study is scored exactly once."""
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +25,16 @@ from radflow.settings import Settings
 def dask_cluster() -> Iterator[object]:
     from distributed import LocalCluster
 
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        yield cluster
+    # The workers are spawned processes, which first run the parent's __main__ again, by its
+    # file when it has no module name. After Streamlit's AppTest (tests/dashboard) that file
+    # is dashboard/app.py: each worker started the dashboard and raced to create its database.
+    # A bare __main__ gives them nothing to run.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
+            yield cluster
 
 
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)

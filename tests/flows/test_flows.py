@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from prefect.events.clients import AssertingEventsClient
-from prefect.events.worker import EventsWorker
-from prefect.testing.fixtures import asserting_events_worker  # noqa: F401  (fixture)
+from live import server_events, wait_until
+from servers import PrefectServer
 from sqlalchemy import func, select
 
 from demo.synthetic import write_cxr_studies
@@ -28,6 +27,7 @@ from radflow.db import (
     make_sessionmaker,
     unit_of_work,
 )
+from radflow.db.base import utcnow
 from radflow.learning.labels import add_label
 from radflow.settings import Settings
 from radflow.store import open_store
@@ -48,7 +48,7 @@ def _counts(settings: Settings) -> dict[str, int]:
 def test_spine_ingest_train_process(
     flow_env: Settings,
     quick_task: str,
-    asserting_events_worker: EventsWorker,  # noqa: F811
+    prefect_api: PrefectServer,
     tmp_path: Path,
 ) -> None:
     studies = write_cxr_studies(tmp_path / "incoming", 24, seed=3, size=128)
@@ -68,14 +68,16 @@ def test_spine_ingest_train_process(
     assert trained["status"] == "champion"
     assert 0.0 <= trained["auc"] <= 1.0
 
+    since = utcnow()
     processed = process_flow(quick_task)
     assert (processed["scored"], processed["failed"]) == (24, {})
     # With a server, the run's event starts the deliver deployment (here: called as it would be).
-    asserting_events_worker.drain()
-    client = asserting_events_worker._client
-    assert isinstance(client, AssertingEventsClient)
-    (event,) = [e for e in client.events if e.event == SCORED_EVENT]
-    assert scored_trigger().match.matches(event.resource)
+    (event,) = wait_until(
+        lambda: server_events(prefect_api, SCORED_EVENT, since),
+        30,
+        "the process run's predictions event never reached the server",
+    )
+    assert scored_trigger().match.matches(event)
     # Every scored study gets its SR (the packaged rules send it nowhere).
     assert deliver_flow() == {
         "reports": 24,

@@ -64,12 +64,15 @@ def _exists(pid: int) -> bool:
 
 
 def test_a_worker_refuses_to_start_without_a_reachable_prefect_server(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without PREFECT_API_URL Prefect quietly served a temporary server no one could reach."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from cli.main import main
+
+    # A key of its own: without one the worker is refused before it looks for a server.
+    monkeypatch.setenv("RADFLOW_PSEUDONYM_KEY", "a-test-key-that-is-not-the-public-one")
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         assert main(["worker"]) == 2

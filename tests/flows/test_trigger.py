@@ -3,15 +3,13 @@ per study), run process without."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from factories import dicom_bytes
-from live import wait_until
-from prefect.events import Event
-from prefect.events.schemas.events import Resource
+from live import server_events, wait_until
 from pydicom.uid import generate_uid
 from servers import PrefectServer
 from sqlalchemy import select
@@ -56,7 +54,11 @@ def test_stable_studies_emit_events_for_the_deployment_trigger(
     # One event for the pass, whatever its size: a burst starts one run, not one per study.
     # Posted to the server, which has it (not queued in this process's memory).
     (event,) = wait_until(
-        lambda: [e for e in _events(no_waiting_runs, since) if e["radflow.study-ids"] == expected],
+        lambda: [
+            e
+            for e in server_events(no_waiting_runs, STABLE_EVENT, since)
+            if e["radflow.study-ids"] == expected
+        ],
         30,
         "the stable-study event never reached the server",
     )
@@ -67,16 +69,6 @@ def test_stable_studies_emit_events_for_the_deployment_trigger(
     assert trigger.expect == {STABLE_EVENT}
     assert trigger.match.matches(event)
     assert not trigger.parameters
-
-
-def _events(server: PrefectServer, since: datetime) -> list[Resource]:
-    query = {
-        "filter": {"event": {"name": [STABLE_EVENT]}, "occurred": {"since": since.isoformat()}},
-        "limit": 50,
-    }
-    response = httpx.post(f"{server.api_url}/events/filter", json=query, timeout=10)
-    response.raise_for_status()
-    return [Event.model_validate(e).resource for e in response.json()["events"]]
 
 
 def test_embedded_default_processes_directly(flow_env: Settings, tmp_path: Path) -> None:
