@@ -71,6 +71,13 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of each comparison (medians)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=["torch-fp32", "onnx-fp32", "onnx-int8"],
+        default=None,
+        help="score in this runtime (it must pass its check); default: the best that passes, "
+        "as a site serves it. torch-fp32 compares with figures from before compressed runtimes",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radflow-overhead-"))
@@ -97,7 +104,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
 
     from flows.process import process_flow
     from flows.train import train_flow
-    from radflow.db import Instance, ModelVersion, TrainingRun
+    from radflow.db import Instance, ModelVersion, TrainingRun, VariantRuntime
     from radflow.ingest.importers import import_npz
     from radflow.learning import tasks
     from radflow.learning.cache import CachedImage, PreprocessCache
@@ -174,7 +181,10 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         with rt.session_factory() as session:
             number = require_champion(session, name).version
         variants = compress(settings, rt.session_factory, rt.store, name, number, actor="bench")
-    runtime = served_runtime({v.runtime: v for v in variants})
+    judged = {v.runtime: v for v in variants}
+    runtime = VariantRuntime(args.runtime) if args.runtime else served_runtime(judged)
+    if runtime != VariantRuntime.TORCH_FP32 and not judged[runtime].passed:
+        raise SystemExit(f"--runtime {runtime}: that variant did not pass its check")
     print(f"scoring in {runtime}", flush=True)
 
     def new_champion() -> None:
