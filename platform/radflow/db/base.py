@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Double, MetaData
+from sqlalchemy import JSON, DateTime, Double, Enum, MetaData
 from sqlalchemy.orm import DeclarativeBase
 
 # Deterministic constraint names: without them PostgreSQL and SQLite invent different ones and
@@ -33,3 +34,11 @@ class Base(DeclarativeBase):
         dict[str, Any]: JSON,
         list[str]: JSON,
     }
+
+
+def value_enum(cls: type[enum.StrEnum], length: int = 16) -> Enum:
+    """A column holding a member's value as text: portable, and read back on any dialect
+    (no native ENUM type to alter when a member is added)."""
+    return Enum(
+        cls, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e]
+    )

@@ -6,10 +6,10 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Enum, ForeignKey, String, UniqueConstraint, false, select
+from sqlalchemy import ForeignKey, String, UniqueConstraint, false, select
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-from radflow.db.base import Base, utcnow
+from radflow.db.base import Base, utcnow, value_enum
 
 
 class ModelStatus(enum.StrEnum):
@@ -48,12 +48,7 @@ class ModelVersion(Base):
     task: Mapped[str] = mapped_column(String(64), index=True)
     version: Mapped[int]
     status: Mapped[ModelStatus] = mapped_column(
-        Enum(
-            ModelStatus,
-            native_enum=False,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        ),
+        value_enum(ModelStatus),
         default=ModelStatus.CHALLENGER,
     )
     weights_key: Mapped[str] = mapped_column(String(255))
@@ -84,14 +79,7 @@ class ModelVariant(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"), index=True)
-    runtime: Mapped[VariantRuntime] = mapped_column(
-        Enum(
-            VariantRuntime,
-            native_enum=False,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        )
-    )
+    runtime: Mapped[VariantRuntime] = mapped_column(value_enum(VariantRuntime))
     object_key: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int]
     # Its metrics on the evaluation set, throughput, parity with PyTorch, the reference's metrics.

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Enum, ForeignKey, Index, String, false, text
+from sqlalchemy import ForeignKey, Index, String, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from radflow.db.base import Base, utcnow
+from radflow.db.base import Base, utcnow, value_enum
 from radflow.db.imaging import Study
 from radflow.db.registry import ModelVersion, VariantRuntime
 
@@ -45,12 +45,7 @@ class Prediction(Base):
     superseded: Mapped[bool] = mapped_column(default=False, server_default=false())
     # Which variant of the model version computed the score (radflow.db.registry.ModelVariant).
     runtime: Mapped[VariantRuntime] = mapped_column(
-        Enum(
-            VariantRuntime,
-            native_enum=False,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        ),
+        value_enum(VariantRuntime),
         default=VariantRuntime.TORCH_FP32,
         server_default=VariantRuntime.TORCH_FP32.value,
     )
