@@ -59,6 +59,8 @@ def main() -> int:
         os.environ.pop(name, None)
     os.environ["RADFLOW_DATA_DIR"] = str(work / "data")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary Prefect server can take over the default 20 s to start on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
     from sqlalchemy import select
 

@@ -12,12 +12,13 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import ModelEvaluation, Prediction
+from radflow.db import ModelEvaluation, Prediction, unit_of_work
 from radflow.dicom.seg import SEG_KEY, load_sources, read_segmentation
 from radflow.ingest.msd import import_segmentation
 from radflow.ingest.routing import rules_for
 from radflow.learning import tasks
 from radflow.learning.evaluation import Pixels, decide_dice, dice_threshold
+from radflow.learning.registry import register
 from radflow.learning.scoring import score_stable
 from radflow.learning.segmentation import PROBABILITY_KEY, load_probability
 from radflow.learning.tasks import SlidingWindow, TrainingPlan
@@ -138,3 +139,25 @@ def test_dice_threshold_and_paired_dice_decision() -> None:
     assert decide_dice(better, worse, 0.05).promote
     assert not decide_dice(worse, better, 0.05).promote
     assert not decide_dice(better, better, 0.05).promote
+
+
+def test_an_empty_mask_writes_no_seg_and_the_study_is_still_scored(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    quick: None,
+    tmp_path: Path,
+) -> None:
+    import_segmentation(settings, session_factory, store, _dataset(tmp_path / "two", 2), TASK)
+    task = tasks.get_task(TASK)
+    with unit_of_work(session_factory) as session:
+        # No pixel reaches a threshold above 1: every mask is empty.
+        register(
+            session, store, task, task.build_network(), metrics={}, threshold=1.5, training_run=None
+        )
+    scored = score_stable(session_factory, store, TASK, 8, rules=rules_for(settings))
+    assert (scored.scored, scored.failed) == (2, {})
+    with session_factory() as session:
+        derived = [dict(p.derived_keys) for p in session.scalars(select(Prediction))]
+    assert [d.get("seg_error") for d in derived] == ["empty-mask", "empty-mask"]
+    assert all(SEG_KEY not in d and PROBABILITY_KEY in d for d in derived)

@@ -4,10 +4,10 @@ A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows,
 dashboard never hard-code task details.
 
 The seams for the task kinds still to come are here, not in the callers: ``kind`` names the
-family (only ``binary-classification`` is implemented end to end), ``network`` is a MONAI
-config (so a bundle can be exported and re-imported for any network), ``inference`` says how a
-network sees an image (whole, or through a sliding window for large 3D volumes), and
-``operating_point`` / ``evaluation`` say how a version is judged.
+family (``binary-classification`` and 2D ``segmentation`` are built end to end), ``network`` is
+a MONAI config (so a bundle can be exported and re-imported for any network), ``inference`` and
+``window`` say how a network sees an image (whole, or through a sliding window for images larger
+than a patch), and ``operating_point`` / ``evaluation`` say how a version is judged.
 """
 
 from __future__ import annotations
