@@ -1,9 +1,10 @@
 """The segmentation task kind (2D): masks -> a MONAI U-Net -> sliding-window masks as DICOM SEG.
 
 Training draws patches of the task's window size from each training image (half centred on a
-pixel of the structure, half anywhere), augments them, and fits the network with Dice + cross
-entropy. Validation, scoring and the champion comparison all see whole images through MONAI's
-``SlidingWindowInferer`` (overlap and Gaussian weighting from the task's ``SlidingWindow``).
+pixel of the structure, half on any pixel of the region that counts), augments them, and fits
+the network with Dice + cross entropy. Validation, scoring and the champion comparison all see
+whole images through MONAI's ``SlidingWindowInferer`` (overlap and Gaussian weighting from the
+task's ``SlidingWindow``).
 Evaluation counts the pixels inside each study's region (DRIVE's field of view) only: Dice, HD95
 and pixel AUC; the threshold is the one with the best Dice on the evaluation set; a version
 replaces the champion only on a paired per-study Dice test (radflow.learning.evaluation).
@@ -80,19 +81,19 @@ def sample_patches(
     rng: np.random.Generator, case: Case, size: tuple[int, ...], count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``count`` (image, mask) patches of ``size``: half centred on a foreground pixel (when the
-    mask has one), half anywhere. Images smaller than a patch are padded with zeros."""
+    mask has one), half on any pixel of the region that counts (the field of view: the black
+    surround of a fundus teaches nothing). Images smaller than a patch are padded with zeros."""
     image, mask = _padded(case.image, size), _padded(case.truth.mask[None], size)[0]
+    counted = case.truth.counted()
+    region = _padded((counted if counted.any() else np.ones_like(counted))[None], size)[0]
     height, width = mask.shape
-    foreground = np.argwhere(mask)
+    centres = (np.argwhere(mask), np.argwhere(region))
     images, masks = [], []
     for i in range(count):
-        if i % 2 == 0 and len(foreground):
-            y, x = foreground[rng.integers(len(foreground))]
-            top = int(np.clip(y - size[0] // 2, 0, height - size[0]))
-            left = int(np.clip(x - size[1] // 2, 0, width - size[1]))
-        else:
-            top = int(rng.integers(height - size[0] + 1))
-            left = int(rng.integers(width - size[1] + 1))
+        pixels = centres[i % 2] if len(centres[i % 2]) else centres[1 - i % 2]
+        y, x = pixels[rng.integers(len(pixels))]
+        top = int(np.clip(y - size[0] // 2, 0, height - size[0]))
+        left = int(np.clip(x - size[1] // 2, 0, width - size[1]))
         images.append(image[:, top : top + size[0], left : left + size[1]])
         masks.append(mask[None, top : top + size[0], left : left + size[1]])
     return np.stack(images), np.stack(masks).astype(np.float32)
@@ -341,7 +342,9 @@ def segment_studies(
     algorithm = Algorithm.for_model(task.name, version.version)
     scores, derived = [], []
     for (study_uid, object_key), image in zip(studies, images, strict=True):
+        # As stored (float16), so the SEG is exactly the stored map at the threshold.
         probability = probability_map(network, image, window, device)
+        probability = probability.astype(np.float16).astype(np.float32)
         out = {PROBABILITY_KEY: _save_map(store, study_uid, task, version, probability)}
         try:
             stored = write_segmentation(

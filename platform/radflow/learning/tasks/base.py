@@ -62,7 +62,7 @@ class TrainingPlan:
     val_fraction: float = 0.2
     min_labels: int = 20
     # Segmentation: patches drawn from each training image per epoch (half centred on the
-    # structure, half anywhere).
+    # structure, half on any pixel of the region that counts).
     patches_per_image: int = 16
 
 

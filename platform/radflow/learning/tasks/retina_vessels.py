@@ -29,7 +29,7 @@ NETWORK = NetworkSpec(
         "out_channels": 1,
         "channels": (16, 32, 64, 128),
         "strides": (2, 2, 2),
-        "num_res_units": 2,
+        "num_res_units": 1,
         "dropout": 0.0,
     },
 )
@@ -79,7 +79,7 @@ TASK = Task(
         learning_rate=3e-3,
         val_fraction=0.2,
         min_labels=4,
-        patches_per_image=32,
+        patches_per_image=48,
     ),
     metrics=("dice", "hd95", "auc", "accuracy", "sensitivity", "specificity"),
     operating_point=OperatingPoint(policy="max-dice"),
