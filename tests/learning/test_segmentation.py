@@ -118,7 +118,9 @@ def test_segmentation_imports_trains_scores_and_writes_seg(
         decision = session.scalars(
             select(ModelEvaluation).where(ModelEvaluation.model_version_id == second.id)
         ).one()
-    assert "Wilcoxon" in decision.reason and decision.champion_auc is not None
+    # 2 evaluation studies: no Wilcoxon p-value can fall under 0.05, and the reason says so.
+    assert "too small for the paired Wilcoxon test" in decision.reason, decision.reason
+    assert not decision.promoted and decision.champion_auc is not None
 
 
 def test_import_refuses_a_mask_of_another_size(
@@ -139,6 +141,9 @@ def test_dice_threshold_and_paired_dice_decision() -> None:
     assert decide_dice(better, worse, 0.05).promote
     assert not decide_dice(worse, better, 0.05).promote
     assert not decide_dice(better, better, 0.05).promote
+    too_few = decide_dice(better[:4], worse[:4], 0.05)
+    assert not too_few.promote and "too small" in too_few.reason
+    assert decide_dice(better[:5], worse[:5], 0.05).promote  # p = 1/32
 
 
 def test_an_empty_mask_writes_no_seg_and_the_study_is_still_scored(

@@ -243,6 +243,15 @@ def decide_dice(new: np.ndarray, champion: np.ndarray | None, alpha: float) -> D
         return Decision(True, "no champion yet: the first version becomes champion", None)
     differences = np.asarray(new) - np.asarray(champion)
     mean_new, mean_old = float(np.mean(new)), float(np.mean(champion))
+    if 0.5 ** len(differences) >= alpha:
+        # Even n wins out of n give the exact one-sided p = 2^-n: no evidence can be enough.
+        return Decision(
+            False,
+            f"challenger: the evaluation set ({len(differences)} studies) is too small for the "
+            f"paired Wilcoxon test at alpha {alpha:g} (mean Dice {mean_new:.4f} vs champion "
+            f"{mean_old:.4f}); promote by hand if wanted",
+            PairedTest(mean_new, mean_old, 0.0, 1.0),
+        )
     if not np.any(differences):
         p_value, statistic = 1.0, 0.0
     else:
