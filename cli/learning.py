@@ -66,9 +66,21 @@ def add_commands(add: Add) -> None:
     p.add_argument(
         "--task", default=None, help="only this task (default: every task with a champion)"
     )
-    p = add("import", cmd_import, "import a labelled dataset (MedMNIST npz) as DICOM studies")
-    p.add_argument("format", choices=["npz"], help="dataset format")
-    p.add_argument("file", type=Path)
+    p = add(
+        "import",
+        cmd_import,
+        "import a labelled dataset as DICOM studies: a MedMNIST npz file, or a segmentation "
+        "folder with a dataset.json (Medical Segmentation Decathlon layout)",
+    )
+    p.add_argument("format", choices=["npz", "segmentation"], help="dataset format")
+    p.add_argument("file", type=Path, help="the npz file, or the segmentation dataset's folder")
+    p.add_argument(
+        "--list",
+        dest="which",
+        choices=["training", "test"],
+        default="training",
+        help="segmentation: which list of dataset.json to import (default training)",
+    )
     p.add_argument("--task", default=None, help=TASK_HELP)
     p.add_argument("--splits", default=None, help="comma-separated, e.g. train,val (default all)")
     p.add_argument("--unlabeled", action="store_true", help="studies only, no labels")
@@ -135,12 +147,26 @@ def add_commands(add: Add) -> None:
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.ingest.importers import import_npz
+    from radflow.ingest.msd import import_segmentation
     from radflow.runtime import Runtime
 
     settings.require_pseudonym_key()
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     actor = _actor(args, settings)
     with Runtime.open(settings) as rt:
+        if args.format == "segmentation":
+            report = import_segmentation(
+                settings,
+                rt.session_factory,
+                rt.store,
+                args.file,
+                task_name(args),
+                which=args.which,
+                unlabeled=args.unlabeled,
+                actor=_actor(),
+            )
+            print(f"imported {report.dataset}: {report.summary()}")
+            return 0
         report = import_npz(
             settings,
             rt.session_factory,

@@ -65,6 +65,7 @@ from radflow.learning.device import cpu_threads, select_device
 from radflow.learning.explain import GRADCAM_NAME, Explainer, save_heatmaps
 from radflow.learning.inference import Runner, TorchRunner, load_network, load_runner
 from radflow.learning.registry import require_champion
+from radflow.learning.segmentation import segment_studies
 from radflow.learning.tasks import Task, get_task
 from radflow.learning.variants import serving_variant
 from radflow.store import ObjectStore, keys
@@ -325,7 +326,8 @@ class _Chunk:
 
     started: float
     studies: list[_Pending]
-    images: torch.Tensor
+    images: torch.Tensor | list[np.ndarray]  # a list for segmentation: sizes differ
+    sources: list[str] = field(default_factory=list)  # each study's routed image (object key)
     ended: list[_Ended] = field(default_factory=list)  # studies that end unscored
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -356,8 +358,8 @@ def _read_chunk(
     arrays, stats = scorer.cache.arrays(
         scorer.store, [CachedImage(i.sha256, i.object_key) for _, i in routable]
     )
-    failed, ok, images = {}, [], []
-    for (study, _), array in zip(routable, arrays, strict=True):
+    failed, ok, images, sources = {}, [], [], []
+    for (study, image), array in zip(routable, arrays, strict=True):
         if isinstance(array, Exception):
             # One undecodable image fails its own study, visibly, and not the chunk.
             ended.append(_Ended(study.id, StudyStatus.FAILED, f"preprocessing: {array}"))
@@ -366,8 +368,9 @@ def _read_chunk(
         else:
             ok.append(study)
             images.append(array)
-    stacked = scorer.cache.stack(images)
-    return _Chunk(started, ok, stacked, ended, no_model, failed, stats)
+            sources.append(image.object_key)
+    batch = images if scorer.task.kind == "segmentation" else scorer.cache.stack(images)
+    return _Chunk(started, ok, batch, sources, ended, no_model, failed, stats)
 
 
 class _Ended(NamedTuple):
@@ -401,7 +404,18 @@ def _infer_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> _Scored
     if not chunk.studies:
         return _Scored(np.zeros(0), [])
     inferring = time.perf_counter()
-    scores, derived = _infer(scorer, chunk.studies, chunk.images)
+    if isinstance(chunk.images, list):
+        scores, derived = segment_studies(
+            scorer.store,
+            scorer.task,
+            scorer.champion,
+            scorer.network,
+            scorer.device,
+            [(s.study_uid, key) for s, key in zip(chunk.studies, chunk.sources, strict=True)],
+            chunk.images,
+        )
+    else:
+        scores, derived = _infer(scorer, chunk.studies, chunk.images)
     report.network_seconds += time.perf_counter() - inferring
     return _Scored(scores, derived)
 

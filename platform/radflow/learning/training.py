@@ -29,6 +29,7 @@ from radflow.db import (
 from radflow.db.base import utcnow
 from radflow.errors import NotEnoughLabels
 from radflow.ingest.routing import RoutingRules, candidates, route_series, rules_for
+from radflow.learning import segmentation
 from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
 from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_device
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
@@ -60,6 +61,8 @@ class Example:
     sha256: str = ""  # the image's content digest: the preprocessing cache key
     study_id: int = 0
     split: str | None = None  # the dataset split the label came with (import), if any
+    study_uid: str = ""
+    value: str = ""  # the label as stored (a segmentation label names its mask)
 
 
 def labelled_examples(
@@ -67,7 +70,14 @@ def labelled_examples(
 ) -> list[Example]:
     """The latest label of each labelled study for ``task`` that has a routable image."""
     labels = session.execute(
-        select(Label.id, Label.study_id, Label.value, Label.split, Patient.pseudonym)
+        select(
+            Label.id,
+            Label.study_id,
+            Label.value,
+            Label.split,
+            Patient.pseudonym,
+            Study.study_uid,
+        )
         .join(Study, Study.id == Label.study_id)
         .join(Patient, Patient.id == Study.patient_id)
         .where(Label.task == task.name)
@@ -88,6 +98,8 @@ def labelled_examples(
                     sha256=routed.instance.sha256,
                     study_id=label.study_id,
                     split=label.split,
+                    study_uid=label.study_uid,
+                    value=label.value,
                 )
             )
     return examples
@@ -320,8 +332,11 @@ def _train(
         len(split.val),
         split.policy,
     )
+    trainer = (
+        segmentation.train_and_register if task.kind == "segmentation" else _train_and_register
+    )
     try:
-        version = _train_and_register(
+        version = trainer(
             settings, session_factory, store, task, run.id, split, progress, actor, on_epoch
         )
     except BaseException as exc:
@@ -413,8 +428,15 @@ def _train_and_register(
 
 
 def _check_enough(task: Task, examples: Sequence[Example], what: str = "labelled") -> None:
-    positives = sum(e.target for e in examples)
     least = task.plan.min_labels if what == "labelled" else 2
+    if task.kind == "segmentation":
+        if len(examples) < least:
+            raise NotEnoughLabels(
+                f"{task.name} needs at least {least} {what} studies with a mask; found "
+                f"{len(examples)}. Import or upload more masks, then train again."
+            )
+        return
+    positives = sum(e.target for e in examples)
     if len(examples) < least or positives < 1 or positives == len(examples):
         raise NotEnoughLabels(
             f"{task.name} needs at least {least} {what} studies with both "

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from radflow.errors import UnknownTask
-from radflow.learning.tasks import pneumonia_cxr
+from radflow.learning.tasks import pneumonia_cxr, retina_vessels
 from radflow.learning.tasks.base import (
     EvaluationPolicy,
     NetworkSpec,
     OperatingPoint,
     Route,
+    SlidingWindow,
     Task,
     TaskKind,
     TrainingPlan,
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK,)}
+TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK, retina_vessels.TASK)}
 """Every task, in declaration order; the first is the default."""
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "NetworkSpec",
     "OperatingPoint",
     "Route",
+    "SlidingWindow",
     "Task",
     "TaskKind",
     "TrainingPlan",

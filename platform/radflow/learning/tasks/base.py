@@ -4,10 +4,10 @@ A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows,
 dashboard never hard-code task details.
 
 The seams for the task kinds still to come are here, not in the callers: ``kind`` names the
-family (only ``binary-classification`` is implemented end to end), ``network`` is a MONAI
-config (so a bundle can be exported and re-imported for any network), ``inference`` says how a
-network sees an image (whole, or through a sliding window for large 3D volumes), and
-``operating_point`` / ``evaluation`` say how a version is judged.
+family (``binary-classification`` and 2D ``segmentation`` are built end to end), ``network`` is
+a MONAI config (so a bundle can be exported and re-imported for any network), ``inference`` and
+``window`` say how a network sees an image (whole, or through a sliding window for images larger
+than a patch), and ``operating_point`` / ``evaluation`` say how a version is judged.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from radflow.dicom.codes import ResultCoding
 
 TaskKind = Literal[
     "binary-classification",
+    "segmentation",  # 2D: a mask per image (radflow.learning.segmentation)
     # Declared so that configuration and code paths can name them; not built yet.
     "classification-3d",
     "segmentation-3d",
@@ -62,6 +63,26 @@ class TrainingPlan:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     min_labels: int = 20
+    # Segmentation: patches drawn from each training image per epoch (half centred on the
+    # structure, half on any pixel of the region that counts).
+    patches_per_image: int = 16
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How a segmentation network sees an image larger than its patch (MONAI
+    ``SlidingWindowInferer``): ``roi_size`` is also the training patch size; ``mode`` "gaussian"
+    weighs each window's centre over its borders where windows overlap, "constant" averages."""
+
+    roi_size: tuple[int, ...]
+    overlap: float = 0.5
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = 0.125
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError("sliding-window overlap must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,10 @@ def _qualified(target: str) -> str:
 
 TransformConfig = Mapping[str, Any]
 
+MASK_PREFIX = "mask:"
+"""How a segmentation label's value starts: ``mask:<digest>`` names its stored mask
+(radflow.learning.masks)."""
+
 
 def compose(configs: tuple[TransformConfig, ...]) -> Compose:
     """MONAI transforms from bundle-style configs (``{"_target_": "Resize", ...}``).
@@ -138,7 +163,8 @@ def compose(configs: tuple[TransformConfig, ...]) -> Compose:
 class OperatingPoint:
     """How the score threshold is chosen on validation data."""
 
-    policy: Literal["youden", "target-sensitivity"] = "youden"
+    # max-dice: the pixel threshold with the best Dice on validation (segmentation)
+    policy: Literal["youden", "target-sensitivity", "max-dice"] = "youden"
     target_sensitivity: float = 0.9
 
     def __post_init__(self) -> None:
@@ -175,6 +201,8 @@ class Task:
     operating_point: OperatingPoint = field(default_factory=OperatingPoint)
     evaluation: EvaluationPolicy = field(default_factory=EvaluationPolicy)
     inference: Literal["whole-image", "sliding-window"] = "whole-image"
+    # Segmentation: patch size and sliding-window inference (required for that kind).
+    window: SlidingWindow | None = None
     # How results are coded in the SR and SEG sent to a PACS (radflow.dicom.sr, .seg).
     coding: ResultCoding = field(default_factory=ResultCoding)
     # Bump when the preprocessing code changes in a way its parameters do not show: it is part
@@ -192,7 +220,14 @@ class Task:
         return self.labels[1]
 
     def target(self, label_value: str) -> float:
-        """The training target for a stored label value."""
+        """The training target for a stored label value (a segmentation label: always 1)."""
+        if self.kind == "segmentation":
+            if not label_value.startswith(MASK_PREFIX):
+                raise ValueError(
+                    f"a label of segmentation task {self.name} is a stored mask "
+                    f"({MASK_PREFIX}<digest>), not {label_value!r}; import or upload a mask"
+                )
+            return 1.0
         if label_value not in self.labels:
             raise ValueError(
                 f"label {label_value!r} is not valid for task {self.name}; use one of {self.labels}"
@@ -221,4 +256,5 @@ class Task:
             "plan": self.plan.__dict__,
             "operating_point": self.operating_point.__dict__,
             "preprocessing_digest": self.preprocessing_digest(),
+            **({"window": self.window.__dict__} if self.window else {}),
         }
