@@ -59,7 +59,9 @@ def test_the_mask_overlay_shows_and_a_corrected_mask_uploads(
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(upload)
     expect(page.get_by_text("corrected.png")).to_be_visible()
     page.get_by_role("button", name="Store the corrected mask").click()
-    expect(page.get_by_text("Saved: the corrected mask is the retina-vessels label")).to_be_visible()
+    expect(
+        page.get_by_text("Saved: the corrected mask is the retina-vessels label")
+    ).to_be_visible()
 
     settings = Settings(data_dir=data_dir, database_url="", store_url="")
     with Runtime.open(settings) as rt, rt.session_factory() as session:

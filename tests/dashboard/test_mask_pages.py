@@ -44,7 +44,9 @@ def test_the_predicted_mask_is_drawn_and_accepted(runtime: Runtime, embedded: No
     next(b for b in at.button if b.label == "Accept mask").click().run()
 
     assert not at.exception
-    assert at.success[0].value == "Saved: the predicted mask is the retina-vessels label (600 pixels)"
+    assert (
+        at.success[0].value == "Saved: the predicted mask is the retina-vessels label (600 pixels)"
+    )
     ((source, author, value),) = _labels(runtime)
     assert (source, author) == ("review", "rita") and value.startswith("mask:")
     assert events(runtime, "review") == [("rita", uid)]
@@ -69,5 +71,7 @@ def test_a_wrong_upload_is_refused_and_a_corrected_mask_stored(
     at.file_uploader(key="mask_file").set_value(("mask.png", mask_png(corrected), "image/png"))
     next(b for b in at.button if b.label == "Store the corrected mask").click().run()
     assert not at.exception
-    assert at.success[0].value == "Saved: the corrected mask is the retina-vessels label (600 pixels)"
+    assert (
+        at.success[0].value == "Saved: the corrected mask is the retina-vessels label (600 pixels)"
+    )
     assert [(source, author) for source, author, _ in _labels(runtime)] == [("review", "rita")]

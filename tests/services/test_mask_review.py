@@ -219,7 +219,12 @@ def _grey_levels(_: Session, __: ObjectStore) -> bytes:
 LIMIT = 64 * 1024
 BAD: list[tuple[str, Callable[[Session, ObjectStore], bytes], str, str]] = [
     ("small.png", lambda s, st: png(np.ones((10, 12), bool)), "mask-size", "12x10 but its image"),
-    ("turned.nii", lambda s, st: nifti(_corrected().T), "mask-size", "64x80 but its image is 80x64"),
+    (
+        "turned.nii",
+        lambda s, st: nifti(_corrected().T),
+        "mask-size",
+        "64x80 but its image is 80x64",
+    ),
     ("empty.png", lambda s, st: png(np.zeros(SHAPE, bool)), "empty-mask", "confirm that"),
     ("notes.txt", lambda s, st: b"vessels everywhere\n" * 20, "unknown-format", "PNG"),
     ("photo.jpg", _jpeg, "unknown-format", "lossless"),

@@ -104,9 +104,7 @@ def _binary(values: NDArray[np.generic], name: str, what: str) -> NDArray[np.boo
     return np.asarray(values != 0)
 
 
-def _from_picture(
-    name: str, data: bytes, shape: tuple[int, int], what: str
-) -> NDArray[np.bool_]:
+def _from_picture(name: str, data: bytes, shape: tuple[int, int], what: str) -> NDArray[np.bool_]:
     try:
         picture = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:

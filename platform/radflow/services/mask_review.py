@@ -117,7 +117,7 @@ def review_mask(
     """Record a reviewer's verdict on the study's mask for segmentation task ``task``.
 
     ACCEPT and REJECT refer to the study's latest prediction of the task; CORRECT needs
-    ``upload`` (and no prediction). Raises MaskError (the mask is refused; nothing changed),
+    ``upload``, not a prediction. Raises MaskError (the mask is refused; nothing changed),
     ValueError for a request that makes no sense here, StudyNotFound, PermissionDenied.
     """
     require(principal, Permission.REVIEW)
@@ -140,7 +140,8 @@ def review_mask(
             "a mask; upload a mask instead"
         )
     comment = clean_comment(comment)
-    label_id = foreground = None
+    label: Label | None = None
+    foreground: int | None = None
     if verdict is not MaskVerdict.REJECT:
         mask = _mask(store, settings, session, study, segmentation, verdict, prediction, upload)
         if not mask.any() and not confirm_empty:
@@ -150,17 +151,7 @@ def review_mask(
                 f"the mask has no pixel of {structure}; if the image truly shows none, confirm "
                 "that the mask is empty and submit again",
             )
-        region = _region(session, store, study, segmentation, mask.shape)
-        value = save_mask(store, study_uid, segmentation.name, GroundTruth(mask, region))
-        label_id = add_label(
-            session,
-            study_uid,
-            segmentation.name,
-            value,
-            source=REVIEW_SOURCE,
-            author=principal.name,
-            comment=comment,
-        ).id
+        label = _add_label(session, store, study, segmentation, mask, principal.name, comment)
         foreground = int(mask.sum())
     study.status, study.status_reason = StudyStatus.REVIEWED, None
     session.add(
@@ -171,14 +162,39 @@ def review_mask(
             study_uid,
             task=segmentation.name,
             verdict=verdict.value,
-            label_id=label_id,
+            label_id=label.id if label else None,
             prediction_id=prediction.id if prediction else None,
             foreground=foreground,
             upload_bytes=len(upload.data) if upload and verdict is MaskVerdict.CORRECT else None,
             commented=comment is not None,
         )
     )
-    return MaskReviewResult(study_uid, segmentation.name, verdict, label_id, foreground)
+    return MaskReviewResult(
+        study_uid, segmentation.name, verdict, label.id if label else None, foreground
+    )
+
+
+def _add_label(
+    session: Session,
+    store: ObjectStore,
+    study: Study,
+    task: Task,
+    mask: NDArray[np.bool_],
+    author: str,
+    comment: str | None,
+) -> Label:
+    """Store ``mask`` as an imported mask is stored, and record it as the study's label."""
+    region = _region(session, store, study, task, mask.shape)
+    value = save_mask(store, study.study_uid, task.name, GroundTruth(mask, region))
+    return add_label(
+        session,
+        study.study_uid,
+        task.name,
+        value,
+        source=REVIEW_SOURCE,
+        author=author,
+        comment=comment,
+    )
 
 
 def _latest_prediction(session: Session, study_id: int, task: str) -> Prediction | None:
@@ -228,7 +244,9 @@ def _image(
 ) -> Dataset:
     """The header of the image the task looks at in this study (the one scoring and training
     use): the mask must fit it."""
-    routed = route_series(candidates(session, [study.id]).get(study.id, []), task, rules_for(settings))
+    routed = route_series(
+        candidates(session, [study.id]).get(study.id, []), task, rules_for(settings)
+    )
     if routed.instance is None:
         raise MaskError(
             "no-image",
