@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from monai.transforms import Compose, RandAdjustContrastd, RandFlipd, RandRotate90d
+from typing import TYPE_CHECKING
+
 from pydicom.sr.coding import Code
 
 from radflow.dicom.codes import ResultCoding, Segment
@@ -15,6 +16,9 @@ from radflow.learning.tasks.base import (
     Task,
     TrainingPlan,
 )
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 PATCH = (64, 64)
 
@@ -51,6 +55,9 @@ PREPROCESSING = (
 
 
 def _augmentation() -> Compose:
+    # MONAI imported here: the registry is read by commands that never train (`radflow label`).
+    from monai.transforms import Compose, RandAdjustContrastd, RandFlipd, RandRotate90d
+
     # A fundus has no preferred orientation at the scale of a patch: flips and quarter turns.
     keys = ["image", "label"]
     return Compose(
