@@ -4,11 +4,14 @@ the predicted mask is drawn over the image, and a corrected mask uploaded become
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from urllib.parse import urljoin
 
 import numpy as np
 import pytest
 from factories import make_segmentation_study, make_user, mask_png
+from PIL import Image
 from playwright.sync_api import Page, expect
 from sqlalchemy import select
 from test_browser import _log_in, _screenshot, _study_uid, browser, page, server
@@ -39,6 +42,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _tinted(page: Page, server: str, source: str) -> int:
+    """Pixels of the served image (fetched with the page's session) that the mask tints green."""
+    rgb = np.asarray(Image.open(io.BytesIO(page.request.get(urljoin(server, source)).body())))
+    rgb = rgb[..., :3].astype(int)
+    return int((rgb[..., 1] > rgb[..., 0] + 20).sum())
+
+
 def test_the_mask_overlay_shows_and_a_corrected_mask_uploads(
     server: str, page: Page, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -47,9 +57,14 @@ def test_the_mask_overlay_shows_and_a_corrected_mask_uploads(
     expect(page.get_by_role("heading", name="Study ACC-SEG")).to_be_visible()
     expect(page.get_by_text("mask of retina-vessels:v1 at threshold 0.500")).to_be_visible()
     image = page.get_by_test_id("stImage").locator("img")
-    filled = image.get_attribute("src")
+    filled = image.get_attribute("src") or ""
+    # Served as JPEG: its edges blur a little, so counts are near, not exact.
+    region = _tinted(page, server, filled)
+    assert abs(region - 80 * 140) < 0.1 * 80 * 140  # the whole predicted region
     page.get_by_text("Contour", exact=True).click()
-    expect(image).not_to_have_attribute("src", filled or "")
+    expect(image).not_to_have_attribute("src", filled)
+    outline = image.get_attribute("src") or ""
+    assert 0 < _tinted(page, server, outline) < region / 3  # its edge only
     _screenshot(page, "study-mask")
 
     corrected = np.zeros(SHAPE, dtype=bool)
