@@ -169,7 +169,7 @@ class Receiver:
         self.indexer.start()
         self._checker = ThreadPoolExecutor(thread_name_prefix="radflow-header-check")
         ae = AE(ae_title=self.ae_title)
-        # Announced and enforced (server.BoundedSocket); larger PDUs mean fewer Python round
+        # Announced and enforced (server.PduGate); larger PDUs mean fewer Python round
         # trips per instance (DCMTK sends up to 128 KiB), memory stays one PDU per association.
         ae.maximum_pdu_size = self.settings.receiver_max_pdu_bytes
         ae.maximum_associations = MAX_ASSOCIATIONS
