@@ -19,12 +19,18 @@ import pytest
 from factories import make_user
 from live import Worker, flow_runs, wait_until, worker_env
 from prefect import flow
+from prefect.client.orchestration import get_client
 from servers import PrefectServer
 from sqlalchemy import func, select
 
 from demo.synthetic import write_cxr_studies
 from flows import launcher
-from flows.deployments import deployments, retrain_deployment
+from flows.deployments import (
+    ZOMBIE_AUTOMATION,
+    deployments,
+    ensure_zombie_automation,
+    retrain_deployment,
+)
 from flows.launcher import (
     FLOW_RUN_HOLDER,
     PROCESS_DEPLOYMENT,
@@ -65,6 +71,25 @@ def test_a_schedule_creates_runs(flow_env: Settings, prefect_api: PrefectServer)
     )
     assert all(run.state_name == "Scheduled" for run in runs)
     assert not [line for line in prefect_api.log_errors() if "bulk DML" in line]
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_workers_install_the_zombie_run_automation_once(
+    flow_env: Settings, prefect_api: PrefectServer
+) -> None:
+    """Runs a killed worker took down without a lease to hand over stayed Running for good;
+    Prefect's zombie recipe (heartbeats, then a proactive trigger) marks them Crashed."""
+    from prefect.automations import Automation
+
+    ensure_zombie_automation()
+    ensure_zombie_automation()  # a second worker starting
+    with get_client(sync_client=True) as client:
+        named = [a for a in client.read_automations() if a.name == ZOMBIE_AUTOMATION]
+    assert len(named) == 1
+    installed = Automation.read(name=ZOMBIE_AUTOMATION)
+    assert installed.trigger.posture == "Proactive"
+    assert installed.trigger.within == timedelta(seconds=90)
+    assert [a.type for a in installed.actions] == ["change-flow-run-state"]
 
 
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
@@ -169,7 +194,6 @@ def test_a_run_a_killed_worker_left_pending_does_not_hold_events_back(
     """A worker killed after claiming a run (Pending, its process not started yet) left it
     Pending: every event was held back for the next minute, a trickle of studies waited up to
     55 s. A run Pending past the grace counts as stuck."""
-    from prefect.client.orchestration import get_client
     from prefect.states import Pending
 
     monkeypatch.setattr(launcher, "PENDING_GRACE", timedelta(seconds=1))
