@@ -208,3 +208,25 @@ def test_the_import_command_stores_a_segmentation_dataset(
     assert main(["import", "segmentation", str(folder), "--task", TASK]) == 0
     out = capsys.readouterr().out
     assert out.startswith("imported drive:training: 2 studies") and "2 new labels" in out, out
+
+
+def test_training_validates_every_nth_epoch_and_the_last() -> None:
+    import torch
+
+    from radflow.learning.masks import GroundTruth
+    from radflow.learning.segmentation import Case, fit
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(3):
+        image, mask = _photograph(rng)
+        cases.append(Case(np.moveaxis(image, -1, 0) / 255.0, GroundTruth(mask, None)))
+    task = dataclasses.replace(
+        tasks.get_task(TASK),
+        plan=TrainingPlan(epochs=5, batch_size=8, patches_per_image=4, validate_every=2),
+        window=SlidingWindow(roi_size=(32, 32), overlap=0.25, batch_size=16),
+    )
+    result = fit(task, cases[:2], cases[2:], seed=0, device=torch.device("cpu"), progress=False)
+    assert [row["epoch"] for row in result.history] == [2.0, 4.0, 5.0]
+    assert len(result.val_maps) == 1
+    assert result.val_maps[0].shape == SIZE

@@ -185,6 +185,8 @@ def fit(
         schedule.step()
         busy += time.perf_counter() - started
         seen += per_epoch
+        if epoch % plan.validate_every and epoch < plan.epochs:
+            continue
         maps = [probability_map(network, c.image, window, device) for c in val]
         pixels = [c.pixels(m) for c, m in zip(val, maps, strict=True)]
         threshold = dice_threshold(pixels)

@@ -66,6 +66,10 @@ class TrainingPlan:
     # Segmentation: patches drawn from each training image per epoch (half centred on the
     # structure, half on any pixel of the region that counts).
     patches_per_image: int = 16
+    # Segmentation: validate (sliding window over every evaluation image) after every Nth epoch
+    # and the last; the best validated epoch is kept. Validation of a few large images can cost
+    # as much as an epoch of patches.
+    validate_every: int = 1
 
 
 @dataclass(frozen=True)
