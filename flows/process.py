@@ -29,6 +29,7 @@ def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
         threads=rt.settings.torch_threads or None,
         rules=rules_for(rt.settings),
         cache_dir=rt.settings.cache_dir,
+        max_voxels=rt.settings.max_volume_voxels,
     )
 
 

@@ -6,7 +6,7 @@ from radflow.db.base import Base
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
 from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
-from radflow.db.results import Label, Prediction
+from radflow.db.results import Label, Prediction, TaskOutcome
 from radflow.db.session import (
     ensure_schema,
     make_engine,
@@ -32,6 +32,7 @@ __all__ = [
     "Series",
     "Study",
     "StudyStatus",
+    "TaskOutcome",
     "TrainingRun",
     "User",
     "ensure_schema",

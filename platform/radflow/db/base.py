@@ -29,4 +29,5 @@ class Base(DeclarativeBase):
         datetime: DateTime(timezone=True),
         dict[str, Any]: JSON,
         list[str]: JSON,
+        list[float]: JSON,
     }

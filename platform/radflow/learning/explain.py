@@ -3,10 +3,15 @@
 One forward and one backward pass per batch give both the scores and the maps: MONAI's hooks
 keep the class logit of the forward pass they run, so scoring does not run the network twice.
 
-The stored map is an 8-bit grey-scale PNG at the model's input size (``task.spatial_size``),
-0 = no contribution, 255 = the strongest evidence for the positive class in that image. The
-model sees the whole image resized (no crop), so the map overlays the original image by
-stretching it to the image's rows and columns.
+The stored map of a 2D task is an 8-bit grey-scale PNG at the model's input size
+(``task.spatial_size``), 0 = no contribution, 255 = the strongest evidence for the positive
+class in that image. The model sees the whole image resized (no crop), so the map overlays the
+original image by stretching it to the image's rows and columns.
+
+A volume task's map is a volume (``gradcam.npz``): ``heat``, 8-bit (slices, rows, columns) at
+the model's input grid, and ``affine``, where those voxels lie in the patient (4x4, LPS mm, the
+preprocessed MetaTensor's), which places it on the series whatever the preprocessing turned or
+resized (radflow.services.study_view resamples it onto the series' slices).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from radflow.learning.device import autocast
 from radflow.store import ObjectStore
 
 GRADCAM_NAME = "gradcam.png"
+GRADCAM_VOLUME_NAME = "gradcam.npz"
 STORE_THREADS = 4
 """Threads writing heat maps: on S3 each PUT is a round trip, which threads overlap."""
 
@@ -83,17 +89,44 @@ def heatmap_png(heat: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def save_heatmaps(store: ObjectStore, object_keys: Sequence[str], maps: np.ndarray) -> None:
-    """Each map as a PNG under its key. Not fsynced: a heat map is derived, made again by
+def heatmap_volume(heat: np.ndarray, affine: np.ndarray | None) -> bytes:
+    """A 3D map in [0, 1] and its affine (None: unknown, identity) as a compressed npz."""
+    if heat.ndim != 3:
+        raise ValueError(f"a heat map volume needs a 3D map, got shape {heat.shape}")
+    pixels = np.clip(np.round(heat * 255.0), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    np.savez_compressed(out, heat=pixels, affine=np.eye(4) if affine is None else affine)
+    return out.getvalue()
+
+
+def read_heatmap_volume(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A stored heat map volume back: floats in [0, 1] (slices, rows, columns), and its affine."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        return stored["heat"].astype(np.float32) / 255.0, np.asarray(stored["affine"], np.float64)
+
+
+def save_heatmaps(
+    store: ObjectStore,
+    object_keys: Sequence[str],
+    maps: np.ndarray,
+    affines: Sequence[np.ndarray | None] | None = None,
+) -> None:
+    """Each map under its key: a PNG for a 2D map, an npz with its affine for a volume (the
+    ``affines``, in the order of ``maps``). Not fsynced: a heat map is derived, made again by
     scoring the study again, and a forced write per file would cost more than the network."""
 
-    def put(key: str, heat: np.ndarray) -> None:
-        store.put_bytes(key, heatmap_png(heat), content_type="image/png", durable=False)
+    def put(key: str, heat: np.ndarray, affine: np.ndarray | None) -> None:
+        if heat.ndim == 2:
+            store.put_bytes(key, heatmap_png(heat), content_type="image/png", durable=False)
+        else:
+            data = heatmap_volume(heat, affine)
+            store.put_bytes(key, data, content_type="application/octet-stream", durable=False)
 
     if len(object_keys) != len(maps):
         raise ValueError(f"{len(object_keys)} keys for {len(maps)} heat maps")
+    placed = list(affines) if affines is not None else [None] * len(maps)
     with ThreadPoolExecutor(STORE_THREADS) as pool:
-        list(pool.map(put, object_keys, maps))  # list(): re-raises the first failed write
+        list(pool.map(put, object_keys, maps, placed))  # list(): re-raises the first failed write
 
 
 def read_heatmap(data: bytes) -> np.ndarray:

@@ -3,11 +3,13 @@
 A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows, the CLI and the
 dashboard never hard-code task details.
 
-The seams for the task kinds still to come are here, not in the callers: ``kind`` names the
-family (only ``binary-classification`` is implemented end to end), ``network`` is a MONAI
-config (so a bundle can be exported and re-imported for any network), ``inference`` says how a
-network sees an image (whole, or through a sliding window for large 3D volumes), and
-``operating_point`` / ``evaluation`` say how a version is judged.
+The seams for the task kinds are here, not in the callers: ``kind`` names the family
+(``binary-classification`` on one 2D image; ``classification-3d`` and
+``sequence-classification`` on a series assembled into a volume, radflow.dicom.volume; the
+others are declared, not built), ``network`` is a MONAI config (so a bundle can be exported and
+re-imported for any network), ``inference`` says how a network sees an image (whole, or through
+a sliding window for large 3D volumes), and ``operating_point`` / ``evaluation`` say how a
+version is judged.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from monai.transforms import Compose
 from torch import nn
 
 TaskKind = Literal[
-    "binary-classification",
+    "binary-classification",  # one 2D image (the middle frame of a multi-frame instance)
+    "classification-3d",  # a series as one volume
+    "sequence-classification",  # a series as an ordered stack: slices in space, or frames in time
     # Declared so that configuration and code paths can name them; not built yet.
-    "classification-3d",
     "segmentation-3d",
-    "sequence-classification",
     "image-enhancement",
 ]
+
+SERIES_KINDS = frozenset({"classification-3d", "sequence-classification"})
+"""The kinds whose input is a whole series (radflow.dicom.geometry), not one image."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,16 @@ class Task:
 
     def build_network(self) -> nn.Module:
         return self.network.build()
+
+    @property
+    def takes_series(self) -> bool:
+        """Whether the task's input is a whole series assembled into a volume."""
+        return self.kind in SERIES_KINDS
+
+    @property
+    def takes_time_series(self) -> bool:
+        """Whether images at one position in time order (a cine) are an input too."""
+        return self.kind == "sequence-classification"
 
     def preprocessing(self) -> Compose:
         return compose(self.preprocessing_config)
