@@ -27,9 +27,9 @@ from radflow.outages import is_outage
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
-# Read with pydicom as radflow.dicom.instance does it today; a later version may catch them
-# itself (unreadable): either way the file is refused alone.
-REFUSED_READING = {"unprocessable", "unreadable"}
+# radflow.dicom.instance reads these with a specific reason (a deflated body that does not
+# inflate, a value whose length its VR cannot hold); whatever the reason, each is refused alone.
+REFUSED_READING = {"unprocessable", "unreadable", "bad-dimensions"}
 
 
 def _count(session_factory: sessionmaker[Session], model: type) -> int:

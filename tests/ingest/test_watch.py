@@ -201,7 +201,7 @@ def test_an_entry_that_fails_unforeseen_is_quarantined_and_the_queue_goes_on(
     report = watch_once(settings, session_factory, store, now=LATER)
 
     assert (report.stored, report.quarantined) == (2, 7)
-    assert set(report.reasons) <= {"unprocessable", "unreadable", "not-dicom"}
+    assert set(report.reasons) <= {"unprocessable", "unreadable", "not-dicom", "bad-dimensions"}
     assert list(settings.inbox.iterdir()) == []
     rejections = _rejections(session_factory)
     assert len(rejections) == 7

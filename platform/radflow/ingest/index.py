@@ -478,6 +478,11 @@ def _check_values(header: InstanceHeader, name: str) -> tuple[InstanceHeader, tu
                 f"{what} {number} is outside the range of the index's integers "
                 f"({low}..{high}); indexed without it"
             )
+    # Values reading already set aside (radflow.dicom.instance: not a number, or beyond 32 bits).
+    warnings += [
+        f"{keyword} is not a number the index's integers hold; indexed without it"
+        for keyword in header.unusable
+    ]
     return (replace(header, **dropped) if dropped else header), tuple(warnings)
 
 
