@@ -43,6 +43,11 @@ class Explainer:
     logit with respect to that layer's activations) then flows back to that layer and stops,
     instead of through every earlier layer's weights, which cost most of the backward pass and
     which nothing uses. Do not train ``network`` after wrapping it.
+
+    A CAM layer without weights of its own (a reshaping layer, e.g. the per-slice encoder's maps
+    stacked as a volume in radflow.learning.networks.SliceSequenceClassifier) gets its gradient
+    from the input instead: the input then requires it, and the backward pass runs through the
+    earlier layers' activations (still not their weights).
     """
 
     def __init__(self, network: nn.Module, cam_layer: str) -> None:
@@ -52,6 +57,7 @@ class Explainer:
             raise ValueError(f"the network has no layer {cam_layer!r} for Grad-CAM")
         network.requires_grad_(False)
         layer.requires_grad_(True)
+        self._input_grad = next(layer.parameters(), None) is None
         # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map, one
         # image at a time; this maps each map to [0, 1] with the strongest evidence at 1.
         self.cam = GradCAM(nn_module=network, target_layers=cam_layer, postprocessing=_unit_range)
@@ -59,6 +65,8 @@ class Explainer:
     def __call__(self, images: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
         """Positive-class probabilities (N,) and heat maps (N, *spatial) in [0, 1]."""
         x = images.to(device)
+        if self._input_grad:
+            x = x.detach().requires_grad_(True)
         with torch.enable_grad(), autocast(device), warnings.catch_warnings():
             # The CAM layer's input needs no gradient, so PyTorch notes that the layer's
             # backward hook sees only output gradients: exactly what Grad-CAM reads.

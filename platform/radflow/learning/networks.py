@@ -54,6 +54,9 @@ class SliceSequenceClassifier(nn.Module):
             previous = out
         self.encoder = nn.Sequential(*blocks)
         self.features = nn.Identity()
+        # Pooling as a module, not a mean: its backward hands Grad-CAM the contiguous gradient
+        # MONAI's GradCAM views (a mean's backward is a broadcast, which it cannot).
+        self.pool = nn.AdaptiveAvgPool3d((None, 1, 1))
         recurrent = nn.LSTM if rnn == "lstm" else nn.GRU
         self.rnn = recurrent(previous, hidden, batch_first=True, bidirectional=bidirectional)
         self.head = nn.Linear(hidden * (2 if bidirectional else 1), classes)
@@ -64,7 +67,7 @@ class SliceSequenceClassifier(nn.Module):
         encoded = self.encoder(frames)
         maps = encoded.reshape(batch, steps, *encoded.shape[1:]).transpose(1, 2)
         maps = self.features(maps)  # (B, C, T, h, w)
-        sequence = maps.mean(dim=(3, 4)).transpose(1, 2)  # (B, T, C)
+        sequence = self.pool(maps).flatten(2).transpose(1, 2)  # (B, T, C)
         outputs, _ = self.rnn(sequence)
         out: torch.Tensor = self.head(outputs.mean(dim=1))
         return out
