@@ -19,6 +19,7 @@ from radflow.services.review import (
     submit_review,
 )
 from radflow.services.study_view import (
+    InstanceRef,
     ObjectNotFound,
     OverlayUnreadable,
     SeriesView,
@@ -76,8 +77,10 @@ def _choose_series(view: StudyView) -> SeriesView | None:
     return view.series[0] if view.series else None
 
 
-def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], str] | None:
-    """The displayed image (slice, frame, window, contrast) and its caption."""
+def _picture(
+    view: StudyView, series: SeriesView
+) -> tuple[NDArray[np.uint8], str, InstanceRef] | None:
+    """The displayed image (slice, frame, window, contrast), its caption, and which it is."""
     instances = series.instances
     index = len(instances) // 2
     if len(instances) > 1:
@@ -114,11 +117,11 @@ def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], st
     where = [f"slice {index + 1}/{len(instances)}"] if len(instances) > 1 else []
     where += [f"frame {frame + 1}/{instance.frames}"] if frame is not None else []
     caption = " · ".join([series.description or series.series_uid, *where])
-    return image, caption
+    return image, caption, instance
 
 
 def _with_overlays(
-    view: StudyView, image: NDArray[np.uint8]
+    view: StudyView, image: NDArray[np.uint8], instance: InstanceRef
 ) -> tuple[NDArray[np.uint8], list[str]]:
     latest = view.latest
     notes: list[str] = []
@@ -132,7 +135,7 @@ def _with_overlays(
     elif toggles[0].toggle("Grad-CAM heat map", value=True, key="gradcam"):
         opacity = toggles[0].slider("Heat map opacity", 0.0, 1.0, 0.5, 0.05, key="gradcam_opacity")
         try:
-            heat = load_overlay(store, latest.gradcam_key, image.shape[:2])
+            heat = load_overlay(store, latest.gradcam_key, image.shape[:2], instance)
             shown = heatmap_overlay(shown, heat, opacity)
             notes.append(f"Grad-CAM of {latest.model}")
         except (ObjectNotFound, OverlayUnreadable) as exc:
@@ -159,8 +162,8 @@ def _show_image(view: StudyView) -> None:
     picture = _picture(view, series)
     if picture is None:
         return
-    image, caption = picture
-    shown, notes = _with_overlays(view, image)
+    image, caption, instance = picture
+    shown, notes = _with_overlays(view, image, instance)
     st.image(shown, caption=" · ".join([caption, *notes]), width="stretch")
 
 

@@ -14,13 +14,8 @@ from demo.synthetic import write_cxr_studies
 from radflow.db import Prediction, unit_of_work
 from radflow.ingest import find_files, ingest_files, mark_stable
 from radflow.learning import tasks
-from radflow.learning.explain import (
-    Explainer,
-    heatmap_png,
-    heatmap_volume,
-    read_heatmap,
-    read_heatmap_volume,
-)
+from radflow.learning.explain import Explainer, heatmap_png, read_heatmap
+from radflow.learning.heatmaps import heatmap_volume, read_heatmap_volume
 from radflow.learning.registry import register
 from radflow.learning.scoring import score_stable
 from radflow.learning.training import predict

@@ -18,13 +18,21 @@ from radflow.dicom.volume import load_volume
 from radflow.ingest.importers import VOLUME_SPACING_MM, import_npz
 from radflow.ingest.routing import series_slices
 from radflow.learning import tasks
-from radflow.learning.explain import read_heatmap_volume
+from radflow.learning.heatmaps import heatmap_volume, read_heatmap_volume
 from radflow.learning.scoring import score_stable
 from radflow.learning.tasks import TrainingPlan
 from radflow.learning.training import train_task
+from radflow.services.study_view import (
+    InstanceRef,
+    OverlayUnreadable,
+    get_study_view,
+    load_overlay,
+)
 from radflow.settings import Settings
 from radflow.store import ObjectStore
+from radflow.store.local import LocalStore
 
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SIZE = 8  # voxels along each axis: the tasks resize to 28^3, tests keep the files small
 
 
@@ -91,11 +99,55 @@ def test_volumes_import_train_score_and_explain(
         assert (scored.scored, scored.failed) == (20, {})
         with session_factory() as session:
             prediction = session.scalars(
-                select(Prediction).where(Prediction.model_version_id == version.id).limit(1)
+                select(Prediction)
+                .where(Prediction.model_version_id == version.id)
+                .order_by(Prediction.score.desc())  # a blob: a map with something on it
+                .limit(1)
             ).one()
-        heat, affine = read_heatmap_volume(store.get_bytes(prediction.derived_keys["gradcam"]))
+            view = get_study_view(session, prediction.study.study_uid)
+        key = prediction.derived_keys["gradcam"]
+        heat, _ = read_heatmap_volume(store.get_bytes(key))
         assert heat.shape == (28, 28, 28) and 0.0 <= heat.min() <= heat.max() <= 1.0
-        assert affine.shape == (4, 4)
+        # Shown slice by slice on the series, through its affine: the 28^3 map placed back on
+        # the 8 slices of 8x8 is the map shrunk to them.
+        shown = np.stack(
+            [load_overlay(store, key, (SIZE, SIZE), i) for i in view.series[0].instances]
+        )
+        # The series' slices go up (Instance Numbers, as imported); the 3D task's map is turned
+        # so too (Orientation SPL), the sequence task's is in highdicom's order (down).
+        shrunk = _shrink(heat if name == "adrenal-ct-3d" else heat[::-1])
+        assert np.corrcoef(shown.ravel(), shrunk.ravel())[0, 1] > 0.9, name
+
+
+def _shrink(heat: np.ndarray) -> np.ndarray:
+    """A 28^3 map at the 8^3 of the series (area averaging)."""
+    import torch
+
+    return torch.nn.functional.interpolate(
+        torch.from_numpy(heat.copy())[None, None], size=(SIZE,) * 3, mode="area"
+    )[0, 0].numpy()
+
+
+def test_a_heat_map_volume_is_sampled_where_it_crosses_the_shown_slice(tmp_path: Path) -> None:
+    heat = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    # Voxel (slice, row, column) -> LPS mm: slices 3 mm apart going down, rows 0.5 mm back,
+    # columns 0.25 mm to the left, from (10, 20, 30).
+    affine = np.array(
+        [[0, 0, 0.25, 10], [0, 0.5, 0, 20], [-3.0, 0, 0, 30], [0, 0, 0, 1]], dtype=np.float64
+    )
+    store = LocalStore(tmp_path)
+    store.put_bytes("map.npz", heatmap_volume(heat, affine))
+    instance = InstanceRef(
+        "slice", 1, position=(10.0, 20.0, 24.0), orientation=AXIAL, pixel_spacing=(0.5, 0.25)
+    )
+
+    shown = load_overlay(store, "map.npz", (5, 6), instance)
+
+    np.testing.assert_allclose(shown, heat[2], atol=1 / 255)
+    beside = dataclasses.replace(instance, position=(10.0, 20.0, 100.0))
+    assert load_overlay(store, "map.npz", (5, 6), beside).max() == 0.0
+    with pytest.raises(OverlayUnreadable, match="no indexed geometry"):
+        load_overlay(store, "map.npz", (5, 6), dataclasses.replace(instance, position=None))
 
 
 def _ct_series(tmp_path: Path, skip: int | None) -> list[Path]:

@@ -8,10 +8,9 @@ The stored map of a 2D task is an 8-bit grey-scale PNG at the model's input size
 class in that image. The model sees the whole image resized (no crop), so the map overlays the
 original image by stretching it to the image's rows and columns.
 
-A volume task's map is a volume (``gradcam.npz``): ``heat``, 8-bit (slices, rows, columns) at
-the model's input grid, and ``affine``, where those voxels lie in the patient (4x4, LPS mm, the
-preprocessed MetaTensor's), which places it on the series whatever the preprocessing turned or
-resized (radflow.services.study_view resamples it onto the series' slices).
+A volume task's map is a volume (``gradcam.npz``, radflow.learning.heatmaps) with the affine
+that places it on the series whatever the preprocessing turned or resized
+(radflow.services.study_view resamples it onto the shown slice).
 """
 
 from __future__ import annotations
@@ -28,10 +27,11 @@ from PIL import Image
 from torch import nn
 
 from radflow.learning.device import autocast
+from radflow.learning.heatmaps import heatmap_volume
 from radflow.store import ObjectStore
 
 GRADCAM_NAME = "gradcam.png"
-GRADCAM_VOLUME_NAME = "gradcam.npz"
+GRADCAM_VOLUME_NAME = "gradcam.npz"  # the suffix radflow.services.study_view knows volumes by
 STORE_THREADS = 4
 """Threads writing heat maps: on S3 each PUT is a round trip, which threads overlap."""
 
@@ -95,22 +95,6 @@ def heatmap_png(heat: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(out, format="PNG")
     return out.getvalue()
-
-
-def heatmap_volume(heat: np.ndarray, affine: np.ndarray | None) -> bytes:
-    """A 3D map in [0, 1] and its affine (None: unknown, identity) as a compressed npz."""
-    if heat.ndim != 3:
-        raise ValueError(f"a heat map volume needs a 3D map, got shape {heat.shape}")
-    pixels = np.clip(np.round(heat * 255.0), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    np.savez_compressed(out, heat=pixels, affine=np.eye(4) if affine is None else affine)
-    return out.getvalue()
-
-
-def read_heatmap_volume(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """A stored heat map volume back: floats in [0, 1] (slices, rows, columns), and its affine."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
-        return stored["heat"].astype(np.float32) / 255.0, np.asarray(stored["affine"], np.float64)
 
 
 def save_heatmaps(
