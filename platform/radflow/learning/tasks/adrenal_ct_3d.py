@@ -61,6 +61,12 @@ NETWORK = NetworkSpec(
 )
 
 
+# Accuracy is this dataset's published figure (MedMNIST), with masses about 1 in 5: Youden's cut
+# (sensitivity = specificity) calls many normal glands masses (carved train split: ACC 0.72 at
+# Youden, 0.85 at the most accurate cut on val, benchmarks/accuracy.py --carve 0.2).
+OPERATING_POINT = OperatingPoint(policy="max-accuracy")
+
+
 def augmentation() -> Compose:
     """Mirror images along every axis: left and right glands are mirror images, and the same
     shape may lie either way up. (A random affine per volume cost more than the network.)"""
@@ -78,5 +84,5 @@ TASK = Task(
     preprocessing_config=PREPROCESSING,
     augmentation=augmentation,
     plan=TrainingPlan(epochs=15, batch_size=32, learning_rate=2e-3),
-    operating_point=OperatingPoint(policy="youden"),
+    operating_point=OPERATING_POINT,
 )

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from radflow.learning.tasks.adrenal_ct_3d import (
     LABELS,
+    OPERATING_POINT,
     ROUTE,
     SPATIAL_SIZE,
     WINDOW_HU,
     augmentation,
 )
-from radflow.learning.tasks.base import NetworkSpec, OperatingPoint, Task, TrainingPlan
+from radflow.learning.tasks.base import NetworkSpec, Task, TrainingPlan
 
 # The stack as acquired (slices in order along their normal, or frames in time), not
 # reoriented: the order is the sequence the network reads. Windowed, then resized to 28 steps
@@ -57,5 +58,5 @@ TASK = Task(
     preprocessing_config=PREPROCESSING,
     augmentation=augmentation,
     plan=TrainingPlan(epochs=15, batch_size=32, learning_rate=2e-3),
-    operating_point=OperatingPoint(policy="youden"),
+    operating_point=OPERATING_POINT,
 )

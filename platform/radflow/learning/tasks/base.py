@@ -131,9 +131,11 @@ def compose(configs: tuple[TransformConfig, ...]) -> Compose:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """How the score threshold is chosen on validation data."""
+    """How the score threshold is chosen on validation data: balancing sensitivity and
+    specificity (``youden``), the most accurate cut (``max-accuracy``), or the highest cut that
+    reaches ``target_sensitivity``."""
 
-    policy: Literal["youden", "target-sensitivity"] = "youden"
+    policy: Literal["youden", "max-accuracy", "target-sensitivity"] = "youden"
     target_sensitivity: float = 0.9
 
     def __post_init__(self) -> None:
