@@ -183,7 +183,10 @@ def _show_result(view: StudyView) -> None:
             st.badge("Above threshold", icon=":material/flag:", color="red")
         else:
             st.badge("Below threshold", icon=":material/check:", color="green")
-    if view.status_reason:
+    if view.not_scored:
+        for task, reason in view.not_scored.items():
+            st.caption(f"{task}: {reason}")
+    elif view.status_reason:
         st.caption(f"Status reason: {view.status_reason}")
 
 

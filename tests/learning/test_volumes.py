@@ -202,3 +202,8 @@ def test_a_series_with_a_missing_slice_shows_why_no_model_applies(
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         assert study.status == StudyStatus.NO_MODEL
         assert "missing-slices" in (study.status_reason or "")
+        reasons = get_study_view(session, study_uid).not_scored
+    assert set(reasons) == {quick_volume_tasks[0]}
+    assert reasons[quick_volume_tasks[0]].startswith(
+        f"no series for {quick_volume_tasks[0]} (series 1: missing-slices: about 1 slice(s) missing"
+    )

@@ -19,7 +19,7 @@ from scipy.ndimage import map_coordinates
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from radflow.db import Instance, Prediction, Series, Study
+from radflow.db import Instance, Prediction, Series, Study, TaskOutcome
 from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.learning.heatmaps import read_heatmap_volume
@@ -106,6 +106,9 @@ class StudyView:
     series: list[SeriesView] = field(default_factory=list)
     predictions: list[PredictionView] = field(default_factory=list)
     """Newest first."""
+    not_scored: dict[str, str] = field(default_factory=dict)
+    """Why each task that gave no score did not (not applicable, e.g. a series that is not one
+    volume; or failed), by task: the full reasons ``status_reason`` abbreviates."""
 
     @property
     def latest(self) -> PredictionView | None:
@@ -156,6 +159,15 @@ def get_study_view(session: Session, study_uid: str) -> StudyView:
         received_at=study.received_at,
         series=[_series_view(s) for s in study.series],
         predictions=_prediction_views(session, study.id),
+        not_scored=dict(
+            session.execute(
+                select(TaskOutcome.task, TaskOutcome.reason)
+                .where(TaskOutcome.study_id == study.id)
+                .order_by(TaskOutcome.task)
+            )
+            .tuples()
+            .all()
+        ),
     )
 
 
