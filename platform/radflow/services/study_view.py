@@ -159,15 +159,14 @@ def get_study_view(session: Session, study_uid: str) -> StudyView:
         received_at=study.received_at,
         series=[_series_view(s) for s in study.series],
         predictions=_prediction_views(session, study.id),
-        not_scored=dict(
-            session.execute(
+        not_scored={
+            task: reason
+            for task, reason in session.execute(
                 select(TaskOutcome.task, TaskOutcome.reason)
                 .where(TaskOutcome.study_id == study.id)
                 .order_by(TaskOutcome.task)
             )
-            .tuples()
-            .all()
-        ),
+        },
     )
 
 
