@@ -12,6 +12,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Interval
 
+from flows.deliver import deliver_flow
 from flows.ingest import ingest_flow
 from flows.launcher import LABEL_EVENT, STABLE_EVENT
 from flows.process import process_flow
@@ -30,6 +31,14 @@ def serve_all() -> None:
             triggers=stable_study_triggers(),
             # A burst of stable studies would start a run per event; one run scores every stable
             # study (it loops until none is left), so a run starting while one runs is dropped.
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
+        ),
+        # Results whose sending failed are due again after their backoff: retried from here.
+        deliver_flow.to_deployment(
+            name="deliver",
+            interval=60,
             concurrency_limit=ConcurrencyLimitConfig(
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
             ),

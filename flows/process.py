@@ -1,10 +1,12 @@
-"""Process flow: stable studies -> preprocessing -> champion model -> predictions."""
+"""Process flow: stable studies -> preprocessing -> champion model -> predictions -> DICOM results
+(SR, SEG) written and sent to the destinations routing names (flows/deliver.py)."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.deliver import deliver
 from flows.retry import transient_only
 from radflow.db.registry import champion_tasks
 from radflow.ingest.routing import rules_for
@@ -45,6 +47,7 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
         else:
             names = [task_name]
         reports = {name: score_stable(rt, name) for name in names}
+        results = deliver(rt)
     for report in reports.values():
         logger.info(report.summary())
     return {
@@ -62,4 +65,5 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
             }
             for name, r in reports.items()
         },
+        "results": results,
     }

@@ -13,6 +13,8 @@ from flows.launcher import FlowRunsUnavailable, recent_flow_runs
 from radflow.services.pipeline import (
     ingest_rate,
     rejections,
+    resend_results,
+    results_out,
 )
 from radflow.services.status import platform_status
 from radflow.services.users import Permission
@@ -26,6 +28,7 @@ with context.session() as session:
     status = platform_status(session)
     hours = ingest_rate(session, user, hours=24)
     rejected, by_reason = rejections(session, user, limit=100)
+    outgoing = results_out(session, user, limit=100)
 
 numbers = {k: v for k, v in status.items() if isinstance(v, int)}
 for column, (name, value) in zip(st.columns(max(1, len(numbers))), numbers.items(), strict=False):
@@ -60,6 +63,32 @@ else:
         width="stretch",
     )
     st.dataframe(pd.DataFrame([asdict(r) for r in rejected]), hide_index=True)
+
+st.subheader("Results to PACS")
+for column, (status, count) in zip(st.columns(3), outgoing.counts.items(), strict=False):
+    column.metric(f"Results {status}", count)
+if outgoing.parked:
+    st.warning(
+        "Parked results stopped trying: fix the cause shown (destination address, AE titles, "
+        "the PACS's storage), then re-send them.",
+        icon=":material/pause_circle:",
+    )
+    parked = pd.DataFrame([asdict(p) for p in outgoing.parked])
+    chosen = st.dataframe(
+        parked, hide_index=True, on_select="rerun", selection_mode="multi-row", key="parked"
+    )
+    rows = chosen.selection.rows
+    if user.can(Permission.RESEND_RESULTS) and st.button(
+        f"Re-send {len(rows) or 'all'} parked", icon=":material/send:"
+    ):
+        ids = [int(i) for i in parked.iloc[rows or slice(None)]["delivery_id"]]
+        with context.transaction() as session:
+            count = resend_results(session, user, ids)
+        st.toast(f"{count} result(s) queued to send again.")
+        st.rerun()
+if outgoing.unwritten:
+    st.caption("Predictions whose SR could not be made")
+    st.dataframe(pd.DataFrame([asdict(u) for u in outgoing.unwritten]), hide_index=True)
 
 st.subheader("Recent flow runs")
 try:

@@ -22,11 +22,13 @@ from radflow.services.study_view import (
     InstanceRef,
     ObjectNotFound,
     OverlayUnreadable,
+    ResultView,
     SeriesView,
     StudyNotFound,
     StudyView,
     Window,
     adjust_contrast,
+    download_result,
     heatmap_overlay,
     load_overlay,
     mask_overlay,
@@ -311,6 +313,44 @@ if view.predictions:
     )
 else:
     st.caption("No predictions.")
+
+
+def _results(principal: Principal, view: StudyView) -> None:
+    """The DICOM results (SR, SEG), each downloadable (audited), and where each was sent."""
+    st.subheader("DICOM results")
+    for reason in view.unreported:
+        st.warning(f"An SR could not be made: {reason}", icon=":material/report:")
+    if not view.results:
+        st.caption("No SR or SEG made for this study yet.")
+        return
+    for index, result in enumerate(view.results):
+        columns = st.columns([3, 1], vertical_alignment="center")
+        columns[0].write(
+            f"**{result.kind}** of {result.model} · {result.created_at:%Y-%m-%d %H:%M}"
+        )
+        columns[1].download_button(
+            "Download",
+            data=lambda result=result: _download(principal, view.study_uid, result),
+            file_name=result.file_name,
+            mime="application/dicom",
+            icon=":material/download:",
+            key=f"result:{index}",
+            on_click="ignore",
+        )
+        sent = [delivery.describe() for delivery in result.deliveries]
+        columns[0].caption(
+            "  \n".join(sent) or "Sent to no destination (the routing rule names none)."
+        )
+
+
+def _download(principal: Principal, study_uid: str, result: ResultView) -> bytes:
+    with context.transaction() as session:
+        return download_result(
+            session, context.runtime().store, principal, study_uid, result.object_key
+        )
+
+
+_results(user, view)
 
 st.subheader("Series")
 st.dataframe(

@@ -161,6 +161,26 @@ class Settings(BaseSettings):
         "per core). Small images train fastest on one thread on a few shared cores; raise it on "
         "large machines",
     )
+    delivery_max_attempts: int = Field(
+        default=6,
+        ge=1,
+        description="Attempts to send a result (SR, SEG) to a destination before it is parked: "
+        "listed with its reason on the pipeline page and re-sent from there",
+    )
+    delivery_retry_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Wait before retrying a failed send; doubles with every attempt, up to "
+        "delivery_retry_max_seconds",
+    )
+    delivery_retry_max_seconds: float = Field(
+        default=3600.0, ge=0, description="Longest wait between two attempts to send a result"
+    )
+    delivery_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Connection, association and C-STORE response timeout when sending results",
+    )
     gradcam: bool = Field(
         default=True, description="Store a Grad-CAM heat map with every classification prediction"
     )

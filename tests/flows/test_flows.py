@@ -58,6 +58,8 @@ def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_pat
 
     processed = process_flow(quick_task)
     assert (processed["scored"], processed["failed"]) == (24, {})
+    # Every scored study gets its SR (the packaged rules send it nowhere).
+    assert processed["results"]["reports"] == 24
 
     with factory() as session:
         version = session.scalars(select(ModelVersion)).one()

@@ -84,6 +84,44 @@ rules:
     assert localizer.instance is None
 
 
+def _with_destination(change: str, *, twice: bool = False) -> str:
+    """A rule file with one destination "pacs" (twice if asked), one field set by ``change``."""
+    fields = {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.9", "port": "104"}
+    if change:
+        key, value = change.split(": ", 1)
+        fields[key] = value
+    item = "  - {" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}\n"
+    return (
+        f"destinations:\n{item * (2 if twice else 1)}rules:\n  - {{name: a, task: pneumonia-cxr}}\n"
+    )
+
+
+def test_destinations_are_read_with_the_rules_that_send_to_them() -> None:
+    rules = parse_rules(
+        """
+destinations:
+  - {name: pacs, ae_title: ' PACS ', host: pacs.example.org, port: 104}
+  - {name: research, ae_title: ARCHIVE, host: 10.0.0.7, port: 11112, calling_ae_title: AI}
+  - {name: cloud, stow_url: 'https://pacs.example.org/dicom-web/studies'}
+rules:
+  - {name: chest, task: pneumonia-cxr, send_to: [pacs, research, cloud]}
+""",
+        "test.yaml",
+    )
+    pacs = rules.destination("pacs")
+    assert pacs is not None and pacs.ae_title == "PACS"  # surrounding spaces are not significant
+    assert pacs.describe() == "pacs (PACS@pacs.example.org:104)"
+    assert rules.destination("research").calling_ae_title == "AI"  # type: ignore[union-attr]
+    cloud = rules.destination("cloud")
+    assert cloud is not None and cloud.describe() == (
+        "cloud (https://pacs.example.org/dicom-web/studies)"
+    )
+    assert rules.destination("elsewhere") is None
+    routed = route(_study(_series()), TASK, rules)
+    assert routed.rule is not None and routed.rule.send_to == ("pacs", "research", "cloud")
+    assert default_rules().destinations == ()  # the packaged rules send nowhere
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -97,6 +135,21 @@ rules:
         ),
         ("rules: [", "not valid YAML"),
         ("rules: []", "rules"),
+        (
+            "rules:\n  - {name: a, task: pneumonia-cxr, send_to: [pacs]}",
+            "rule a sends to ['pacs'], which are not among the destinations (none declared)",
+        ),
+        (_with_destination("ae_title: 'A\\\\B'"), "not an AE title"),
+        (_with_destination("ae_title: ABCDEFGHIJKLMNOPQ"), "not an AE title"),
+        (_with_destination("ae_title: '   '"), "not an AE title"),
+        (_with_destination("port: 0"), "destinations.0.port"),
+        (_with_destination("port: 70000"), "destinations.0.port"),
+        (_with_destination("host: 'pacs; rm -rf'"), "destinations.0.host"),
+        (_with_destination("speed: fast"), "destinations.0.speed"),
+        (_with_destination("port: null"), "needs ae_title, host and port (C-STORE) or stow_url"),
+        (_with_destination("stow_url: 'ftp://pacs/studies'"), "not a STOW-RS URL"),
+        (_with_destination("stow_url: 'http://user:pw@pacs/studies'"), "without credentials"),
+        (_with_destination("", twice=True), "destination names must be unique; repeated: ['pacs']"),
     ],
 )
 def test_invalid_rule_files_are_refused_with_the_field(text: str, message: str) -> None:

@@ -3,6 +3,7 @@
 from radflow.db import triage as triage  # keeps Study.triage_rank in step with predictions
 from radflow.db.audit import AuditEvent, Rejection
 from radflow.db.base import Base
+from radflow.db.delivery import Delivery, DeliveryStatus, ResultKind, ResultObject
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
 from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
@@ -19,6 +20,8 @@ from radflow.db.users import LoginAttempt, User
 __all__ = [
     "AuditEvent",
     "Base",
+    "Delivery",
+    "DeliveryStatus",
     "EvaluationSet",
     "Instance",
     "Label",
@@ -29,6 +32,8 @@ __all__ = [
     "Patient",
     "Prediction",
     "Rejection",
+    "ResultKind",
+    "ResultObject",
     "Series",
     "Study",
     "StudyStatus",

@@ -4,6 +4,10 @@ The rules are data (YAML, ``routing_rules.yaml`` in this package by default, or
 ``settings.routing_file``), validated on load: a typo in a rule file is an error that names the
 rule and the field, never a task that silently stops receiving studies.
 
+The same file names the destinations results go back to (a PACS: AE title, host, port); a
+rule's ``send_to`` lists those that receive the SR and SEG of the studies it routes
+(radflow.delivery).
+
 A rule looks at a series' attributes and at its first image only. Scoring and training route
 thousands of studies at a time, so they read just that (:func:`candidates`: one query for a
 whole batch of studies, no ORM objects, never every instance of a 500-slice CT series);
@@ -28,7 +32,15 @@ from pathlib import Path
 from typing import Annotated, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -39,6 +51,21 @@ from radflow.learning.tasks import TASKS, Task
 from radflow.settings import MAX_VOLUME_VOXELS, Settings
 
 Size = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+
+
+def _ae_title(value: str) -> str:
+    # PS3.5 6.2: 1-16 characters of the default repertoire without backslash, not all spaces;
+    # leading and trailing spaces are not significant.
+    title = value.strip()
+    if not 1 <= len(title) <= 16 or not re.fullmatch(r"[ -\[\]-~]+", title):
+        raise ValueError(
+            f"{value!r} is not an AE title: 1 to 16 printable ASCII characters, no backslash"
+        )
+    return title
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
 
 
 class SeriesAttributes(Protocol):
@@ -99,13 +126,68 @@ class InvalidRoutingRules(RadflowError):
         super().__init__(f"routing rules {source}: {problem}; fix the file (RADFLOW_ROUTING_FILE)")
 
 
+def _stow_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^/@\s]+(/\S*)?", value):
+        raise ValueError(
+            f"{value!r} is not a STOW-RS URL: http(s)://host[:port]/path, without credentials"
+        )
+    return value
+
+
+StowUrl = Annotated[str, AfterValidator(_stow_url)]
+
+
+class Destination(BaseModel):
+    """A node results are sent to: a PACS, a viewer, a research archive.
+
+    By DICOM C-STORE to ``ae_title`` at ``host``:``port``, or, when ``stow_url`` is given, by
+    DICOMweb STOW-RS to that URL (e.g. ``http://pacs:8042/dicom-web/studies``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name
+    ae_title: AETitle | None = None
+    host: str | None = Field(
+        default=None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:\[\]_-]+$"
+    )
+    port: int | None = Field(default=None, ge=1, le=65535)
+    calling_ae_title: AETitle | None = None
+    """The AE title Radflow calls with; default the receiver's (RADFLOW_RECEIVER_AE_TITLE)."""
+    stow_url: StowUrl | None = None
+    """Send by STOW-RS to this URL instead of by C-STORE."""
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Destination:
+        dimse = (self.ae_title, self.host, self.port)
+        if self.stow_url is None and None in dimse:
+            raise ValueError(
+                f"destination {self.name} needs ae_title, host and port (C-STORE) or stow_url "
+                "(DICOMweb STOW-RS)"
+            )
+        return self
+
+    def c_store_address(self) -> tuple[str, str, int]:
+        """(called AE title, host, port) of a destination reached by C-STORE."""
+        if self.ae_title is None or self.host is None or self.port is None:
+            raise ValueError(f"destination {self.name} is reached by STOW-RS, not by C-STORE")
+        return self.ae_title, self.host, self.port
+
+    def describe(self) -> str:
+        if self.stow_url is not None:
+            return f"{self.name} ({self.stow_url})"
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
 class Rule(BaseModel):
     """One declarative rule: a series goes to ``task`` when every given condition holds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: Name
     task: str
+    send_to: tuple[Name, ...] = ()
+    """Destinations (by name) that receive the results of the studies this rule routes."""
     modality: tuple[str, ...] = ()
     body_part: tuple[str, ...] = ()
     series_description: str | None = None
@@ -176,16 +258,34 @@ class RoutingRules(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rules: tuple[Rule, ...] = Field(min_length=1)
+    destinations: tuple[Destination, ...] = ()
 
     @model_validator(mode="after")
     def _unique_names(self) -> RoutingRules:
-        names = [r.name for r in self.rules]
-        if duplicates := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"rule names must be unique; repeated: {duplicates}")
+        for what, names in (
+            ("rule", [r.name for r in self.rules]),
+            ("destination", [d.name for d in self.destinations]),
+        ):
+            if duplicates := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"{what} names must be unique; repeated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_destinations(self) -> RoutingRules:
+        known = {d.name for d in self.destinations}
+        for rule in self.rules:
+            if unknown := [n for n in rule.send_to if n not in known]:
+                raise ValueError(
+                    f"rule {rule.name} sends to {unknown}, which are not among the destinations "
+                    f"({sorted(known) or 'none declared'})"
+                )
         return self
 
     def for_task(self, task: str) -> list[Rule]:
         return [r for r in self.rules if r.task == task]
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
 
 
 DEFAULT_RULES = "routing_rules.yaml"
@@ -232,6 +332,7 @@ def default_rules() -> RoutingRules:
 class Routed:
     instance: Image | None  # a 2D task's image; for a series task, the series' first image
     reason: str | None  # why nothing matched, when instance is None
+    rule: Rule | None = None  # the rule that matched
     plan: SeriesPlan | None = None  # a series task's input: the series as one stack
 
 
@@ -255,7 +356,8 @@ def route_series(
     if matched is None:
         return Routed(None, reasons[0])
     if matched:
-        return Routed(matched[0][1], None)
+        _, first, rule = matched[0]
+        return Routed(first, None, rule)
     return _unrouted(task, reasons)
 
 
@@ -263,22 +365,26 @@ def _unrouted(task: Task, reasons: Sequence[str]) -> Routed:
     return Routed(None, f"no series for {task.name} (" + "; ".join(reasons) + ")")
 
 
+_Match = tuple["SeriesAttributes", "Image", "Rule"]
+"""A series a rule of the task matches: its attributes, its first image, the rule."""
+
+
 def _matching(
     series: Sequence[Candidate], task: Task, rules: RoutingRules | None
-) -> tuple[list[tuple[SeriesAttributes, Image]] | None, list[str]]:
+) -> tuple[list[_Match] | None, list[str]]:
     """The series a rule of ``task`` matches, in order, and why each other one does not (None
     and the reason when the task has no rule)."""
     task_rules = (rules or default_rules()).for_task(task.name)
     if not task_rules:
         return None, [f"no routing rule for {task.name}"]
-    matched: list[tuple[SeriesAttributes, Image]] = []
+    matched: list[_Match] = []
     reasons = []
     for attributes, first in series:
         why = []
         for rule in task_rules:
             mismatch = rule.mismatch(attributes, first)
             if mismatch is None and first is not None:
-                matched.append((attributes, first))
+                matched.append((attributes, first, rule))
                 break
             why.append(f"{rule.name}: {mismatch or 'no instances'}")
         else:
@@ -304,7 +410,7 @@ def route_studies(
     if not task.takes_series:
         return {i: route_series(found.get(i, []), task, rules) for i in study_ids}
     matched = {i: _matching(found.get(i, []), task, rules) for i in study_ids}
-    series_ids = [a.id for m, _ in matched.values() for a, _ in m or []]
+    series_ids = [a.id for m, _ in matched.values() for a, _, _ in m or []]
     slices = series_slices(session, series_ids)
     routed = {}
     for study_id, (series, reasons) in matched.items():
@@ -316,14 +422,14 @@ def route_studies(
 
 
 def _first_volume(
-    series: Sequence[tuple[SeriesAttributes, Image]],
+    series: Sequence[_Match],
     reasons: list[str],
     slices: dict[int, list[Slice]],
     task: Task,
     max_voxels: int,
 ) -> Routed:
     refused = []
-    for attributes, first in series:
+    for attributes, first, rule in series:
         number = attributes.number or "?"
         try:
             plan = plan_series(
@@ -332,7 +438,7 @@ def _first_volume(
         except NotAVolume as exc:
             refused.append(f"series {number}: {exc}")
             continue
-        return Routed(first, None, plan)
+        return Routed(first, None, rule, plan)
     return _unrouted(task, [*refused, *reasons])
 
 

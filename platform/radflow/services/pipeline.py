@@ -1,8 +1,10 @@
-"""The pipeline page: ingest rate, queue sizes and rejected inputs (flow runs: flows.launcher)."""
+"""The pipeline page: ingest rate, queue sizes, rejected inputs and results on their way to PACS
+(flow runs: flows.launcher)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from radflow.db import Instance, Rejection
+from radflow.db import Delivery, DeliveryStatus, Instance, Rejection, ResultObject, Study
+from radflow.db.audit import record
 from radflow.db.base import utcnow
+from radflow.delivery.outbox import resend
 from radflow.services.users import Permission, Principal, require
 
 logger = logging.getLogger(__name__)
@@ -73,3 +77,89 @@ def rejections(
     return [
         RejectionRow(r.at, r.source, r.reason, r.message, r.origin, r.quarantine_key) for r in rows
     ], by_reason
+
+
+@dataclass(frozen=True)
+class ParkedResult:
+    """A result that stopped trying to reach its destination, and why."""
+
+    delivery_id: int
+    study_uid: str
+    kind: str
+    destination: str
+    attempts: int
+    reason: str | None
+    since: datetime
+
+
+@dataclass(frozen=True)
+class UnwrittenReport:
+    """A prediction whose SR could not be made, and why."""
+
+    study_uid: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ResultsOut:
+    counts: dict[str, int]
+    """Deliveries per status: pending, sent, parked."""
+    parked: list[ParkedResult]
+    unwritten: list[UnwrittenReport]
+
+
+def results_out(session: Session, principal: Principal, *, limit: int = 100) -> ResultsOut:
+    """Results (SR, SEG) on their way to PACS: counts, and the newest parked and unwritten."""
+    require(principal, Permission.VIEW_PIPELINE)
+    counts = dict.fromkeys((s.value for s in DeliveryStatus), 0)
+    for status, n in session.execute(
+        select(Delivery.status, func.count()).group_by(Delivery.status)
+    ):
+        counts[DeliveryStatus(status).value] = int(n)
+    parked = session.execute(
+        select(Delivery, Study.study_uid)
+        .join(Study, Study.id == Delivery.study_id)
+        .where(Delivery.status == DeliveryStatus.PARKED)
+        .order_by(Delivery.updated_at.desc(), Delivery.id.desc())
+        .limit(limit)
+    )
+    unwritten = session.execute(
+        select(ResultObject.error, ResultObject.created_at, Study.study_uid)
+        .join(Study, Study.id == ResultObject.study_id)
+        .where(ResultObject.error.is_not(None))
+        .order_by(ResultObject.created_at.desc(), ResultObject.id.desc())
+        .limit(limit)
+    )
+    return ResultsOut(
+        counts=counts,
+        parked=[
+            ParkedResult(
+                d.id,
+                uid,
+                d.kind.value.upper(),
+                d.destination,
+                d.attempts,
+                d.last_error,
+                d.updated_at,
+            )
+            for d, uid in parked
+        ],
+        unwritten=[UnwrittenReport(uid, str(error), at) for error, at, uid in unwritten],
+    )
+
+
+def resend_results(session: Session, principal: Principal, delivery_ids: Sequence[int]) -> int:
+    """Send parked results again (the cause fixed); audited. How many were parked."""
+    require(principal, Permission.RESEND_RESULTS)
+    count = resend(session, delivery_ids)
+    session.add(
+        record(
+            principal.name,
+            "resend",
+            "delivery",
+            ",".join(map(str, delivery_ids))[:128],
+            count=count,
+        )
+    )
+    return count

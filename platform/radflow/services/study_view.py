@@ -19,7 +19,16 @@ from scipy.ndimage import map_coordinates
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from radflow.db import Instance, Prediction, Series, Study, TaskOutcome
+from radflow.db import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    Prediction,
+    ResultObject,
+    Series,
+    Study,
+    TaskOutcome,
+)
 from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.learning.heatmaps import read_heatmap_volume
@@ -93,6 +102,46 @@ class PredictionView:
 
 
 @dataclass(frozen=True)
+class DeliveryView:
+    """Where one DICOM result went: sent (when), pending (the next try, the last failure) or
+    parked (after how many attempts, and why)."""
+
+    destination: str
+    status: str
+    attempts: int
+    sent_at: datetime | None
+    next_attempt_at: datetime | None
+    reason: str | None
+
+    def describe(self) -> str:
+        if self.status == DeliveryStatus.SENT and self.sent_at is not None:
+            return f"{self.destination}: sent {self.sent_at:%Y-%m-%d %H:%M}"
+        if self.status == DeliveryStatus.PARKED:
+            return f"{self.destination}: parked after {self.attempts} attempt(s): {self.reason}"
+        if self.attempts and self.next_attempt_at is not None:
+            return (
+                f"{self.destination}: pending, next try {self.next_attempt_at:%Y-%m-%d %H:%M} "
+                f"(attempt {self.attempts} failed: {self.reason})"
+            )
+        return f"{self.destination}: {self.status}"
+
+
+@dataclass(frozen=True)
+class ResultView:
+    """A DICOM object made from a prediction (SR, SEG), and where it has been sent."""
+
+    kind: str
+    model: str
+    object_key: str
+    created_at: datetime
+    deliveries: list[DeliveryView] = field(default_factory=list)
+
+    @property
+    def file_name(self) -> str:
+        return self.object_key.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class StudyView:
     study_uid: str
     accession: str | None
@@ -109,6 +158,10 @@ class StudyView:
     not_scored: dict[str, str] = field(default_factory=dict)
     """Why each task that gave no score did not (not applicable, e.g. a series that is not one
     volume; or failed), by task: the full reasons ``status_reason`` abbreviates."""
+    results: list[ResultView] = field(default_factory=list)
+    """DICOM results (SR, SEG) sent to PACS, newest first."""
+    unreported: list[str] = field(default_factory=list)
+    """Why the SR of a prediction could not be made, newest first."""
 
     @property
     def latest(self) -> PredictionView | None:
@@ -167,6 +220,8 @@ def get_study_view(session: Session, study_uid: str) -> StudyView:
                 .order_by(TaskOutcome.task)
             )
         },
+        results=_result_views(session, study.id),
+        unreported=_unreported(session, study.id),
     )
 
 
@@ -220,6 +275,81 @@ def _prediction_views(session: Session, study_id: int) -> list[PredictionView]:
         )
         for p in predictions
     ]
+
+
+def _result_views(session: Session, study_id: int) -> list[ResultView]:
+    rows = session.execute(
+        select(ResultObject, Prediction)
+        .join(Prediction, Prediction.id == ResultObject.prediction_id)
+        .where(ResultObject.study_id == study_id, ResultObject.object_key.is_not(None))
+        .options(selectinload(Prediction.model_version))
+        .order_by(ResultObject.created_at.desc(), ResultObject.id.desc())
+    ).all()
+    deliveries: dict[str, list[DeliveryView]] = {}
+    for delivery in session.scalars(
+        select(Delivery).where(Delivery.study_id == study_id).order_by(Delivery.id)
+    ):
+        deliveries.setdefault(delivery.object_key, []).append(
+            DeliveryView(
+                destination=delivery.destination,
+                status=delivery.status.value,
+                attempts=delivery.attempts,
+                sent_at=delivery.sent_at,
+                next_attempt_at=delivery.next_attempt_at,
+                reason=delivery.last_error,
+            )
+        )
+    return [
+        ResultView(
+            kind=result.kind.value.upper(),
+            model=prediction.model_version.name,
+            object_key=str(result.object_key),
+            created_at=result.created_at,
+            deliveries=deliveries.get(str(result.object_key), []),
+        )
+        for result, prediction in rows
+    ]
+
+
+def _unreported(session: Session, study_id: int) -> list[str]:
+    return [
+        str(error)
+        for error in session.scalars(
+            select(ResultObject.error)
+            .where(ResultObject.study_id == study_id, ResultObject.error.is_not(None))
+            .order_by(ResultObject.created_at.desc(), ResultObject.id.desc())
+        )
+    ]
+
+
+class ResultNotFound(RadflowError, LookupError):
+    def __init__(self, study_uid: str, object_key: str) -> None:
+        super().__init__(
+            f"{object_key[:200]!r} is not a DICOM result of study {study_uid[:80]}; "
+            "choose one from the study's results"
+        )
+
+
+def download_result(
+    session: Session, store: ObjectStore, principal: Principal, study_uid: str, object_key: str
+) -> bytes:
+    """The bytes of one of the study's DICOM results, for someone allowed to see studies.
+
+    Only a result of this study is served (never an arbitrary key); the download is audited
+    and joins the caller's transaction. Raises ResultNotFound, or ObjectNotFound when the
+    object is missing from the store.
+    """
+    require(principal, Permission.VIEW_STUDIES)
+    known = session.scalar(
+        select(ResultObject.id)
+        .join(Study, Study.id == ResultObject.study_id)
+        .where(Study.study_uid == study_uid, ResultObject.object_key == object_key)
+    )
+    if known is None:
+        raise ResultNotFound(study_uid, object_key)
+    data = store.get_bytes(object_key)
+    session.add(record(principal.name, "download", "study", study_uid, object_key=object_key))
+    return data
 
 
 def render_image(

@@ -48,6 +48,7 @@ class Permission(enum.StrEnum):
     PROMOTE = "promote"
     RETRAIN = "retrain"
     VIEW_PIPELINE = "view-pipeline"
+    RESEND_RESULTS = "resend-results"
     VIEW_AUDIT = "view-audit"
 
 
@@ -60,6 +61,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.PROMOTE,
             Permission.RETRAIN,
             Permission.VIEW_PIPELINE,
+            Permission.RESEND_RESULTS,
         }
     ),
     Role.ADMIN: frozenset(Permission),

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 AE_TITLE = "RADFLOW"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def in_ci() -> bool:
@@ -26,7 +27,7 @@ def tool(path: str) -> str:
     """A Debian tool's path; skip (fail under CI) when it is not installed."""
     if Path(path).exists():
         return path
-    message = f"{path} is missing: apt-get install dcmtk orthanc"
+    message = f"{path} is missing: apt-get install dcmtk orthanc orthanc-dicomweb"
     if in_ci():
         pytest.fail(f"CI=true, so the DICOM peers must run, but {message}", pytrace=False)
     pytest.skip(message)
@@ -69,10 +70,19 @@ def free_port() -> int:
 class Orthanc:
     """An Orthanc PACS (Debian package) on loopback ports, storage in ``folder``; a context manager.
 
-    ``modalities`` maps a name to (AE title, port) of DICOM peers on 127.0.0.1 it may send to.
+    ``modalities`` maps a name to (AE title, port) of DICOM peers on 127.0.0.1 it may send to;
+    ``check_called_aet``: refuse associations that call another AE title than ``ORTHANC``;
+    ``dicomweb``: load the DICOMweb plugin (Debian orthanc-dicomweb), STOW-RS at :attr:`stow_url`.
     """
 
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        modalities: dict[str, tuple[str, int]] | None = None,
+        *,
+        check_called_aet: bool = False,
+        dicomweb: bool = False,
+    ) -> None:
         self.folder = folder
         self.dicom_port, self.http_port = free_port(), free_port()
         self.aet = "ORTHANC"
@@ -86,8 +96,9 @@ class Orthanc:
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "DicomCheckCalledAet": check_called_aet,
+            "Plugins": [tool(DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "DicomModalities": {
                 name: [aet, "127.0.0.1", port] for name, (aet, port) in (modalities or {}).items()
             },
@@ -99,6 +110,10 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def stow_url(self) -> str:
+        return f"{self.url}/dicom-web/studies"
 
     def __enter__(self) -> Orthanc:
         log = (self.folder / "orthanc.log").open("wb")

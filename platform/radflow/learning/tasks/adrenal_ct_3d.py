@@ -9,7 +9,9 @@ undoes: received CT in Hounsfield units and imported volumes reach the network a
 from __future__ import annotations
 
 from monai.transforms import Compose, RandFlip
+from pydicom.sr.coding import Code
 
+from radflow.dicom.codes import ResultCoding
 from radflow.dicom.writer import ABDOMEN_WINDOW, window_range
 from radflow.learning.tasks.base import NetworkSpec, OperatingPoint, Route, Task, TrainingPlan
 
@@ -66,6 +68,10 @@ NETWORK = NetworkSpec(
 # Youden, 0.85 at the most accurate cut on val, benchmarks/accuracy.py --carve 0.2).
 OPERATING_POINT = OperatingPoint(policy="max-accuracy")
 
+# The SR reports the positive label as a mass (SNOMED CT, as pydicom's concept dictionary lists
+# it); the procedure is left generic (imaging).
+CODING = ResultCoding(finding=Code("4147007", "SCT", "Mass"))
+
 
 def augmentation() -> Compose:
     """Mirror images along every axis: left and right glands are mirror images, and the same
@@ -85,4 +91,5 @@ TASK = Task(
     augmentation=augmentation,
     plan=TrainingPlan(epochs=15, batch_size=32, learning_rate=2e-3),
     operating_point=OPERATING_POINT,
+    coding=CODING,
 )

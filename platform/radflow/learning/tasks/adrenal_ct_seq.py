@@ -8,6 +8,7 @@ one position in time order (a cine, or a dynamic series by Temporal Position Ind
 from __future__ import annotations
 
 from radflow.learning.tasks.adrenal_ct_3d import (
+    CODING,
     LABELS,
     OPERATING_POINT,
     ROUTE,
@@ -59,4 +60,5 @@ TASK = Task(
     augmentation=augmentation,
     plan=TrainingPlan(epochs=15, batch_size=32, learning_rate=2e-3),
     operating_point=OPERATING_POINT,
+    coding=CODING,
 )

@@ -26,6 +26,8 @@ from monai.bundle.config_item import ComponentLocator
 from monai.transforms import Compose
 from torch import nn
 
+from radflow.dicom.codes import ResultCoding
+
 TaskKind = Literal[
     "binary-classification",  # one 2D image (the middle frame of a multi-frame instance)
     "classification-3d",  # a series as one volume
@@ -172,6 +174,8 @@ class Task:
     operating_point: OperatingPoint = field(default_factory=OperatingPoint)
     evaluation: EvaluationPolicy = field(default_factory=EvaluationPolicy)
     inference: Literal["whole-image", "sliding-window"] = "whole-image"
+    # How results are coded in the SR and SEG sent to a PACS (radflow.dicom.sr, .seg).
+    coding: ResultCoding = field(default_factory=ResultCoding)
     # Bump when the preprocessing code changes in a way its parameters do not show: it is part
     # of the cache key of preprocessed tensors.
     preprocessing_version: int = 1

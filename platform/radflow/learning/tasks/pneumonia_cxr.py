@@ -8,7 +8,9 @@ from monai.transforms import (
     RandAffine,
     RandGaussianNoise,
 )
+from pydicom.sr.coding import Code
 
+from radflow.dicom.codes import ResultCoding
 from radflow.learning.tasks.base import NetworkSpec, OperatingPoint, Route, Task, TrainingPlan
 
 SPATIAL_SIZE = (32, 32)
@@ -80,4 +82,8 @@ TASK = Task(
     augmentation=_augmentation,
     plan=TrainingPlan(epochs=8, batch_size=32, learning_rate=2e-3),
     operating_point=OperatingPoint(policy="youden"),
+    coding=ResultCoding(
+        procedure=Code("413815006", "SCT", "Chest imaging"),
+        finding=Code("233604007", "SCT", "Pneumonia"),
+    ),
 )
