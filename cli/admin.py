@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -18,12 +19,36 @@ Add = Callable[[str, Callable[[argparse.Namespace, Settings], int], str], argpar
 
 def add_commands(add: Add) -> None:
     add("migrate", cmd_migrate, "bring the database schema to the latest revision")
-    p = add("user", cmd_user, "manage dashboard users")
+    p = add("user", cmd_user, "manage dashboard users (audited, as the acting user)")
     user_sub = p.add_subparsers(required=True, metavar="ACTION", dest="user_action")
     p = user_sub.add_parser("add", help="add a dashboard user (asks for the password)")
     p.add_argument("name")
     p.add_argument("--role", required=True, help="radiologist, ml-engineer or admin")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    user_sub.add_parser("list", help="every user: role, active, password reset pending, throttled")
+    for action, text in (
+        ("deactivate", "stop a user from logging in (ends their open sessions)"),
+        ("reactivate", "let a deactivated user log in again"),
+        ("unlock", "clear a user's login waits after wrong passwords"),
+    ):
+        user_sub.add_parser(action, help=text).add_argument("name")
+    p = user_sub.add_parser(
+        "reset-password", help="set a temporary password; the user must change it at next login"
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the temporary password from stdin (default: a random one, printed once)",
+    )
+    p = user_sub.add_parser("role", help="change a user's role (applies at their next click)")
+    p.add_argument("name")
+    p.add_argument("role", help="radiologist, ml-engineer or admin")
+    p = add("audit", cmd_audit, "the audit trail: verify its hash chain")
+    audit_sub = p.add_subparsers(required=True, metavar="ACTION", dest="audit_action")
+    audit_sub.add_parser(
+        "verify", help="check that no audit event was changed, removed or inserted"
+    )
     add("settings", cmd_settings, "print the effective settings (secrets masked)")
     add("worker", cmd_worker, "serve the flows as Prefect deployments (needs a Prefect server)")
     p = add("dashboard", cmd_dashboard, "serve the review dashboard")
@@ -43,22 +68,82 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_user(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.actor import principal
+    from radflow.runtime import Runtime
+    from radflow.services import users
+
+    action = args.user_action
+    role = users.parse_role(args.role) if action in ("add", "role") else None
+    # Before any prompt: a typo in the role should not cost a password entry.
+    actor = principal(args, settings)
+    policy = users.PasswordPolicy.from_settings(settings)
+    password = _new_password(args) if action == "add" else None
+    if action == "reset-password" and args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        if action == "list":
+            for row in users.list_users(session, actor):
+                flags = [
+                    f
+                    for f, on in (
+                        ("inactive", not row.active),
+                        ("must-change-password", row.must_change_password),
+                        ("throttled", row.throttled),
+                    )
+                    if on
+                ]
+                print(f"{row.name:<24} {row.role:<12} {' '.join(flags)}".rstrip())
+            return 0
+        if action == "add":
+            assert password is not None and role is not None
+            users.add_user(session, args.name, role, password, actor=actor, policy=policy)
+            done = f"added {role.value} {args.name}"
+        elif action in ("deactivate", "reactivate"):
+            users.set_active(session, actor, args.name, action == "reactivate")
+            done = f"{action}d {args.name}"
+        elif action == "unlock":
+            users.unlock(session, actor, args.name)
+            done = f"cleared the login waits of {args.name}"
+        elif action == "role":
+            assert role is not None
+            users.change_role(session, actor, args.name, role)
+            done = f"{args.name} is now {role.value}"
+        else:
+            temporary = users.reset_password(session, actor, args.name, password, policy=policy)
+            done = f"reset the password of {args.name}; they must change it at their next login"
+            if password is None:
+                done += f"\ntemporary password (shown once): {temporary}"
+    print(done)
+    return 0
+
+
+def _new_password(args: argparse.Namespace) -> str:
     import getpass
 
-    from radflow.runtime import Runtime
-    from radflow.services.users import add_user, parse_role
-
-    role = parse_role(args.role)  # before the prompt: a typo should not cost a password entry
     if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass(f"Password for {args.name}: ")
-        if getpass.getpass("Repeat the password: ") != password:
-            raise ValueError("the passwords differ; nothing was changed")
-    with Runtime.open(settings) as rt, rt.transaction() as session:
-        add_user(session, args.name, role, password)
-    print(f"added {role.value} {args.name}")
-    return 0
+        return sys.stdin.readline().rstrip("\n")
+    password = getpass.getpass(f"Password for {args.name}: ")
+    if getpass.getpass("Repeat the password: ") != password:
+        raise ValueError("the passwords differ; nothing was changed")
+    return password
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from radflow.runtime import Runtime
+    from radflow.services.audit import verify_chain
+
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        report = verify_chain(session)
+    if report.intact:
+        print(
+            f"audit trail intact: {report.events} events, head {report.head_seq} {report.head_hash}"
+        )
+        print("keep the head hash elsewhere: a later verify that ends past it proves the past")
+        return 0
+    print(f"audit trail BROKEN ({report.events} events checked):", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
 
 
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
@@ -67,6 +152,7 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_pseudonym_key()  # its flows ingest and export studies
     from flows.deployments import serve_all
 
     serve_all()
@@ -75,8 +161,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port or settings.dashboard_port
-    app = Path(str(files("dashboard").joinpath("app.py")))
-    print(f"Radflow dashboard: http://localhost:{port}", flush=True)
+    # server.py wraps app.py in the login gate and the security headers (dashboard/gate.py).
+    app = Path(str(files("dashboard").joinpath("server.py")))
+    tls = settings.dashboard_tls_cert_file is not None
+    print(f"Radflow dashboard: http{'s' if tls else ''}://localhost:{port}", flush=True)
     options = {
         "server.headless": "true",
         "server.port": str(port),
@@ -86,14 +174,23 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
         # Patient data: no "download as CSV" on tables, no deploy button.
         "client.disableDataExport": "true",
         "client.toolbarMode": "viewer",
+        # Nothing a page of Radflow needs: files served from a static folder, the agent API.
+        "server.enableStaticServing": "false",
+        "server.enableAgentApi": "false",
+        "server.enableXsrfProtection": "true",
     }
+    if tls:
+        options["server.sslCertFile"] = str(settings.dashboard_tls_cert_file)
+        options["server.sslKeyFile"] = str(settings.dashboard_tls_key_file)
     command = [sys.executable, "-m", "streamlit", "run", str(app)]
     command += [arg for name, value in options.items() for arg in (f"--{name}", value)]
+    # Read by the server Streamlit runs on (uvicorn): whose forwarded headers to believe.
+    env = {**os.environ, "FORWARDED_ALLOW_IPS": settings.dashboard_trusted_proxies}
     # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C: subprocess.call then stops the
     # dashboard, and the demo's receiver is stopped on the way out, instead of both orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 
@@ -103,8 +200,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from demo.pipeline import run_demo, serving_receiver
+    from demo.pipeline import ensure_demo_key, run_demo, serving_receiver
 
+    settings = ensure_demo_key(settings)
     run_demo(settings, studies=args.studies, label_fraction=args.label_fraction)
     if args.no_serve:
         return 0

@@ -41,11 +41,24 @@ def add_commands(add: Add) -> None:
     p = add("export", cmd_export, "write de-identified copies of a study (PS3.15 Basic profile)")
     p.add_argument("study_uid")
     p.add_argument("out_dir", type=Path)
+    p.add_argument(
+        "--recipient",
+        default=None,
+        help="keep pseudonyms and UIDs consistent across exports to this recipient (default: "
+        "a new key for every export)",
+    )
+    p.add_argument(
+        "--allow-unverified-burned-in",
+        action="store_true",
+        help="also export secondary capture, ultrasound, angiography and photographic images "
+        "that do not say whether text is burned into the pixels (you checked them; audited)",
+    )
     p = add("status", cmd_status, "counts of studies by status, and the champion models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_pseudonym_key()
     from flows.embedded import run_settings
     from flows.ingest import ingest_flow
 
@@ -65,6 +78,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_pseudonym_key()
     from flows.trigger import stabilise_and_process
     from radflow.ingest.receiver.service import serve
     from radflow.runtime import Runtime
@@ -103,6 +117,7 @@ def _periodic(step: Callable[[Runtime], object], rt: Runtime) -> Callable[[], No
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_pseudonym_key()
     from flows.trigger import stabilise_and_process
     from radflow.ingest.watch import watch_forever
     from radflow.runtime import Runtime
@@ -123,21 +138,37 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_pseudonym_key()
+    from cli.actor import principal
     from radflow.dicom.deid import export_study
+    from radflow.dicom.pseudonym import recipient_salt
     from radflow.runtime import Runtime
 
-    with Runtime.open(settings) as rt, rt.session_factory() as session:
+    actor = principal(args, settings)
+    salt = recipient_salt(args.recipient) if args.recipient else None
+    with Runtime.open(settings) as rt, rt.transaction() as session:
         report = export_study(
             session,
             rt.store,
             args.study_uid,
             args.out_dir,
             settings.pseudonym_key.get_secret_value(),
+            actor=actor.name,
+            salt=salt,
+            allow_unverified_burned_in=args.allow_unverified_burned_in,
         )
-    print(f"wrote {len(report.written)} de-identified instances under {args.out_dir}")
+    print(
+        f"wrote {len(report.written)} de-identified instances under {args.out_dir} "
+        f"(key id {report.key_id}; audited)"
+    )
     for uid, reason in report.refused.items():
         print(f"  not exported {uid}: {reason}")
-    return 0
+    if report.unverified_burned_in:
+        print(
+            f"  {len(report.unverified_burned_in)} exported without a burned-in annotation "
+            "statement, as you asked (recorded in the audit trail)"
+        )
+    return 0 if not report.refused else 3
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

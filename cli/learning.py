@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,10 @@ Add = Callable[[str, Callable[..., int], str], argparse.ArgumentParser]
 TASK_HELP = "the task (default: the task registry's default, see `radflow settings`)"
 
 
-def _actor() -> str:
-    return os.environ.get("USER", "cli")
+def _actor(args: argparse.Namespace, settings: Settings) -> str:
+    from cli.actor import principal
+
+    return principal(args, settings).name
 
 
 def task_name(args: argparse.Namespace) -> str:
@@ -39,7 +40,6 @@ def add_commands(add: Add) -> None:
     p.add_argument("study_uid")
     p.add_argument("value")
     p.add_argument("--task", default=None, help=TASK_HELP)
-    p.add_argument("--author", default=os.environ.get("USER", "cli"))
     p = add("train", cmd_train, "train a new model version on the labelled studies")
     p.add_argument("--task", default=None, help=TASK_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,6 +75,11 @@ def add_commands(add: Add) -> None:
     q = action("promote", cmd_model_promote, "make a version the champion (audited)")
     q.add_argument("task")
     q.add_argument("version", type=int)
+    q.add_argument(
+        "--reason",
+        default=None,
+        help="why (required when the version did not beat the champion in its DeLong test)",
+    )
     q = action("rollback", cmd_model_rollback, "restore the champion the current one replaced")
     q.add_argument("task")
     q = action("export", cmd_model_export, "write a version as a MONAI bundle folder")
@@ -90,7 +95,9 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.ingest.importers import import_npz
     from radflow.runtime import Runtime
 
+    settings.require_pseudonym_key()
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    actor = _actor(args, settings)
     with Runtime.open(settings) as rt:
         report = import_npz(
             settings,
@@ -100,7 +107,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             task_name(args),
             splits=splits,
             unlabeled=args.unlabeled,
-            actor=_actor(),
+            actor=actor,
         )
     print(f"imported {report.dataset}: {report.summary()}")
     return 0
@@ -152,13 +159,13 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from radflow.learning.registry import get_version, promote
+    from cli.actor import principal
     from radflow.runtime import Runtime
+    from radflow.services.models import promote
 
+    actor = principal(args, settings)
     with Runtime.open(settings) as rt, rt.transaction() as session:
-        version = get_version(session, task_name(args), args.version)
-        promote(session, version, actor=_actor(), reason="promoted by hand")
-        name = version.name
+        name = promote(session, actor, task_name(args), args.version, args.reason).name
     print(f"{name} is now the champion of {task_name(args)}")
     return 0
 
@@ -167,8 +174,9 @@ def cmd_model_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.learning.registry import rollback
     from radflow.runtime import Runtime
 
+    actor = _actor(args, settings)
     with Runtime.open(settings) as rt, rt.transaction() as session:
-        restored = rollback(session, task_name(args), actor=_actor()).name
+        restored = rollback(session, task_name(args), actor=actor).name
     print(f"rolled back: {restored} is the champion of {task_name(args)} again")
     return 0
 
@@ -177,8 +185,9 @@ def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.learning.bundle import export_bundle
     from radflow.runtime import Runtime
 
+    actor = _actor(args, settings)
     with Runtime.open(settings) as rt, rt.transaction() as session:
-        export_bundle(session, rt.store, task_name(args), args.version, args.folder, actor=_actor())
+        export_bundle(session, rt.store, task_name(args), args.version, args.folder, actor=actor)
     print(f"exported {task_name(args)}:v{args.version} as a MONAI bundle in {args.folder}")
     return 0
 
@@ -187,8 +196,9 @@ def cmd_model_import(args: argparse.Namespace, settings: Settings) -> int:
     from radflow.learning.bundle import import_bundle
     from radflow.runtime import Runtime
 
+    actor = _actor(args, settings)
     with Runtime.open(settings) as rt, rt.transaction() as session:
-        version = import_bundle(session, rt.store, args.folder, task_name(args), actor=_actor())
+        version = import_bundle(session, rt.store, args.folder, task_name(args), actor=actor)
         name, status = version.name, version.status
     print(f"imported {args.folder} as {name} ({status})")
     return 0
@@ -215,15 +225,20 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_label(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.actor import principal
     from flows.launcher import labels_recorded
     from radflow.learning.labels import add_label
     from radflow.runtime import Runtime
+    from radflow.services.users import Permission, require
 
     task = task_name(args)
+    # The author is who runs the command (or proves who they are with --as), never a claim.
+    actor = principal(args, settings)
+    require(actor, Permission.REVIEW)
     with Runtime.open(settings) as rt:
         with rt.transaction() as session:
-            add_label(session, args.study_uid, task, args.value, source="cli", author=args.author)
-        print(f"labelled {args.study_uid} {task}={args.value}")
+            add_label(session, args.study_uid, task, args.value, source="cli", author=actor.name)
+        print(f"labelled {args.study_uid} {task}={args.value} as {actor.name}")
         # Retraining starts by itself once enough labels have arrived (flows/launcher.py).
         result = labels_recorded(task, rt=rt)
     if isinstance(result, dict):

@@ -28,17 +28,38 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Files and folders Radflow creates (database, objects, spool, inbox, keys, logs) are the
+    # service user's alone: 0600/0700, not the usual world-readable 0644/0755.
+    os.umask(0o077)
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     parser = _parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     command: Command = args.command
+    settings = None  # a bad setting fails Settings() itself
     try:
-        return command(args, Settings())
+        settings = Settings()
+        return command(args, settings)
     except (RadflowError, LookupError, ValueError, FileNotFoundError) as exc:
+        if settings is not None:
+            _audit_refusal(settings, exc, args.command_name)
         print(f"radflow {args.command_name}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _audit_refusal(settings: Settings, error: Exception, command: str) -> None:
+    """A command refused for the acting user's role is in the audit trail, like a page."""
+    # Imported here, not at the top: `radflow --help` must not load the whole core.
+    from radflow.services.users import PermissionDenied
+
+    if not isinstance(error, PermissionDenied):
+        return
+    from radflow.runtime import Runtime
+    from radflow.services.audit import note_denied
+
+    with Runtime.open(settings) as rt, rt.transaction() as session:
+        note_denied(session, error, f"command:{command}")
 
 
 def configure_logging(verbose: bool) -> None:
@@ -56,6 +77,14 @@ def configure_logging(verbose: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radflow", description="Radflow imaging AI platform")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--as",
+        dest="as_user",
+        metavar="USER",
+        default=None,
+        help="act as this dashboard user (asks for the password; read from stdin when it is "
+        "not a terminal) instead of as the operating-system user; recorded in the audit trail",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:

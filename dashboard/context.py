@@ -4,14 +4,15 @@ Built once per Streamlit server (``st.cache_resource``), not once per page or pe
 one ``Settings()`` read at this entry point. Pages get sessions from here and pass them to
 ``radflow.services``; they never build SQL themselves.
 
-Login state lives in Streamlit's per-connection session state, on the server: the browser holds
-no token to steal or forge. Every page run re-reads the user from the database (a role change or
-deactivation applies at the next click) and enforces the idle timeout.
+Who is logged in comes from the session cookie the login page set (``dashboard/gate.py``): a
+signed token naming a server-side session (``radflow.services.sessions``). Every page run
+resumes that session from the database, so a reload keeps the login, while logout, the idle
+timeout, a deactivation or a password reset end it for every tab at once; a role change applies
+at the next click.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,35 +22,39 @@ import streamlit as st
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
+from dashboard.gate import cookie_key
 from radflow.runtime import Runtime
+from radflow.services.audit import note
+from radflow.services.sessions import COOKIE, end_session, ended_reason, resume, unsign
 from radflow.services.study_view import Window, render_image
-from radflow.services.users import Permission, Principal, get_principal
+from radflow.services.users import Permission, Principal
 from radflow.settings import Settings
 
 # Not "pages/": Streamlit would also serve every script in a folder of that name directly,
 # around app.py and its login check.
 PAGES = Path(__file__).resolve().parent / "views"
-LOGIN_PAGE = PAGES / "login.py"
+SIGNED_OUT_PAGE = PAGES / "signed_out.py"
 WORKLIST_PAGE = PAGES / "worklist.py"
 STUDY_PAGE = PAGES / "study.py"
 MODELS_PAGE = PAGES / "models.py"
 PIPELINE_PAGE = PAGES / "pipeline.py"
 AUDIT_PAGE = PAGES / "audit.py"
+USERS_PAGE = PAGES / "users.py"
 STUDY_PARAM = "study"
 """Query parameter naming the open study: /study?study=<Study Instance UID>."""
 
-AUTH_KEY = "radflow_auth"
-"""Session-state entry: {"name": user name, "seen": monotonic time of the last page run}."""
 NOTICE_KEY = "radflow_notice"
+ENDED_BECAUSE = {
+    "logout": "You have logged out.",
+    "idle": "Your session was idle too long: please log in again.",
+    "deactivated": "Your account is no longer active.",
+    "password-reset": "An administrator reset your password: please log in again.",
+}
 
 
 @st.cache_resource(show_spinner=False)
 def runtime() -> Runtime:
-    """The server's settings, engine, session factory and store.
-
-    Migrating on open matches every other entry point, so a fresh data dir shows the empty
-    worklist instead of a missing-table error.
-    """
+    """The server's settings, engine, session factory and store."""
     return Runtime.open(Settings())
 
 
@@ -73,46 +78,60 @@ def client_address() -> str:
     return address if isinstance(address, str) and address else "unknown"
 
 
-def sign_in(principal: Principal) -> None:
-    st.session_state[AUTH_KEY] = {"name": principal.name, "seen": time.monotonic()}
+def browser_cookie() -> str | None:
+    """The session cookie the browser sent when this page connected."""
+    return st.context.cookies.get(COOKIE)
 
 
-def sign_out(notice: str | None = None) -> None:
-    st.session_state.pop(AUTH_KEY, None)
-    if notice:
-        st.session_state[NOTICE_KEY] = notice
+def session_token() -> str | None:
+    return unsign(browser_cookie(), cookie_key(runtime().settings))
 
 
 def current_user() -> Principal | None:
-    """The logged-in user, or None (never logged in, idle too long, or since deactivated)."""
-    auth = st.session_state.get(AUTH_KEY)
-    if not auth:
-        return None
-    idle_s = runtime().settings.session_idle_minutes * 60
-    now = time.monotonic()
-    if now - float(auth["seen"]) > idle_s:
-        sign_out("Your session was idle too long: please log in again.")
-        return None
-    with session() as s:
-        principal = get_principal(s, str(auth["name"]))
-    if principal is None:
-        sign_out("Your account is no longer active.")
-        return None
-    auth["seen"] = now
-    return principal
+    """The logged-in user, or None (never logged in, or the session ended).
+
+    Counts as activity: the idle timeout starts again.
+    """
+    token = session_token()
+    with transaction() as s:
+        live = resume(s, runtime().settings, token)
+        if live is None and token is not None:
+            reason = ended_reason(s, token)
+            if reason:
+                st.session_state[NOTICE_KEY] = ENDED_BECAUSE.get(reason, "Your session ended.")
+    return live.principal if live else None
+
+
+def session_alive() -> bool:
+    """Whether the session is still live, without counting as activity (the idle watch)."""
+    with transaction() as s:
+        return resume(s, runtime().settings, session_token(), touch=False) is not None
+
+
+def idle_check_seconds() -> float:
+    """How often an open page checks for the idle timeout while nobody touches it."""
+    return min(30.0, max(1.0, runtime().settings.session_idle_minutes * 60 / 10))
+
+
+def sign_out() -> None:
+    with transaction() as s:
+        end_session(s, session_token(), "logout")
+    st.session_state[NOTICE_KEY] = ENDED_BECAUSE["logout"]
 
 
 def require_page(permission: Permission) -> Principal:
     """The logged-in user if their role grants ``permission``; otherwise the page stops here.
 
     app.py already lists only the pages a role may open; this check is what holds if a page is
-    reached some other way.
+    reached some other way (and a refusal is audited).
     """
     principal = current_user()
     if principal is None:
         st.warning("Please log in.")
         st.stop()
     if not principal.can(permission):
+        with transaction() as s:
+            note(s, principal, "page-denied", "permission", permission.value)
         st.error(f"{principal.name} ({principal.role}) may not open this page.")
         st.stop()
     return principal

@@ -9,13 +9,16 @@ it again adds nothing twice. Like the CLI, a thin caller of flows and of the cor
 from __future__ import annotations
 
 import logging
+import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from demo.synthetic import SyntheticStudy, write_cxr_studies
@@ -24,8 +27,9 @@ from radflow.learning.labels import add_label
 from radflow.learning.registry import champion
 from radflow.learning.tasks.pneumonia_cxr import TASK as CHEST_TASK
 from radflow.runtime import Runtime
-from radflow.services.users import Role, add_user
-from radflow.settings import Settings
+from radflow.services.users import Principal, Role, add_user
+from radflow.settings import DEVELOPMENT_PSEUDONYM_KEY, Settings
+from radflow.store.durable import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +40,29 @@ TASK = CHEST_TASK.name
 # production installation has no user until an admin runs `radflow user add`.
 DEMO_USERS = (
     ("demo-radiologist", Role.RADIOLOGIST, "demo-radiologist-pw"),
-    ("demo-ml", Role.ML_ENGINEER, "demo-ml-pw"),
+    ("demo-ml", Role.ML_ENGINEER, "demo-ml-engineer-pw"),
     ("demo-admin", Role.ADMIN, "demo-admin-pw"),
 )
+DEMO_ACTOR = Principal("demo", Role.ADMIN)
+
+
+def ensure_demo_key(settings: Settings) -> Settings:
+    """``settings`` with a pseudonym key that is not the public default.
+
+    The demo never runs on the development key (which the receiver, ingest and export refuse):
+    unless one is configured, it writes a random key to ``pseudonym_key_file`` (mode 0600) in
+    its data dir, where every ``radflow`` process using that data dir reads it.
+    """
+    if settings.pseudonym_key.get_secret_value() != DEVELOPMENT_PSEUDONYM_KEY:
+        return settings
+    path = settings.pseudonym_key_file
+    assert path is not None  # filled by the settings validator
+    private_dir(path.parent)
+    key = secrets.token_hex(32)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(key + "\n")
+    print(f"Generated a random pseudonym key for the demo in {path}")
+    return settings.model_copy(update={"pseudonym_key": SecretStr(key)})
 
 
 def run_demo(settings: Settings, *, studies: int, label_fraction: float) -> None:
@@ -110,7 +134,7 @@ def create_demo_users(rt: Runtime) -> list[tuple[str, Role, str]]:
         existing = set(session.scalars(select(User.name)))
         for name, role, password in DEMO_USERS:
             if name not in existing:
-                add_user(session, name, role, password)
+                add_user(session, name, role, password, actor=DEMO_ACTOR)
     return list(DEMO_USERS)
 
 

@@ -31,6 +31,9 @@ from radflow.store import ObjectStore, open_store
 
 T = TypeVar("T")
 
+# Not the public development key, which commands that take in studies refuse.
+TEST_PSEUDONYM_KEY = SecretStr("radflow-test-pseudonym-key-not-for-patient-data")
+
 BACKENDS = [
     pytest.param("sqlite-local", id="sqlite-local"),
     pytest.param("postgres-s3", id="postgres-s3", marks=pytest.mark.postgres_s3),
@@ -93,7 +96,9 @@ def settings(
     data_dir = tmp_path / "data"
     if request.param == "sqlite-local":
         # Empty URLs select the defaults: <data_dir>/radflow.db and <data_dir>/objects.
-        local = Settings(data_dir=data_dir, database_url="", store_url="")
+        local = Settings(
+            data_dir=data_dir, database_url="", store_url="", pseudonym_key=TEST_PSEUDONYM_KEY
+        )
         upgrade(local.database_url)
         yield local
         return
@@ -112,6 +117,7 @@ def settings(
         s3_secret_key=SecretStr(s3.secret_key),
         s3_secure=False,
         s3_region=None,
+        pseudonym_key=TEST_PSEUDONYM_KEY,
     )
     postgres.drop_database(str(make_url(database_url).database))
     s3.remove_bucket(bucket)

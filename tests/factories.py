@@ -231,9 +231,10 @@ def _patient(session: Session, pseudonym: str) -> Patient:
 
 PASSWORD = "correct horse battery"
 """Every factory-made user's password."""
+FACTORY_ACTOR = Principal("factory", Role.ADMIN)
 
 
 def make_user(session: Session, name: str, role: Role | str = Role.RADIOLOGIST) -> Principal:
     """A dashboard user with the password ``PASSWORD``."""
-    user = add_user(session, name, role, PASSWORD)
+    user = add_user(session, name, role, PASSWORD, actor=FACTORY_ACTOR)
     return Principal(user.name, Role(user.role))

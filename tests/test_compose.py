@@ -91,3 +91,47 @@ def test_named_volumes_are_declared() -> None:
             source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name} uses undeclared volume {source!r}"
+
+
+# --- what a hostile network meets (issue 16) ----------------------------------------------------
+
+CADDYFILE = ROOT / "Caddyfile"
+
+
+def _published(service: dict[str, Any]) -> set[str]:
+    return {str(port).split(":")[-2] for port in service.get("ports") or []}
+
+
+def test_browsers_reach_the_dashboard_and_prefect_only_through_the_tls_proxy() -> None:
+    assert _published(SERVICES["dashboard"]) == _published(SERVICES["prefect-server"]) == set()
+    assert {"443", "4200"} <= _published(SERVICES["proxy"])
+    assert "./Caddyfile:/etc/caddy/Caddyfile:ro" in SERVICES["proxy"]["volumes"]
+    sites = CADDYFILE.read_text()
+    assert "reverse_proxy dashboard:8501" in sites
+    assert "reverse_proxy prefect-server:4200" in sites
+    assert "http://" not in sites  # every site is served over TLS
+    # Only the proxy reaches the dashboard, so its forwarded scheme and address are believed.
+    assert _environment(SERVICES["dashboard"])["RADFLOW_DASHBOARD_TRUSTED_PROXIES"] == "*"
+    ui_api = _environment(SERVICES["prefect-server"])["PREFECT_UI_API_URL"]
+    assert ui_api.startswith("https://")
+
+
+def test_prefect_asks_every_client_for_its_password() -> None:
+    server = _environment(SERVICES["prefect-server"])
+    assert server["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    for name, service in SERVICES.items():
+        env = _environment(service)
+        if "PREFECT_API_URL" in env:
+            assert env["PREFECT_API_AUTH_STRING"] == server["PREFECT_SERVER_API_AUTH_STRING"], name
+
+
+def test_no_secret_has_a_public_default_and_the_receiver_names_its_senders() -> None:
+    for name in ("worker", "receiver", "dashboard", "migrate"):
+        key = _environment(SERVICES[name])["RADFLOW_PSEUDONYM_KEY"]
+        assert key.startswith("${RADFLOW_PSEUDONYM_KEY:?"), name  # compose stops without it
+    senders = Settings(
+        allowed_calling_aets=yaml.safe_load(
+            _environment(SERVICES["receiver"])["RADFLOW_ALLOWED_CALLING_AETS"]
+        )
+    ).allowed_calling_aets
+    assert senders and all(senders)

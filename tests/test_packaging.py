@@ -106,6 +106,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _environment(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RADFLOW_", "PYTHON"))}
     env["RADFLOW_DATA_DIR"] = str(data_dir)
+    env["RADFLOW_PSEUDONYM_KEY"] = "radflow-test-pseudonym-key-not-for-patient-data"
     return env
 
 

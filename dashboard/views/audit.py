@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, time, timedelta
 import pandas as pd
 import streamlit as st
 
-from dashboard import context
+from dashboard import context, text
 from radflow.services.audit import AuditFilter, choices, list_events
 from radflow.services.users import Permission
 
@@ -50,7 +50,7 @@ else:
     frame = pd.DataFrame([asdict(r) for r in rows])
     frame["details"] = frame["details"].map(lambda d: ", ".join(f"{k}={v}" for k, v in d.items()))
     st.dataframe(
-        frame,
+        text.table(frame),
         hide_index=True,
         column_config={
             "at": st.column_config.DatetimeColumn("When (UTC)", format="YYYY-MM-DD HH:mm:ss"),

@@ -16,6 +16,7 @@ from radflow.errors import RadflowError
 from radflow.services.models import (
     Evaluation,
     VersionSummary,
+    against_decision,
     evaluate,
     labels_since_training,
     list_versions,
@@ -126,9 +127,25 @@ def _actions(principal: Principal, task: str, versions: list[VersionSummary]) ->
             "Version", versions, format_func=lambda v: f"{v.name} ({v.status})", key=f"pick:{task}"
         )
         promotable = chosen is not None and chosen.status != "champion"
+        reason = None
+        if promotable:
+            assert chosen is not None
+            with context.session() as session:
+                against = against_decision(session, task, chosen.version)
+            if against is not None:
+                st.warning(
+                    f"{chosen.name} did not beat the champion in its DeLong test "
+                    f"(p = {against[0]:.3g} ≥ α = {against[1]:g}). Promoting it anyway needs "
+                    "a reason, recorded in the audit trail.",
+                    icon=":material/warning:",
+                )
+                reason = st.text_input("Reason for promoting it anyway", key=f"reason:{task}")
         if promotable and st.button("Promote to champion", key=f"promote:{task}", type="primary"):
             assert chosen is not None
-            _run(lambda s: promote(s, principal, task, chosen.version), f"Promoted {chosen.name}")
+            _run(
+                lambda s: promote(s, principal, task, chosen.version, reason),
+                f"Promoted {chosen.name}",
+            )
         if any(v.status == "champion" for v in versions) and st.button(
             "Roll back to the previous champion", key=f"rollback:{task}"
         ):

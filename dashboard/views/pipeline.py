@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dashboard import context
+from dashboard import context, text
 from flows.launcher import FlowRunsUnavailable, recent_flow_runs
 from radflow.services.pipeline import (
     ingest_rate,
@@ -25,7 +25,7 @@ settings = context.runtime().settings
 st.title("Pipeline")
 
 with context.session() as session:
-    status = platform_status(session)
+    status = platform_status(session, settings)
     hours = ingest_rate(session, user, hours=24)
     rejected, by_reason = rejections(session, user, limit=100)
     outgoing = results_out(session, user, limit=100)
@@ -33,6 +33,22 @@ with context.session() as session:
 numbers = {k: v for k, v in status.items() if isinstance(v, int)}
 for column, (name, value) in zip(st.columns(max(1, len(numbers))), numbers.items(), strict=False):
     column.metric(name.replace("_", " ").capitalize(), value)
+receiver = status["receiver"]
+healths = receiver["indexers"].values()
+if any(health["state"] in ("dead", "gone") for health in healths):
+    st.error(
+        f"The DICOM receiver refuses instances: {receiver['not_accepting_because']}",
+        icon=":material/error:",
+    )
+elif not any(health["alive"] for health in healths):
+    st.info(
+        "No DICOM receiver runs on this spool: start `radflow receive`.", icon=":material/info:"
+    )
+elif not receiver["accepting"]:
+    st.warning(
+        f"The DICOM receiver refuses instances now: {receiver['not_accepting_because']}",
+        icon=":material/block:",
+    )
 queues = {k: v for k, v in status.items() if isinstance(v, dict) and k != "champions"}
 if queues:
     with st.expander("Queues and counts", expanded=True):
@@ -62,7 +78,11 @@ else:
         ),
         width="stretch",
     )
-    st.dataframe(pd.DataFrame([asdict(r) for r in rejected]), hide_index=True)
+    frame = pd.DataFrame([asdict(r) for r in rejected])
+    if not user.can(Permission.VIEW_INPUT_DETAILS):
+        frame = frame[["at", "source", "reason"]]
+        st.caption("File names and messages can name patients: only admins see them.")
+    st.dataframe(text.table(frame), hide_index=True)
 
 st.subheader("Results to PACS")
 for column, (status, count) in zip(st.columns(3), outgoing.counts.items(), strict=False):
@@ -75,7 +95,11 @@ if outgoing.parked:
     )
     parked = pd.DataFrame([asdict(p) for p in outgoing.parked])
     chosen = st.dataframe(
-        parked, hide_index=True, on_select="rerun", selection_mode="multi-row", key="parked"
+        text.table(parked),
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="multi-row",
+        key="parked",
     )
     rows = chosen.selection.rows
     if user.can(Permission.RESEND_RESULTS) and st.button(
@@ -88,7 +112,7 @@ if outgoing.parked:
         st.rerun()
 if outgoing.unwritten:
     st.caption("Predictions whose SR could not be made")
-    st.dataframe(pd.DataFrame([asdict(u) for u in outgoing.unwritten]), hide_index=True)
+    st.dataframe(text.table(pd.DataFrame([asdict(u) for u in outgoing.unwritten])), hide_index=True)
 
 st.subheader("Recent flow runs")
 try:
@@ -103,4 +127,6 @@ else:
         failed = frame[frame["state"].isin(["Failed", "Crashed"])]
         if len(failed):
             st.error(f"{len(failed)} of the last {len(frame)} flow runs failed.")
-        st.dataframe(frame, hide_index=True)
+        if not user.can(Permission.VIEW_INPUT_DETAILS):  # failure messages quote inputs
+            frame = frame.drop(columns=["message"])
+        st.dataframe(text.table(frame), hide_index=True)

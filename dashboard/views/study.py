@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 from numpy.typing import NDArray
 
-from dashboard import context
+from dashboard import context, text
 from flows.launcher import Started, labels_recorded
 from radflow.services.review import (
     Verdict,
@@ -72,7 +72,7 @@ def _choose_series(view: StudyView) -> SeriesView | None:
         return st.selectbox(
             "Series",
             view.series,
-            format_func=lambda s: (
+            format_func=lambda s: text.plain(
                 f"{s.number or '-'}: {s.description or s.modality or s.series_uid}"
             ),
         )
@@ -113,7 +113,8 @@ def _picture(
             instance.object_key, WINDOWS[preset or "From the image"], frame
         )
     except ObjectNotFound:
-        st.warning(f"The image {instance.object_key} is missing from the object store.")
+        st.warning("This image is missing from the object store:")
+        st.text(text.plain(instance.object_key))
         return None
     image = adjust_contrast(image, brightness=brightness, contrast=contrast, invert=invert)
     where = [f"slice {index + 1}/{len(instances)}"] if len(instances) > 1 else []
@@ -166,7 +167,9 @@ def _show_image(view: StudyView) -> None:
         return
     image, caption, instance = picture
     shown, notes = _with_overlays(view, image, instance)
-    st.image(shown, caption=" · ".join([caption, *notes]), width="stretch")
+    # Not st.image's caption: that is Markdown, and the series description comes from DICOM.
+    st.image(shown, width="stretch")
+    text.caption(" · ".join([caption, *notes]))
 
 
 def _show_result(view: StudyView) -> None:
@@ -187,9 +190,9 @@ def _show_result(view: StudyView) -> None:
             st.badge("Below threshold", icon=":material/check:", color="green")
     if view.not_scored:
         for task, reason in view.not_scored.items():
-            st.caption(f"{task}: {reason}")
+            text.caption(f"{task}: {reason}")
     elif view.status_reason:
-        st.caption(f"Status reason: {view.status_reason}")
+        text.caption(f"Status reason: {view.status_reason}")
 
 
 def _review_form(principal: Principal, view: StudyView) -> None:
@@ -254,9 +257,11 @@ if not uid:
 
 try:
     view = _load(user, uid)
-except StudyNotFound as exc:
+except StudyNotFound:
     st.title("Study")
-    st.error(str(exc))
+    # The UID comes from the URL: shown as plain text, never inside the (Markdown) alert.
+    st.error("No study has this Study Instance UID; it may not have been received yet.")
+    st.text(text.plain(uid[:128]))
     _back_link()
     st.stop()
 
@@ -273,8 +278,8 @@ if user.can(Permission.REVIEW) and top[1].button(
     else:
         _open(upcoming)
 
-st.title(f"Study {view.accession or view.study_uid}")
-st.caption(
+text.title(f"Study {view.accession or view.study_uid}")
+text.caption(
     f"Patient {view.patient} · {view.modality or 'unknown modality'} · status "
     f"{view.status.replace('_', ' ')} · received {view.received_at:%Y-%m-%d %H:%M} · "
     f"UID {view.study_uid}"
@@ -294,11 +299,13 @@ with result_column:
 st.subheader("Prediction history")
 if view.predictions:
     st.dataframe(
-        pd.DataFrame(
-            [
-                {k: v for k, v in asdict(p).items() if k not in ("scores", "derived_keys")}
-                for p in view.predictions
-            ]
+        text.table(
+            pd.DataFrame(
+                [
+                    {k: v for k, v in asdict(p).items() if k not in ("scores", "derived_keys")}
+                    for p in view.predictions
+                ]
+            )
         ),
         column_order=["created_at", "model", "score", "threshold", "flagged", "latency_ms"],
         column_config={
@@ -319,7 +326,8 @@ def _results(principal: Principal, view: StudyView) -> None:
     """The DICOM results (SR, SEG), each downloadable (audited), and where each was sent."""
     st.subheader("DICOM results")
     for reason in view.unreported:
-        st.warning(f"An SR could not be made: {reason}", icon=":material/report:")
+        st.warning("An SR could not be made:", icon=":material/report:")
+        st.text(text.plain(reason))
     if not view.results:
         st.caption("No SR or SEG made for this study yet.")
         return
@@ -338,9 +346,9 @@ def _results(principal: Principal, view: StudyView) -> None:
             on_click="ignore",
         )
         sent = [delivery.describe() for delivery in result.deliveries]
-        columns[0].caption(
-            "  \n".join(sent) or "Sent to no destination (the routing rule names none)."
-        )
+        with columns[0]:  # a peer's error message is not Markdown either
+            for line in sent or ["Sent to no destination (the routing rule names none)."]:
+                text.caption(line)
 
 
 def _download(principal: Principal, study_uid: str, result: ResultView) -> bytes:
@@ -354,7 +362,11 @@ _results(user, view)
 
 st.subheader("Series")
 st.dataframe(
-    pd.DataFrame([{k: v for k, v in asdict(s).items() if k != "instances"} for s in view.series]),
+    text.table(
+        pd.DataFrame(
+            [{k: v for k, v in asdict(s).items() if k != "instances"} for s in view.series]
+        )
+    ),
     column_order=["number", "modality", "description", "body_part", "instance_count", "series_uid"],
     column_config={
         "number": "Number",

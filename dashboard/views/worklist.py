@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, time, timedelta
 import pandas as pd
 import streamlit as st
 
-from dashboard import context
+from dashboard import context, text
 from radflow.services.review import next_unreviewed
 from radflow.services.users import Permission
 from radflow.services.worklist import (
@@ -52,8 +52,10 @@ COLUMNS = {
 
 
 def _frame(rows: list[WorklistRow]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{name: getattr(row, name) for name in COLUMNS} for row in rows], columns=list(COLUMNS)
+    return text.table(
+        pd.DataFrame(
+            [{name: getattr(row, name) for name in COLUMNS} for row in rows], columns=list(COLUMNS)
+        )
     )
 
 

@@ -98,12 +98,13 @@ class FailureLog:
         self.logger = logger
         self._seen: set[tuple[str, str]] = set()
 
-    def failed(self, what: str, exc: BaseException) -> None:
+    def failed(self, what: str, exc: BaseException, *, then: str = "retrying") -> None:
+        """Log that ``what`` failed with ``exc``; ``then`` says what happens next."""
         key = (type(exc).__name__, describe(exc))
         if is_outage(exc):
-            self.logger.warning("%s failed (%s); retrying", what, describe(exc))
+            self.logger.warning("%s failed (%s); %s", what, describe(exc), then)
         elif key not in self._seen:
             self._seen.add(key)
-            self.logger.error("%s failed; retrying", what, exc_info=exc)
+            self.logger.error("%s failed; %s", what, then, exc_info=exc)
         else:
-            self.logger.error("%s failed again (%s); retrying", what, describe(exc))
+            self.logger.error("%s failed again (%s); %s", what, describe(exc), then)

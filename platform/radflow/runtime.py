@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from radflow.db import ensure_schema, make_engine, make_sessionmaker, unit_of_work
 from radflow.settings import Settings
 from radflow.store import ObjectStore, open_store
+from radflow.store.durable import private_dir
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Runtime:
         empty embedded (SQLite) database is created on first use; a schema at another revision
         raises SchemaNotCurrent, which names the command to run.
         """
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)
         engine = make_engine(settings.database_url)
         try:
             ensure_schema(engine, settings.database_url)

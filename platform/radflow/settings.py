@@ -12,8 +12,18 @@ from platformdirs import user_data_dir
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from radflow.errors import RadflowError
+
 MAX_VOLUME_VOXELS = 512 * 512 * 1024
 """Default of ``max_volume_voxels``: 1 GiB as float32, a 1,024-slice 512x512 CT."""
+
+DEVELOPMENT_PSEUDONYM_KEY = "radflow-development-key"
+"""The public default: anyone can recompute pseudonyms made with it, so it is refused for real
+data (``Settings.require_pseudonym_key``)."""
+
+
+class InsecureSettings(RadflowError, ValueError):
+    """A setting that would expose patient data; the message says what to set."""
 
 
 def _default_data_dir() -> Path:
@@ -81,8 +91,15 @@ class Settings(BaseSettings):
         "radflow/routing_rules.yaml",
     )
     pseudonym_key: SecretStr = Field(
-        default=SecretStr("radflow-development-key"),
-        description="Secret for keyed patient pseudonyms; set a real one in production.",
+        default=SecretStr(""),
+        description="Secret from which patient pseudonyms and export keys are derived; empty "
+        "reads pseudonym_key_file. The public default is refused by receive, ingest, watch, "
+        "import, export and worker: set a long random value (`openssl rand -hex 32`) and keep it",
+    )
+    pseudonym_key_file: Path | None = Field(
+        default=None,
+        description="File holding the pseudonym key, read when pseudonym_key is not set; "
+        "default <data_dir>/pseudonym.key (where `radflow demo` writes a random one)",
     )
     max_pixels: int = Field(
         default=4096 * 4096 * 2048,
@@ -128,17 +145,78 @@ class Settings(BaseSettings):
         description="Where the receiver keeps acknowledged instances until they are indexed; "
         "default <data_dir>/spool (must be a local disk: it is fsynced)",
     )
-    session_idle_minutes: float = Field(
-        default=30.0, gt=0, description="Dashboard sessions idle this long must log in again"
+    receiver_max_pdu_bytes: int = Field(
+        default=1024 * 1024,
+        ge=16 * 1024,
+        le=64 * 1024 * 1024,
+        description="Largest PDU the receiver announces and accepts: a peer's PDU declaring more "
+        "is refused (A-ABORT) before any of it is read, so memory stays bounded per association",
     )
-    login_max_failures: int = Field(
+    receiver_min_free_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Below this many bytes free on the spool's disk the receiver refuses new "
+        "associations and instances (transient: senders retry); 0 turns the check off. MONAI "
+        "Informatics Gateway uses 5 GB on servers; 2 GiB keeps a laptop demo receiving",
+    )
+    receiver_max_used_percent: float = Field(
+        default=100.0,
+        gt=0,
+        le=100,
+        description="Above this share of the spool's disk in use the receiver refuses as above; "
+        "100 turns the check off (75 on a volume dedicated to the spool, as MONAI Informatics "
+        "Gateway does)",
+    )
+    session_idle_minutes: float = Field(
+        default=30.0,
+        gt=0,
+        description="A dashboard session idle this long ends: the open page is cleared and the "
+        "browser must log in again",
+    )
+    session_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Key that signs the dashboard's session cookie; empty: a random key per "
+        "dashboard process (sessions then end when the dashboard restarts). Set it when several "
+        "dashboard processes serve one site",
+    )
+    login_free_failures: int = Field(
         default=5,
         ge=1,
-        description="Wrong passwords allowed per user (and 4x that per client address) "
-        "within login_window_minutes before further attempts are refused",
+        description="Consecutive wrong passwords for one user name from one client address "
+        "before each further attempt must wait (login_delay_seconds, doubling)",
     )
-    login_window_minutes: float = Field(
-        default=15.0, gt=0, description="Window over which failed logins are counted"
+    login_delay_seconds: float = Field(
+        default=2.0, gt=0, description="The first wait after login_free_failures wrong passwords"
+    )
+    login_max_delay_minutes: float = Field(
+        default=15.0,
+        gt=0,
+        description="The longest wait between login attempts; failures older than this are "
+        "forgotten",
+    )
+    password_min_length: int = Field(default=12, ge=8, description="Shortest password accepted")
+    password_min_strength: int = Field(
+        default=3,
+        ge=0,
+        le=4,
+        description="Least zxcvbn strength score (0-4) a new password must reach: common "
+        "passwords, names and keyboard patterns score low",
+    )
+    dashboard_tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) for HTTPS on the dashboard; with "
+        "dashboard_tls_key_file, `radflow dashboard` serves https:// only",
+    )
+    dashboard_tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of dashboard_tls_cert_file"
+    )
+    dashboard_trusted_proxies: str = Field(
+        # The dashboard listens on both IP versions: IPv4 clients arrive as ::ffff:a.b.c.d.
+        default="127.0.0.1,::1,::ffff:127.0.0.1",
+        description="Comma-separated addresses (or networks, or *) of the reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto the dashboard believes: behind an HTTPS proxy "
+        "its cookies are then Secure, and logins are throttled and audited per real client "
+        "address rather than per proxy. Only a proxy no browser can bypass belongs here",
     )
     batch_size: int = Field(default=32, ge=1, description="Scoring and training batch size")
     promotion_alpha: float = Field(
@@ -197,7 +275,33 @@ class Settings(BaseSettings):
             self.inbox_dir = self.data_dir / "inbox"
         if self.quarantine_dir is None:
             self.quarantine_dir = self.data_dir / "quarantine"
+        if self.pseudonym_key_file is None:
+            self.pseudonym_key_file = self.data_dir / "pseudonym.key"
+        if not self.pseudonym_key.get_secret_value() and self.pseudonym_key_file.is_file():
+            key = self.pseudonym_key_file.read_text().strip()
+            self.pseudonym_key = SecretStr(key)
+        if not self.pseudonym_key.get_secret_value():
+            self.pseudonym_key = SecretStr(DEVELOPMENT_PSEUDONYM_KEY)
+        if (self.dashboard_tls_cert_file is None) != (self.dashboard_tls_key_file is None):
+            raise ValueError(
+                "set both dashboard_tls_cert_file and dashboard_tls_key_file, or neither"
+            )
         return self
+
+    def require_pseudonym_key(self) -> None:
+        """Refuse the public development key: what handles real patient data calls this first.
+
+        The receiver, ingest, watch folder, dataset import, export and the flow worker call it
+        at their entry points; ``radflow demo`` writes a random key into its data dir instead.
+        """
+        if self.pseudonym_key.get_secret_value() == DEVELOPMENT_PSEUDONYM_KEY:
+            raise InsecureSettings(
+                "RADFLOW_PSEUDONYM_KEY is the public development key, with which anyone can "
+                "recompute patient pseudonyms; set RADFLOW_PSEUDONYM_KEY (or "
+                f"RADFLOW_PSEUDONYM_KEY_FILE, default {self.pseudonym_key_file}) to a long random "
+                "secret, e.g. `openssl rand -hex 32`, and keep it: changing it changes every "
+                "pseudonym"
+            )
 
     @property
     def quarantine(self) -> Path:

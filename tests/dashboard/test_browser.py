@@ -1,32 +1,50 @@
-"""The dashboard as a user sees it: a real ``streamlit run`` server driven by headless Chromium.
+"""The dashboard as a user sees it: a real ``radflow dashboard`` server driven by headless Chromium.
 
 Uses Debian's ``/usr/bin/chromium`` through the Python ``playwright`` package (never
 ``playwright install``). Screenshots go to ``artifacts/screenshots/`` at the repository root
-(git-ignored). The server checks real argon2 hashes with production parameters.
+(git-ignored). The server checks real argon2 hashes with production parameters, and runs with
+the login gate and the content-security policy it has in production: every test fails if the
+page asks another host for anything or the browser refuses something under the policy.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from factories import PASSWORD, make_study, make_user
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from sqlalchemy import select
 
 from demo.synthetic import chest_phantom
-from radflow.db import AuditEvent, Label, ModelStatus, ModelVersion, StudyStatus, unit_of_work
+from radflow.db import (
+    AuditEvent,
+    Label,
+    ModelStatus,
+    ModelVersion,
+    Study,
+    StudyStatus,
+    unit_of_work,
+)
 from radflow.runtime import Runtime
 from radflow.services.users import Role
 from radflow.settings import Settings
@@ -46,6 +64,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCORED = {"ACC-HIGH": 0.91, "ACC-MID": 0.55, "ACC-LOW": 0.12}
+HOSTILE_ACCESSION = ":red[NORMAL]"
+HOSTILE_DESCRIPTION = "![x](http://evil.example/s.png)"
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -83,6 +103,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 gradcam=True,
             )
         make_study(session, rt.store, accession="ACC-WAIT")
+        hostile = make_study(session, rt.store, accession=HOSTILE_ACCESSION)
+        hostile.series[0].description = HOSTILE_DESCRIPTION
         make_study(
             session,
             rt.store,
@@ -101,7 +123,10 @@ def _wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> None
         if process.poll() is not None:
             pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            # A self-signed certificate in the HTTPS test: only the server's health is asked.
+            unverified = ssl._create_unverified_context() if url.startswith("https") else None
+            health = f"{url}/_stcore/health"
+            with urllib.request.urlopen(health, timeout=2, context=unverified) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -123,34 +148,33 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``streamlit run dashboard/app.py`` on a free port; yields its base URL."""
+def _serve(data_dir: Path, log: Path, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``radflow dashboard`` on a free port, as an operator runs it; returns it and its URL."""
     _require_chromium()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RADFLOW_")}
     env["RADFLOW_DATA_DIR"] = str(data_dir)
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(APP),
-        "--server.headless",
-        "true",
-        "--server.port",
-        str(port),
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    env.update({f"RADFLOW_{name.upper()}": value for name, value in settings.items()})
+    command = [sys.executable, "-m", "cli.main", "dashboard", "--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
+    scheme = "https" if "dashboard_tls_cert_file" in settings else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
     try:
         _wait_healthy(process, url, log)
+    except BaseException:
+        _stop(process)
+        raise
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The dashboard on the module's data dir; yields its base URL."""
+    process, url = _serve(data_dir, tmp_path_factory.mktemp("streamlit") / "server.log")
+    try:
         yield url
     finally:
         _stop(process)
@@ -171,8 +195,24 @@ def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1400, "height": 1300})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    elsewhere: list[str] = []
+    refused: list[str] = []
+    page.on(
+        "request",
+        lambda r: (
+            elsewhere.append(r.url)
+            if not r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+            else None
+        ),
+    )
+    page.on(
+        "console",
+        lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     yield page
     context.close()
+    assert elsewhere == [], "the page fetched from another host"
+    assert refused == [], "the browser refused something under the content-security policy"
 
 
 def _screenshot(page: Page, name: str) -> None:
@@ -181,16 +221,12 @@ def _screenshot(page: Page, name: str) -> None:
 
 
 def _log_in(page: Page, server: str, name: str, path: str = "") -> None:
-    """Open ``path`` (a fresh browser session, so the login page), then log in as ``name``."""
+    """Open ``path`` (a fresh browser session: the login page comes first), then log in."""
     page.goto(f"{server}/{path}")
-    if path:
-        _dismiss_page_not_found(page)
     page.get_by_role("textbox", name="User name").fill(name)
     page.get_by_role("textbox", name="Password").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("button", name="Log in")).to_have_count(0)
-    if path:
-        _dismiss_page_not_found(page)
 
 
 def _dismiss_page_not_found(page: Page) -> None:
@@ -276,6 +312,7 @@ def test_radiologist_reviews_a_study_from_the_worklist(
 
 def test_radiologist_cannot_reach_the_promote_action(server: str, page: Page) -> None:
     _log_in(page, server, "rita", "models")
+    _dismiss_page_not_found(page)
     # The server registers no models page for this role: the URL leads to the worklist.
     expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
     expect(page.get_by_role("link", name="Models")).to_have_count(0)
@@ -297,4 +334,154 @@ def test_ml_engineer_sees_the_models_page(server: str, page: Page, data_dir: Pat
 
 def test_unknown_study_link_explains_itself(server: str, page: Page) -> None:
     _log_in(page, server, "rita", "study?study=1.2.3.4.5")
-    expect(page.get_by_test_id("stAlertContentError")).to_contain_text("1.2.3.4.5")
+    expect(page.get_by_test_id("stAlertContentError")).to_contain_text("No study has this")
+    expect(page.get_by_text("1.2.3.4.5", exact=True)).to_be_visible()
+
+
+def _page_not_found(page: Page) -> bool:
+    dialog = page.get_by_role("dialog").filter(has_text="Page not found")
+    try:
+        dialog.wait_for(state="visible", timeout=2000)
+    except PlaywrightTimeout:
+        return False
+    return True
+
+
+def test_a_shared_link_opens_after_login_survives_reload_and_logout_ends_it(
+    server: str, browser: Browser, data_dir: Path
+) -> None:
+    """The link a colleague sent: log in, land on that study (no "page not found"), reload and
+    stay there; the study's image is only for this session, and only until it logs out."""
+    link = f"study?study={_study_uid(data_dir, 'ACC-HIGH')}"
+    shared = browser.new_context()
+    colleague = shared.new_page()
+    _log_in(colleague, server, "max", link)
+    expect(colleague.get_by_role("heading", name="Study ACC-HIGH")).to_be_visible()
+    assert not _page_not_found(colleague)
+    colleague.reload()
+    expect(colleague.get_by_role("heading", name="Study ACC-HIGH")).to_be_visible()
+    expect(colleague.get_by_role("button", name="Log in")).to_have_count(0)
+    image = colleague.get_by_test_id("stImage").locator("img")
+    source = image.get_attribute("src") or ""
+    assert "/media/" in source
+    assert colleague.request.get(source).status == 200  # with the session's cookie
+    stranger = browser.new_context()
+    assert stranger.request.get(source).status == 403  # the same URL without it
+    colleague.get_by_role("button", name="Log out").click()
+    expect(colleague.get_by_text("You have logged out.")).to_be_visible()
+    assert colleague.request.get(source).status == 403  # the cookie is still there, but dead
+    colleague.reload()
+    expect(colleague.get_by_role("button", name="Log in")).to_be_visible()
+    stranger.close()
+    shared.close()
+
+
+def test_dicom_text_shows_as_written_and_fetches_nothing(
+    server: str, page: Page, data_dir: Path
+) -> None:
+    """An Accession ``:red[NORMAL]`` is not a red word, and a SeriesDescription that is Markdown
+    for an image on another host makes the browser fetch nothing (the page fixture checks)."""
+    _log_in(page, server, "rita", f"study?study={_study_uid(data_dir, HOSTILE_ACCESSION)}")
+    expect(page.get_by_role("heading", name=f"Study {HOSTILE_ACCESSION}")).to_be_visible()
+    expect(page.get_by_text(HOSTILE_DESCRIPTION).first).to_be_visible()
+    expect(page.locator(".stMarkdownColoredText")).to_have_count(0)
+    expect(page.locator("a[href*='evil.example'], img[src*='evil.example']")).to_have_count(0)
+
+
+def _study_uid(data_dir: Path, accession: str) -> str:
+    settings = Settings(data_dir=data_dir, database_url="", store_url="")
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        return session.scalars(
+            select(Study.study_uid).where(Study.accession_number == accession)
+        ).one()
+
+
+def _self_signed(folder: Path) -> dict[str, str]:
+    """A certificate for 127.0.0.1 and its key, as dashboard TLS settings."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert, private = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {"dashboard_tls_cert_file": str(cert), "dashboard_tls_key_file": str(private)}
+
+
+def test_over_https_the_cookie_is_secure_and_an_idle_page_clears_itself(
+    data_dir: Path, browser: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The dashboard serving HTTPS itself (Streamlit's TLS, from two settings): the session
+    cookie is Secure, and the worklist does not stay on screen past the idle timeout (15 s on
+    this server)."""
+    folder = tmp_path_factory.mktemp("idle")
+    tls = _self_signed(folder)
+    process, url = _serve(data_dir, folder / "server.log", session_idle_minutes="0.25", **tls)
+    context = browser.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        _log_in(page, url, "rita")
+        # The first page a fresh server renders (cold imports) can take more than 5 s here.
+        expect(page.get_by_test_id("stDataFrame")).to_be_visible(timeout=30_000)
+        (cookie,) = [c for c in context.cookies() if c["name"] == "radflow_session"]
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+        # Nobody touches the page from here on.
+        expect(page.get_by_text("idle too long")).to_be_visible(timeout=40_000)
+        expect(page.get_by_test_id("stDataFrame")).to_have_count(0)
+        expect(page.get_by_role("link", name="Log in")).to_be_visible(timeout=30_000)
+    finally:
+        context.close()
+        _stop(process)
+
+
+def test_behind_a_trusted_proxy_cookies_are_secure_and_clients_told_apart(
+    server: str, browser: Browser, data_dir: Path
+) -> None:
+    """An HTTPS reverse proxy in front (here: requests from 127.0.0.1, trusted by default) says
+    the browser's scheme and address: the cookie is Secure, HSTS is sent, and a wrong password
+    counts against the real client, not against everyone behind the proxy."""
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    context = browser.new_context(extra_http_headers=forwarded)
+    try:
+        for password in ("not the password", PASSWORD):
+            form = context.request.get(f"{server}/login").text()
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+            assert csrf is not None
+            fields = {"csrf": csrf[1], "next": "/", "name": "max", "password": password}
+            answer = context.request.post(f"{server}/login", form=fields, max_redirects=0)
+        assert answer.status == 303
+        assert answer.headers["strict-transport-security"].startswith("max-age=")
+        (session,) = [
+            h["value"]
+            for h in answer.headers_array
+            if h["name"].lower() == "set-cookie" and h["value"].startswith("radflow_session=")
+        ]
+        assert "secure" in session.lower()
+    finally:
+        context.close()
+    settings = Settings(data_dir=data_dir, database_url="", store_url="")
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        failed = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "login-failed")
+        ).all()
+    assert [(e.object_id, e.details["client"]) for e in failed] == [("max", "203.0.113.7")]

@@ -2,38 +2,49 @@
 
 The app reads ``Settings()`` from the environment, as it does when served, so each test points
 ``RADFLOW_DATA_DIR`` at its own folder and clears Streamlit's caches (they outlive one AppTest).
-Most tests start logged in (session state set as the login page sets it); the login tests go
-through the form.
+Most tests start logged in: a real server-side session, whose signed cookie the browser would
+send; AppTest cannot send cookies, so ``context.browser_cookie`` returns it (the login form
+itself is tested in test_gate.py and test_browser.py).
 """
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import streamlit as st
-from factories import PASSWORD, make_model_version, make_study, make_user
+from factories import make_model_version, make_study, make_user
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from dashboard.context import AUTH_KEY
+from dashboard import context
+from dashboard.gate import cookie_key
 from flows import launcher
 from radflow.db import (
     AuditEvent,
+    DashboardSession,
     Label,
+    ModelEvaluation,
     ModelStatus,
     ModelVersion,
+    Rejection,
     StudyStatus,
     TrainingRun,
+    User,
     unit_of_work,
 )
+from radflow.ingest.receiver.counters import DEAD, ReceiverCounters
 from radflow.learning.labels import add_label
 from radflow.runtime import Runtime
-from radflow.services.users import Role
+from radflow.services.sessions import sign, start_session
+from radflow.services.users import Principal, Role
 from radflow.settings import Settings
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -41,7 +52,17 @@ USERS = {Role.RADIOLOGIST: "rita", Role.ML_ENGINEER: "max", Role.ADMIN: "ada"}
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+def browser(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """The cookie jar of the one browser these tests stand for."""
+    jar: dict[str, str | None] = {"cookie": None}
+    monkeypatch.setattr(context, "browser_cookie", lambda: jar["cookie"])
+    return jar
+
+
+@pytest.fixture
+def runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: dict[str, str | None]
+) -> Iterator[Runtime]:
     """A migrated SQLite data dir with one user per role, found by the app through the env."""
     for name in list(os.environ):
         if name.upper().startswith("RADFLOW_"):
@@ -69,10 +90,18 @@ def seed(runtime: Runtime, *scored: tuple[str, float | None]) -> dict[str, str]:
         return {accession: study.study_uid for accession, study in studies.items()}
 
 
+def log_in(role: Role) -> None:
+    """As the login page does: a server-side session, its signed cookie in the browser."""
+    with Runtime.open(Settings()) as rt, unit_of_work(rt.session_factory) as session:
+        token = start_session(session, Principal(USERS[role], role), "127.0.0.1")
+        cookie = sign(token, cookie_key(rt.settings))
+    context.browser_cookie = lambda: cookie  # type: ignore[method-assign]
+
+
 def app(role: Role | None = Role.RADIOLOGIST) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=60)
     if role is not None:
-        at.session_state[AUTH_KEY] = {"name": USERS[role], "seen": time.monotonic()}
+        log_in(role)
     return at
 
 
@@ -83,6 +112,24 @@ def study_page(uid: str, role: Role = Role.RADIOLOGIST) -> AppTest:
     return at.run()
 
 
+def shown(at: AppTest, tag: str) -> list[str]:
+    """The text of every ``tag`` element the page rendered as HTML (dashboard/text.py), as the
+    browser displays it: entities decoded."""
+    return [
+        html.unescape(m)
+        for element in at.html
+        for m in re.findall(rf"<{tag}[^>]*>(.*?)</{tag}>", element.value, flags=re.S)
+    ]
+
+
+def image_caption(at: AppTest) -> str:
+    """The caption under the study image: the paragraph that is not the study's, the status
+    reason or who is logged in."""
+    others = ("Patient ", "Status reason", "Logged in as")
+    (caption,) = [c for c in shown(at, "p") if not c.startswith(others)]
+    return caption
+
+
 def events(runtime: Runtime, action: str) -> list[tuple[str, str]]:
     with runtime.session_factory() as session:
         rows = session.execute(
@@ -91,40 +138,62 @@ def events(runtime: Runtime, action: str) -> list[tuple[str, str]]:
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
-def test_nothing_but_the_login_page_without_a_login(runtime: Runtime) -> None:
+def test_nothing_but_a_way_to_the_login_page_without_a_session(runtime: Runtime) -> None:
     seed(runtime, ("HIGH", 0.91))
     at = app(role=None).run()
     assert not at.exception
     assert at.title[0].value == "Radflow"
     assert not at.dataframe
-    # The server does not even know the other pages before a login.
-    with pytest.raises(ValueError, match=r"Known pages: \['[^,]*login.py'\]"):
+    # Every path the app has leads to the same "log in" page: no page of data is known.
+    with pytest.raises(ValueError, match="Known pages") as unknown:
         at.switch_page("views/worklist.py")
+    known = str(unknown.value).split("Known pages: ", 1)[1]
+    assert set(re.findall(r"views/(\w+\.py)", known)) == {"signed_out.py"}
 
 
-def test_login_with_the_right_password_opens_the_worklist(runtime: Runtime) -> None:
+def test_a_forged_cookie_opens_nothing(runtime: Runtime, browser: dict[str, str | None]) -> None:
     seed(runtime, ("HIGH", 0.91))
-    at = app(role=None).run()
-    at.text_input[0].input("rita")
-    at.text_input[1].input("wrong password")
-    at.button[0].click().run()
-    assert "wrong user name or password" in at.error[0].value
-    at.text_input[0].input("rita")
-    at.text_input[1].input(PASSWORD)
-    at.button[0].click().run()
-    assert not at.exception
-    assert at.title[0].value == "Worklist"
-    assert events(runtime, "login") == [("rita", "rita")]
-    assert events(runtime, "login-failed") == [("rita", "rita")]
-
-
-def test_idle_sessions_must_log_in_again(runtime: Runtime) -> None:
-    at = app()
-    idle_s = runtime.settings.session_idle_minutes * 60
-    at.session_state[AUTH_KEY] = {"name": "rita", "seen": time.monotonic() - idle_s - 1}
+    at = app(role=None)
+    context.browser_cookie = lambda: sign("guessed-token", b"guessed key")  # type: ignore[method-assign]
     at.run()
+    assert at.title[0].value == "Radflow" and not at.dataframe
+
+
+def idle_out(runtime: Runtime) -> None:
+    """Move every session's last activity back beyond the idle timeout."""
+    idle = timedelta(minutes=runtime.settings.session_idle_minutes, seconds=1)
+    with unit_of_work(runtime.session_factory) as session:
+        for row in session.scalars(select(DashboardSession)):
+            row.last_seen_at = row.last_seen_at - idle
+
+
+def test_an_idle_session_shows_nothing_more_and_says_why(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app().run()
+    assert at.dataframe  # the worklist, while the session is live
+    idle_out(runtime)
+    at.run()  # the next run: the page's idle watch, or a click
     assert at.title[0].value == "Radflow"
+    assert not at.dataframe
     assert "idle too long" in at.info[0].value
+    with runtime.session_factory() as session:
+        ended = session.execute(
+            select(AuditEvent.actor, AuditEvent.details).where(AuditEvent.action == "session-end")
+        ).one()
+    assert (ended.actor, ended.details["reason"]) == ("rita", "idle")
+
+
+def test_log_out_ends_the_session_for_good(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app().run()
+    next(b for b in at.sidebar.button if b.label == "Log out").click().run()
+    assert at.title[0].value == "Radflow" and "logged out" in at.info[0].value
+    at.run()  # the same cookie again (a reload, another tab): still logged out
+    assert not at.dataframe
+    with runtime.session_factory() as session:
+        reason = session.scalars(select(DashboardSession.end_reason)).one()
+    assert reason == "logout"
+    assert [actor for actor, _ in events(runtime, "session-end")] == ["rita"]
 
 
 def test_worklist_in_triage_order_with_counts(runtime: Runtime) -> None:
@@ -193,7 +262,7 @@ def test_selecting_a_row_opens_the_study_and_audits_the_view(runtime: Runtime) -
     at.run()
     assert not at.exception
     assert at.query_params["study"] == uids["HIGH"]
-    assert at.title[0].value == "Study HIGH"
+    assert shown(at, "h1") == ["Study HIGH"]
     at.run()  # a redraw is not another view
     assert events(runtime, "view") == [("rita", uids["HIGH"])]
 
@@ -202,7 +271,7 @@ def test_study_page_shows_image_heat_map_score_and_model(runtime: Runtime) -> No
     uids = seed(runtime, ("HIGH", 0.91))
     at = study_page(uids["HIGH"])
     assert not at.exception
-    assert at.title[0].value == "Study HIGH"
+    assert shown(at, "h1") == ["Study HIGH"]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics == {
         "Score": "0.910",
@@ -211,9 +280,9 @@ def test_study_page_shows_image_heat_map_score_and_model(runtime: Runtime) -> No
         "Model": "pneumonia-cxr:v1",
     }
     assert len(at.image) == 1
-    assert "Grad-CAM of pneumonia-cxr:v1" in at.image[0].captions[0]
+    assert "Grad-CAM of pneumonia-cxr:v1" in image_caption(at)
     at.toggle(key="gradcam").set_value(False).run()
-    assert "Grad-CAM" not in at.image[0].captions[0]
+    assert "Grad-CAM" not in image_caption(at)
     history = at.dataframe[0].value
     assert history["model"].tolist() == ["pneumonia-cxr:v1"]
 
@@ -245,7 +314,7 @@ def test_window_presets_and_frame_slider(runtime: Runtime) -> None:
     assert slider.value == 2
     slider.set_value(1).run()
     assert not at.exception
-    assert "frame 1/3" in at.image[0].captions[0]
+    assert "frame 1/3" in image_caption(at)
 
 
 def test_agree_writes_a_review_label_and_audit_event(runtime: Runtime) -> None:
@@ -261,7 +330,7 @@ def test_agree_writes_a_review_label_and_audit_event(runtime: Runtime) -> None:
     assert events(runtime, "review") == [("rita", uids["HIGH"])]
     assert "Saved: pneumonia-cxr = pneumonia" in at.success[0].value
     next(b for b in at.button if b.label == "Next unreviewed").click().run()
-    assert at.title[0].value == "Study NEXT"
+    assert shown(at, "h1") == ["Study NEXT"]
 
 
 def labelled(runtime: Runtime, labels: int, unlabelled: int) -> list[str]:
@@ -394,3 +463,153 @@ def test_admin_filters_the_audit_trail(runtime: Runtime) -> None:
     at.selectbox(key="audit_action").set_value("view").run()
     table = at.dataframe[0].value
     assert table[["actor", "object_id"]].values.tolist() == [["rita", uids["HIGH"]]]
+
+
+HOSTILE = {
+    "accession": ":red[NORMAL]",
+    "description": "![x](http://evil.example/s.png)",
+    "reason": "routing: :material/home: [see](http://evil.example/r)",
+}
+
+
+def markdown_texts(at: AppTest) -> list[str]:
+    """Everything the page handed to Streamlit as Markdown (which the browser would render)."""
+    kinds = ("title", "header", "subheader", "caption", "markdown", "error", "warning", "info")
+    out = [str(e.value) for kind in kinds for e in getattr(at, kind)]
+    out += [str(getattr(e, "label", "")) for e in at.metric]
+    return out
+
+
+def test_dicom_text_is_shown_as_plain_text_never_as_markdown(runtime: Runtime) -> None:
+    with unit_of_work(runtime.session_factory) as session:
+        study = make_study(
+            session,
+            runtime.store,
+            accession=HOSTILE["accession"],
+            score=0.7,
+            status_reason=HOSTILE["reason"],
+        )
+        study.series[0].description = HOSTILE["description"]
+        uid = study.study_uid
+    at = study_page(uid)
+    assert not at.exception
+    assert shown(at, "h1") == [f"Study {HOSTILE['accession']}"]
+    assert any(HOSTILE["description"] in p for p in shown(at, "p"))  # the image caption
+    assert any(HOSTILE["reason"] in p for p in shown(at, "p"))
+    for value in HOSTILE.values():
+        assert not any(value in text for text in markdown_texts(at)), value
+    assert not any("<img" in e.value or "<a " in e.value for e in at.html)
+
+
+def test_a_study_parameter_from_the_url_is_shown_as_plain_text(runtime: Runtime) -> None:
+    link = "[open the study](http://evil.example/login)"
+    at = study_page(link)
+    assert not at.exception
+    assert "No study has this Study Instance UID" in at.error[0].value
+    assert not any("evil.example" in text for text in markdown_texts(at))
+    assert at.text[0].value == link
+
+
+@pytest.mark.filterwarnings("ignore:Failed to encode value")  # the factory's DICOM copy
+def test_bidirectional_controls_are_shown_escaped(runtime: Runtime) -> None:
+    """AC<RLO>9876 displays as AC6789 if the control is passed on: shown visibly instead."""
+    with unit_of_work(runtime.session_factory) as session:
+        uid = make_study(session, runtime.store, accession="AC\u202e9876", score=0.4).study_uid
+    at = app().run()
+    assert at.dataframe[0].value["accession"].tolist() == ["AC⟨U+202E⟩9876"]
+    at = study_page(uid)
+    assert shown(at, "h1") == ["Study AC⟨U+202E⟩9876"]
+
+
+def test_rejected_file_names_are_for_admins_only_on_the_pipeline_page(
+    runtime: Runtime, embedded: None
+) -> None:
+    with unit_of_work(runtime.session_factory) as session:
+        session.add(
+            Rejection(
+                source="folder",
+                reason="not-dicom",
+                message="no DICM prefix in DOE_JANE_MRN7734219.txt",
+                origin="DOE_JANE_MRN7734219.txt",
+            )
+        )
+    for role, sees in ((Role.ML_ENGINEER, False), (Role.ADMIN, True)):
+        at = app(role)
+        at.switch_page("views/pipeline.py")
+        at.run()
+        table = at.dataframe[0].value
+        assert table["reason"].tolist() == ["not-dicom"]
+        assert ("DOE_JANE_MRN7734219.txt" in table.to_string()) is sees, role
+
+
+def test_the_admin_manages_accounts_on_the_users_page(runtime: Runtime) -> None:
+    at = app(Role.ADMIN)
+    at.switch_page("views/users.py")
+    at.run()
+    assert not at.exception
+    assert sorted(at.dataframe[0].value["name"]) == ["ada", "max", "rita"]
+    at.selectbox(key="users_chosen").set_value("rita").run()
+    next(b for b in at.button if b.label == "Reset password").click().run()
+    assert not at.exception
+    temporary = at.code[0].value
+    at.selectbox(key="users_chosen").set_value("max").run()
+    next(b for b in at.button if b.label == "Deactivate").click().run()
+    with runtime.session_factory() as session:
+        users = {u.name: u for u in session.scalars(select(User))}
+    assert users["rita"].must_change_password and not users["max"].active
+    assert len(temporary) >= runtime.settings.password_min_length
+    assert events(runtime, "user-reset-password") == [("ada", "rita")]
+    assert events(runtime, "user-deactivate") == [("ada", "max")]
+    at = app(Role.RADIOLOGIST).run()
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("views/users.py")
+
+
+def test_promoting_against_the_statistical_decision_asks_for_a_reason(runtime: Runtime) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    with unit_of_work(runtime.session_factory) as session:
+        v2 = make_model_version(session, version=2)
+        session.flush()
+        session.add(
+            ModelEvaluation(
+                model_version_id=v2.id,
+                task="pneumonia-cxr",
+                n_studies=40,
+                auc=0.8,
+                champion_auc=0.79,
+                p_value=0.3,
+                alpha=0.05,
+                promoted=False,
+                reason="not better than the champion",
+            )
+        )
+    at = app(Role.ML_ENGINEER)
+    at.switch_page("views/models.py").run()
+    picker = at.selectbox(key="pick:pneumonia-cxr")
+    picker.set_value(next(o for o in picker.options if "v2" in o)).run()
+    assert "did not beat the champion" in at.warning[0].value
+    at.button(key="promote:pneumonia-cxr").click().run()
+    assert "needs a reason" in at.error[0].value
+    at.text_input(key="reason:pneumonia-cxr").input("the champion misses portable films").run()
+    at.button(key="promote:pneumonia-cxr").click().run()
+    assert not at.exception
+    assert events(runtime, "promote") == [("max", "pneumonia-cxr:v2")]
+
+
+def test_pipeline_page_shows_a_stopped_indexer(runtime: Runtime, embedded: None) -> None:
+    seed(runtime, ("HIGH", 0.91))
+    at = app(Role.ML_ENGINEER)
+    at.switch_page("views/pipeline.py")
+    at.run()
+    assert any("No DICOM receiver runs" in i.value for i in at.info)
+    assert not at.error
+
+    spool = runtime.settings.spool
+    spool.mkdir(parents=True, exist_ok=True)
+    counters = ReceiverCounters(spool / "stats.json")
+    counters.indexer_state(DEAD, error="OverflowError: int too large")
+    counters.save(force=True)
+    at.run()
+    assert not at.exception
+    (shown,) = [e.value for e in at.error]
+    assert "refuses instances" in shown and "OverflowError" in shown

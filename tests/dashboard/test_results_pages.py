@@ -5,14 +5,27 @@ from __future__ import annotations
 
 from factories import make_study
 from sqlalchemy import select
-from test_pages import app, embedded, events, runtime, study_page
+from test_pages import (
+    app,
+    browser,
+    embedded,
+    events,
+    markdown_texts,
+    runtime,
+    shown,
+    study_page,
+)
 
 from radflow.db import Delivery, DeliveryStatus, Prediction, ResultKind, ResultObject, unit_of_work
 from radflow.runtime import Runtime
 from radflow.services.users import Role
 from radflow.store import keys
 
-__all__ = ["embedded", "runtime"]  # fixtures, used by name
+__all__ = ["browser", "embedded", "runtime"]  # fixtures, used by name
+
+
+# A peer's error comment is text from the network: never Markdown (issue 16).
+REFUSAL = "pacs (PACS@10.0.0.9:104) rejected the association: ![x](http://evil.example/s.png)"
 
 
 def _parked_result(runtime: Runtime) -> str:
@@ -39,7 +52,7 @@ def _parked_result(runtime: Runtime) -> str:
                 destination="pacs",
                 status=DeliveryStatus.PARKED,
                 attempts=6,
-                last_error="pacs (PACS@10.0.0.9:104) rejected the association",
+                last_error=REFUSAL,
             )
         )
         return study.study_uid
@@ -53,11 +66,8 @@ def test_the_study_page_lists_its_dicom_results(runtime: Runtime) -> None:
     assert not at.exception
     assert any(h.value == "DICOM results" for h in at.subheader)
     assert any("**SR** of pneumonia-cxr:v1" in m.value for m in at.markdown)
-    assert any(
-        c.value == "pacs: parked after 6 attempt(s): pacs (PACS@10.0.0.9:104) rejected the "
-        "association"
-        for c in at.caption
-    )
+    assert f"pacs: parked after 6 attempt(s): {REFUSAL}" in shown(at, "p")
+    assert not any("evil.example" in text for text in markdown_texts(at))
 
 
 def test_an_engineer_resends_parked_results_from_the_pipeline_page(
@@ -70,7 +80,7 @@ def test_an_engineer_resends_parked_results_from_the_pipeline_page(
     assert not at.exception
     assert any(m.label == "Results parked" and m.value == "1" for m in at.metric)
     [parked] = [df.value for df in at.dataframe if "destination" in df.value.columns]
-    assert parked["reason"].tolist() == ["pacs (PACS@10.0.0.9:104) rejected the association"]
+    assert parked["reason"].tolist() == [REFUSAL]
 
     next(b for b in at.button if b.label.startswith("Re-send")).click().run()
 

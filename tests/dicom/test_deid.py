@@ -16,17 +16,20 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, UltrasoundImageStorage, generate_uid
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from demo.synthetic import chest_phantom, cxr_dataset
 from radflow import ingest
+from radflow.db import AuditEvent, Patient, unit_of_work
 from radflow.dicom.deid import DeidentificationRefused, Deidentifier, export_study
-from radflow.dicom.pseudonym import pseudonymise
+from radflow.dicom.pseudonym import export_key, pseudonymise
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
-KEY = "test-key"
+SECRET = "test-key"
+KEY = export_key(SECRET, "export-test")
 PHI = {
     "name": "Doe^Jane",
     "id": "MRN-7734219",
@@ -80,7 +83,7 @@ def _bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _deidentified(ds: Dataset, key: str = KEY) -> Dataset:
+def _deidentified(ds: Dataset, key: bytes = KEY) -> Dataset:
     # Through bytes, as export does: what is written is what is checked.
     out = Deidentifier(key).dataset(pydicom.dcmread(io.BytesIO(_bytes(ds))))
     return pydicom.dcmread(io.BytesIO(_bytes(out)))
@@ -113,9 +116,11 @@ def test_pseudonyms_are_consistent_per_patient_and_differ_across_patients() -> N
     other = _deidentified(_dataset(patient_id="MRN-0000001", patient_name="Roe^Richard"))
     assert first.PatientID == second.PatientID == str(first.PatientName)
     assert other.PatientID != first.PatientID
-    # The same pseudonym the database keeps for the patient (radflow.ingest).
-    assert first.PatientID == pseudonymise(PHI["id"], KEY)
-    assert _deidentified(_dataset(), key="another-key").PatientID != first.PatientID
+    # Not the pseudonym the database keeps and the dashboard shows: an export cannot be joined
+    # with the dashboard by its Patient IDs.
+    assert first.PatientID != pseudonymise(PHI["id"], SECRET)
+    another = export_key(SECRET, "another-export")
+    assert _deidentified(_dataset(), key=another).PatientID != first.PatientID
 
 
 def test_uids_are_remapped_consistently_and_references_follow() -> None:
@@ -128,7 +133,8 @@ def test_uids_are_remapped_consistently_and_references_follow() -> None:
     assert out_b.ReferencedImageSequence[0].ReferencedSOPInstanceUID == out_a.SOPInstanceUID
     assert out_b.ReferencedImageSequence[0].ReferencedSOPClassUID == a.SOPClassUID  # K
     assert _deidentified(a).SOPInstanceUID == out_a.SOPInstanceUID  # same in every run
-    assert _deidentified(a, key="another-key").SOPInstanceUID != out_a.SOPInstanceUID
+    another = export_key(SECRET, "another-export")
+    assert _deidentified(a, key=another).SOPInstanceUID != out_a.SOPInstanceUID
     assert re.fullmatch(r"2\.25\.\d+", out_a.SOPInstanceUID) and len(out_a.SOPInstanceUID) <= 64
 
 
@@ -137,6 +143,35 @@ def test_burned_in_annotation_is_refused() -> None:
     ds.BurnedInAnnotation = "YES"
     with pytest.raises(DeidentificationRefused, match="burned-in"):
         Deidentifier(KEY).dataset(ds)
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality"),
+    [(SecondaryCaptureImageStorage, "OT"), (UltrasoundImageStorage, "US"), (None, "ES")],
+)
+def test_unknown_burned_in_text_on_iods_that_often_carry_it_is_refused(
+    sop_class: str | None, modality: str
+) -> None:
+    """A secondary capture (or an ultrasound, an endoscopy image) that does not say whether text
+    is burned into its pixels is treated as "maybe": refused unless explicitly allowed."""
+    ds = _dataset()
+    if sop_class:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality = modality
+    del ds.BurnedInAnnotation
+    with pytest.raises(DeidentificationRefused, match="Burned In Annotation absent") as refused:
+        Deidentifier(KEY).dataset(ds)
+    assert refused.value.reason == "burned-in-unknown"
+    assert Deidentifier(KEY, allow_unverified_burned_in=True).dataset(ds).PatientIdentityRemoved
+    ds.BurnedInAnnotation = "NO"
+    assert Deidentifier(KEY).dataset(ds).PatientIdentityRemoved == "YES"
+
+
+def test_a_radiograph_without_the_attribute_is_exported() -> None:
+    ds = _dataset()
+    del ds.BurnedInAnnotation
+    assert ds.Modality in ("CR", "DX")
+    assert _deidentified(ds).PatientIdentityRemoved == "YES"
 
 
 def _in_ci() -> bool:
@@ -183,10 +218,9 @@ def test_export_writes_deidentified_copies_and_logs_no_phi(
         ingest.find_files(incoming), settings=settings, session_factory=session_factory, store=store
     )
 
-    with session_factory() as session:
-        report = export_study(
-            session, store, study_uid, tmp_path / "out", settings.pseudonym_key.get_secret_value()
-        )
+    secret = settings.pseudonym_key.get_secret_value()
+    with unit_of_work(session_factory) as session:
+        report = export_study(session, store, study_uid, tmp_path / "out", secret, actor="os:ana")
 
     assert len(report.written) == 2
     for path in report.written:
@@ -199,3 +233,86 @@ def test_export_writes_deidentified_copies_and_logs_no_phi(
     logged = caplog.text
     for value in (PHI["id"], PHI["name"], "Doe", PHI["birth"], PHI["accession"]):
         assert value not in logged
+
+
+def _ingest(
+    settings: Settings, factory: sessionmaker[Session], store: ObjectStore, *sets: Dataset
+) -> None:
+    folder = Path(settings.data_dir) / "incoming"
+    folder.mkdir(parents=True, exist_ok=True)
+    for ds in sets:
+        (folder / f"{ds.SOPInstanceUID}.dcm").write_bytes(_bytes(ds))
+    ingest.ingest_files(
+        ingest.find_files(folder), settings=settings, session_factory=factory, store=store
+    )
+
+
+def _patient_ids(report_paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p).PatientID) for p in report_paths}
+
+
+def test_each_export_has_its_own_key_unless_it_goes_to_the_same_recipient(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
+) -> None:
+    study_uid = generate_uid()
+    _ingest(settings, session_factory, store, _dataset(study_uid=study_uid))
+    secret = settings.pseudonym_key.get_secret_value()
+    ids = {}
+    for name, salt in (
+        ("a", None),
+        ("b", None),
+        ("lab1", "recipient-lab"),
+        ("lab2", "recipient-lab"),
+    ):
+        with unit_of_work(session_factory) as session:
+            report = export_study(
+                session, store, study_uid, tmp_path / name, secret, actor="os:ana", salt=salt
+            )
+        ids[name] = _patient_ids(report.written)
+    with session_factory() as session:
+        dashboard = set(session.scalars(select(Patient.pseudonym)))
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "export")).all()
+    assert ids["a"] != ids["b"]  # two exports cannot be joined with each other ...
+    assert ids["lab1"] == ids["lab2"]  # ... unless they go to one recipient
+    assert not any(exported & dashboard for exported in ids.values())  # nor with the dashboard
+    assert [(e.actor, e.object_id) for e in events] == [("os:ana", study_uid)] * 4
+    assert events[0].details["destination"] == str((tmp_path / "a").resolve())
+    assert events[2].details["salt"] == events[3].details["salt"] == "recipient-lab"
+    assert events[0].details["key_id"] != events[1].details["key_id"]
+    assert events[2].details["key_id"] == events[3].details["key_id"]
+    assert secret not in str([e.details for e in events])
+
+
+def test_an_override_for_unknown_burned_in_text_is_audited(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
+) -> None:
+    study_uid = generate_uid()
+    capture = _dataset(study_uid=study_uid)
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    del capture.BurnedInAnnotation
+    _ingest(settings, session_factory, store, capture)
+    secret = settings.pseudonym_key.get_secret_value()
+    with unit_of_work(session_factory) as session:
+        refused = export_study(session, store, study_uid, tmp_path / "no", secret, actor="os:ana")
+    with unit_of_work(session_factory) as session:
+        allowed = export_study(
+            session,
+            store,
+            study_uid,
+            tmp_path / "yes",
+            secret,
+            actor="os:ana",
+            allow_unverified_burned_in=True,
+        )
+    assert refused.written == [] and next(iter(refused.refused.values())).startswith(
+        "burned-in-unknown"
+    )
+    assert len(allowed.written) == 1
+    with session_factory() as session:
+        first, second = session.scalars(
+            select(AuditEvent.details).where(AuditEvent.action == "export").order_by(AuditEvent.seq)
+        ).all()
+    assert first["written"] == 0 and len(first["refused"]) == 1
+    assert second["unverified_burned_in"] == [
+        str(pydicom.dcmread(allowed.written[0]).SOPInstanceUID)
+    ]

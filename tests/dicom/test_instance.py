@@ -273,8 +273,27 @@ def test_text_is_trimmed_and_cut_to_the_column_size(tmp_path: Path) -> None:
     assert header.patient_id == " PID"  # as pydicom gives it: trailing padding only
     assert header.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
     assert header.body_part is None
-    # Several values: what str() makes of pydicom's MultiValue, as ever.
-    assert header.series_description == str(pydicom.dcmread(path).SeriesDescription)
+    # Several values: joined by backslashes as the file holds them, never a Python list repr.
+    assert header.series_description == "two\\values"
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value", "stored"),
+    [
+        ("AccessionNumber", "SH", b"%_%\\", "%_%\\"),
+        ("PatientID", "LO", b"\\A\\\\B ", "\\A\\\\B"),
+        ("StudyDescription", "LO", b"CHEST\\PA", "CHEST\\PA"),
+    ],
+)
+def test_a_backslash_in_a_text_value_is_stored_as_the_sender_wrote_it(
+    tmp_path: Path, keyword: str, vr: str, value: bytes, stored: str
+) -> None:
+    """pydicom splits at every backslash; the header joins the pieces again (issue 16)."""
+    ds = _dataset()
+    _set_raw(ds, keyword, vr, value)
+    header = read_header(_save(ds, tmp_path / "a.dcm"), LIMIT)
+    field = {"AccessionNumber": "accession_number", "PatientID": "patient_id"}
+    assert getattr(header, field.get(keyword, "study_description")) == stored
 
 
 def test_float_pixel_data_counts_as_pixel_data(tmp_path: Path) -> None:

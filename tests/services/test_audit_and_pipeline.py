@@ -39,7 +39,7 @@ def test_audit_trail_filters_and_is_for_admins_only(
         future = utcnow() + timedelta(hours=1)
         assert list_events(session, ada, AuditFilter(since=future)) == ([], 0)
         actors, actions = choices(session, ada)
-    assert actors == ["ada", "radflow", "rita"]
+    assert actors == ["ada", "factory", "rita"]
     assert {"view", "user-add"} <= set(actions)
 
 
@@ -61,5 +61,34 @@ def test_ingest_rate_counts_instances_per_hour(
     assert len(hours) == 24
     assert hours[-1][1] == 3  # the factories' instances were received just now
     assert sum(n for _, n in hours) == 3
-    assert [(r.reason, r.origin) for r in rows] == [("not-dicom", "notes.txt")]
+    assert [(r.reason, r.origin, r.message) for r in rows] == [("not-dicom", None, None)]
     assert by_reason == {"not-dicom": 1}
+
+
+def test_rejected_file_names_and_messages_are_for_admins_only(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """A file named after the patient, a message quoting a value: the ML engineer sees the
+    reason code only."""
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        admin = make_user(session, "ada", Role.ADMIN)
+        session.add(
+            Rejection(
+                source="folder",
+                reason="missing-uid",
+                message="no SOP Instance UID in DOE_JANE_MRN7734219.dcm",
+                origin="DOE_JANE_MRN7734219.dcm",
+                quarantine_key="quarantine/DOE_JANE_MRN7734219.dcm",
+            )
+        )
+    with session_factory() as session:
+        (hidden,), _ = rejections(session, engineer)
+        (shown,), _ = rejections(session, admin)
+    assert (hidden.reason, hidden.message, hidden.origin, hidden.quarantine_key) == (
+        "missing-uid",
+        None,
+        None,
+        None,
+    )
+    assert shown.origin == "DOE_JANE_MRN7734219.dcm" and "MRN7734219" in (shown.message or "")

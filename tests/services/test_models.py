@@ -7,9 +7,17 @@ from factories import make_model_version, make_study, make_user
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import AuditEvent, ModelStatus, ModelVersion, TrainingRun, unit_of_work
+from radflow.db import (
+    AuditEvent,
+    ModelEvaluation,
+    ModelStatus,
+    ModelVersion,
+    TrainingRun,
+    unit_of_work,
+)
 from radflow.learning.labels import add_label
 from radflow.services.models import (
+    PromotionNeedsReason,
     evaluate,
     labels_since_training,
     list_versions,
@@ -123,3 +131,38 @@ def test_promote_and_roll_back_are_audited_and_keep_one_champion(
         ("max", "rollback", f"{TASK}:v2"),
         ("max", "retrain", TASK),
     ]
+
+
+def test_a_promotion_against_the_statistical_decision_needs_a_typed_reason(
+    session_factory: sessionmaker[Session], two_versions: dict[str, int]
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        session.add(
+            ModelEvaluation(
+                model_version_id=two_versions["v2"],
+                champion_version_id=two_versions["v1"],
+                task=TASK,
+                n_studies=50,
+                auc=0.81,
+                champion_auc=0.80,
+                p_value=0.4,
+                alpha=0.05,
+                promoted=False,
+                reason="AUC not significantly higher than the champion's",
+            )
+        )
+    with unit_of_work(session_factory) as session:
+        with pytest.raises(PromotionNeedsReason, match=r"p = 0.4 >= alpha 0.05"):
+            promote(session, engineer, TASK, 2)
+        with pytest.raises(PromotionNeedsReason):
+            promote(session, engineer, TASK, 2, "   ok   ")
+    with unit_of_work(session_factory) as session:
+        promote(session, engineer, TASK, 2, "v1 misses the new scanner's low-dose images")
+    with session_factory() as session:
+        promoted = session.scalars(select(AuditEvent).where(AuditEvent.action == "promote")).one()
+    assert promoted.actor == "max"
+    assert promoted.details["reason"] == (
+        "against the statistical decision (p = 0.4 >= 0.05): "
+        "v1 misses the new scanner's low-dose images"
+    )

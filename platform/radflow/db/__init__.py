@@ -15,17 +15,18 @@ from radflow.db.session import (
     unit_of_work,
     upgrade,
 )
-from radflow.db.users import LoginAttempt, User
+from radflow.db.users import DashboardSession, LoginThrottle, User
 
 __all__ = [
     "AuditEvent",
     "Base",
+    "DashboardSession",
     "Delivery",
     "DeliveryStatus",
     "EvaluationSet",
     "Instance",
     "Label",
-    "LoginAttempt",
+    "LoginThrottle",
     "ModelEvaluation",
     "ModelStatus",
     "ModelVersion",

@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.errors import SchemaNotCurrent
+from radflow.store.durable import private_file
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -28,7 +29,8 @@ def make_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            # SQLite would create it 0644; its -wal and -shm files take the database's mode.
+            private_file(Path(url.database))
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

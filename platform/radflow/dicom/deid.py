@@ -4,14 +4,21 @@ The profile's attribute table (Table E.1-1) comes from ``dicom-anonymizer`` (Kit
 encodes it as data per standard release; Radflow applies the actions itself so that
 
 - UIDs (action U) map through a keyed HMAC to ``2.25.<128-bit integer>`` UIDs: the same input UID
-  gives the same output UID in every study and every run while the key is kept, so references
-  between instances (and across exports) stay consistent, and nobody without the key can map
-  back;
-- Patient ID and Patient's Name become the keyed pseudonym of the patient (radflow.dicom.pseudonym,
-the
-  same value the database stores): the same patient gets the same pseudonym across studies;
+  gives the same output UID within an export (references between instances stay consistent),
+  and nobody without the key can map back;
+- Patient ID and Patient's Name become a keyed pseudonym of the patient: the same patient gets
+  the same pseudonym across the studies of an export;
 - every nested sequence item is de-identified too, private attributes are removed, and an
-  instance that declares burned-in annotation is refused (the Basic profile cannot clean pixels).
+  instance that declares burned-in annotation is refused (the Basic profile cannot clean pixels);
+  so is one of an IOD that often carries burned-in text (secondary capture, ultrasound, X-ray
+  angiography and fluoroscopy, endoscopy and other visible light photography) that does not
+  say (Burned In Annotation absent): unknown counts as "maybe", unless the exporting user
+  overrides it, which the audit trail records.
+
+Each export has its own key, derived from ``pseudonym_key`` with a salt that is random per
+export, or fixed per recipient (radflow.dicom.pseudonym): an export cannot be joined with the
+dashboard's pseudonyms, nor with another recipient's export. The export's audit event records
+who exported which study where, the salt and the key id.
 
 Where the table gives a choice that depends on the IOD (Z/D, X/Z, X/D, X/Z/D), Radflow takes the
 choice that is conformant whatever the attribute's type: a dummy value (D) whenever D is allowed,
@@ -40,7 +47,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from radflow.db import Series, Study
-from radflow.dicom.pseudonym import pseudonymise
+from radflow.db.audit import record
+from radflow.dicom import as_text
+from radflow.dicom.pseudonym import export_key, key_id, keyed_pseudonym, new_export_salt
 from radflow.errors import RadflowError
 from radflow.store import ObjectStore
 
@@ -104,8 +113,24 @@ _DUMMY_BY_VR: dict[str, object] = {
 }
 
 
+# IODs that often carry text burned into the pixels (PS3.3 Burned In Annotation, C.7.6.1.1.7):
+# by SOP Class UID prefix, and by Modality for anything else that says what it is.
+_BURNED_IN_PRONE_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (and its multi-frame variants)
+    "1.2.840.10008.5.1.4.1.1.6.",  # Ultrasound (image, enhanced volume)
+    "1.2.840.10008.5.1.4.1.1.3.",  # Ultrasound multi-frame
+    "1.2.840.10008.5.1.4.1.1.12.",  # X-ray angiography and radiofluoroscopy
+    "1.2.840.10008.5.1.4.1.1.77.1",  # Visible light: endoscopy, microscopy, photography
+)
+_BURNED_IN_PRONE_MODALITIES = frozenset({"SC", "US", "XA", "RF", "ES", "XC", "GM", "OP", "SM"})
+
+
 class DeidentificationRefused(RadflowError):
     """An instance the Basic profile cannot make safe (e.g. text burned into the pixels)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -142,29 +167,52 @@ def profile_table() -> ProfileTable:
     return ProfileTable(exact, tuple(masked))
 
 
+def burned_in_unknown(ds: Dataset) -> bool:
+    """An IOD that often carries burned-in text, without Burned In Annotation saying "NO"."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "NO":
+        return False
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    return sop_class.startswith(_BURNED_IN_PRONE_CLASSES) or modality in _BURNED_IN_PRONE_MODALITIES
+
+
 @dataclass(frozen=True)
 class Deidentifier:
-    """Applies the profile with one secret key (``settings.pseudonym_key``)."""
+    """Applies the profile with one derived key (radflow.dicom.pseudonym.export_key).
 
-    key: str
+    ``allow_unverified_burned_in`` exports instances whose burned-in text is unknown (see the
+    module doc); the caller records that it was asked for.
+    """
+
+    key: bytes
     table: ProfileTable = field(default_factory=profile_table)
+    allow_unverified_burned_in: bool = False
 
     def uid(self, uid: str) -> str:
         """The keyed replacement of ``uid``: consistent, and without the key not reversible."""
-        digest = hmac.new(self.key.encode(), b"uid:" + uid.strip().encode(), hashlib.sha256)
+        digest = hmac.new(self.key, b"uid:" + uid.strip().encode(), hashlib.sha256)
         return f"2.25.{int.from_bytes(digest.digest()[:16], 'big')}"
 
     def patient_pseudonym(self, patient_id: str) -> str:
-        return pseudonymise(patient_id or "(no patient id)", self.key)
+        return keyed_pseudonym(patient_id or "(no patient id)", self.key)
 
     def dataset(self, ds: Dataset) -> Dataset:
         """De-identify ``ds`` in place (and its file meta); return it."""
         if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
             raise DeidentificationRefused(
+                "burned-in-annotation",
                 "the instance declares burned-in annotation (text in the pixels), which the "
-                "Basic profile cannot remove; leave it out of the export or clean it by hand"
+                "Basic profile cannot remove; leave it out of the export or clean it by hand",
             )
-        pseudonym = self.patient_pseudonym(str(ds.get("PatientID", "") or ""))
+        if not self.allow_unverified_burned_in and burned_in_unknown(ds):
+            raise DeidentificationRefused(
+                "burned-in-unknown",
+                f"a {ds.get('Modality', '') or 'secondary capture'} instance that does not say "
+                "whether text is burned into its pixels (Burned In Annotation absent): check "
+                "the images, then export with --allow-unverified-burned-in (recorded in the "
+                "audit trail)",
+            )
+        pseudonym = self.patient_pseudonym(as_text(ds.get("PatientID")))
         self._clean(ds)
         ds.remove_private_tags()
         ds.PatientID = pseudonym
@@ -240,17 +288,31 @@ def deidentify_bytes(data: bytes, deidentifier: Deidentifier) -> Dataset:
 
 @dataclass
 class ExportReport:
+    key_id: str
+    salt: str
     written: list[Path] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # de-identified SOP UID -> reason
+    unverified_burned_in: list[str] = field(default_factory=list)
+    """De-identified SOP UIDs exported by override although their burned-in text is unknown."""
 
 
 def export_study(
-    session: Session, store: ObjectStore, study_uid: str, out_dir: Path, key: str
+    session: Session,
+    store: ObjectStore,
+    study_uid: str,
+    out_dir: Path,
+    secret: str,
+    *,
+    actor: str,
+    salt: str | None = None,
+    allow_unverified_burned_in: bool = False,
 ) -> ExportReport:
-    """Write de-identified copies of every instance of a study under ``out_dir``.
+    """Write de-identified copies of every instance of a study under ``out_dir``; audited.
 
     Files land in ``<new study UID>/<new series UID>/<new SOP instance UID>.dcm``; the originals
-    stay only in the clinical store.
+    stay only in the clinical store. ``secret`` is ``pseudonym_key``; ``salt`` selects the
+    export's key (default: a new random one, so this export joins with nothing else).
+    The audit event joins the caller's transaction: commit it.
     """
     study = session.scalar(
         select(Study)
@@ -259,17 +321,21 @@ def export_study(
     )
     if study is None:
         raise LookupError("no study with that Study Instance UID; see `radflow status`")
-    deidentifier = Deidentifier(key)
-    report = ExportReport()
+    salt = salt or new_export_salt()
+    key = export_key(secret, salt)
+    deidentifier = Deidentifier(key, allow_unverified_burned_in=allow_unverified_burned_in)
+    report = ExportReport(key_id=key_id(key), salt=salt)
     for series in study.series:
         for instance in series.instances:
             new_sop = deidentifier.uid(instance.sop_instance_uid)
             try:
                 ds = deidentify_bytes(store.get_bytes(instance.object_key), deidentifier)
             except DeidentificationRefused as exc:
-                report.refused[new_sop] = str(exc)
+                report.refused[new_sop] = f"{exc.reason}: {exc}"
                 logger.warning("study %s: instance not exported: %s", study.id, exc)
                 continue
+            if burned_in_unknown(ds):
+                report.unverified_burned_in.append(new_sop)
             target = (
                 out_dir / deidentifier.uid(study.study_uid) / deidentifier.uid(series.series_uid)
             )
@@ -277,5 +343,19 @@ def export_study(
             path = target / f"{new_sop}.dcm"
             ds.save_as(path, enforce_file_format=True)
             report.written.append(path)
+    session.add(
+        record(
+            actor,
+            "export",
+            "study",
+            study_uid,
+            destination=str(out_dir.resolve()),
+            key_id=report.key_id,
+            salt=salt,
+            written=len(report.written),
+            refused=report.refused,
+            unverified_burned_in=report.unverified_burned_in,
+        )
+    )
     logger.info("study %s: exported %d de-identified instances", study.id, len(report.written))
     return report

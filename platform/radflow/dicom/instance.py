@@ -32,6 +32,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
+from radflow.dicom import as_text
 from radflow.dicom.elements import PixelData, read_meta, walk
 from radflow.errors import PIXEL_DATA_MISMATCH, InvalidInstance
 from radflow.store.keys import check_uid
@@ -454,8 +455,8 @@ class _Values:
             return None
 
     def text(self, name: str) -> str:
-        value = self.converted(name)
-        return "" if value is None else str(value)
+        """The value as text; several values joined by backslashes, as the file holds them."""
+        return as_text(self.converted(name))
 
     @cached_property
     def ascii_charset(self) -> bool:

@@ -1,4 +1,9 @@
-"""The audit trail as the admin page shows it: who viewed, labelled, trained and promoted what."""
+"""The audit trail: what the admin page shows, what pages record, and its verification.
+
+``verify_chain`` re-computes the hash chain (radflow.db.audit) from the first event to the last
+and compares the end with the chain's head: an edited, deleted or inserted event, or events cut
+off the end, show as a break at that position (``radflow audit verify``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from radflow.db import AuditEvent
-from radflow.services.users import Permission, Principal, require
+from radflow.db.audit import GENESIS_HASH, AuditChainHead, hash_of, record
+from radflow.services.users import Permission, PermissionDenied, Principal, require
 
 MAX_LIMIT = 1000
 
@@ -85,3 +91,66 @@ def _conditions(f: AuditFilter) -> list[ColumnElement[bool]]:
     if f.until is not None:
         out.append(AuditEvent.at < f.until)
     return out
+
+
+def note(
+    session: Session,
+    principal: Principal,
+    action: str,
+    object_type: str,
+    object_id: object,
+    **details: Any,
+) -> None:
+    """Record something ``principal`` did or was refused (joins the caller's transaction)."""
+    session.add(record(principal.name, action, object_type, object_id, **details))
+
+
+def note_denied(session: Session, denied: PermissionDenied, where: str) -> None:
+    """Record a refused action (in a transaction of its own: the refused one rolled back)."""
+    note(session, denied.principal, "permission-denied", where, denied.permission.value)
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    events: int
+    head_seq: int
+    head_hash: str
+    problems: list[str]
+    """Empty when every event links to the one before it and the last one to the head."""
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+
+def verify_chain(session: Session, *, max_problems: int = 20) -> ChainReport:
+    """Walk the whole audit chain in order and report every place it does not hold."""
+    problems: list[str] = []
+    expected_seq, prev = 1, GENESIS_HASH
+    count = 0
+    events = session.scalars(
+        select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=1000)
+    )
+    for event in events:
+        count += 1
+        if event.seq != expected_seq:
+            problems.append(
+                f"events {expected_seq}..{event.seq - 1} are missing (deleted?) "
+                f"before id {event.id}"
+            )
+        elif event.prev_hash != prev:
+            problems.append(f"event {event.seq} (id {event.id}) does not link to the one before")
+        if hash_of(event) != event.hash:
+            problems.append(f"event {event.seq} (id {event.id}) was changed after it was written")
+        expected_seq, prev = event.seq + 1, event.hash
+        if len(problems) >= max_problems:
+            problems.append("(stopped after this many problems)")
+            break
+    head = session.get(AuditChainHead, 1)
+    head_seq, head_hash = (head.seq, head.last_hash) if head else (0, GENESIS_HASH)
+    if len(problems) < max_problems and (head_seq != expected_seq - 1 or head_hash != prev):
+        problems.append(
+            f"the chain ends at event {expected_seq - 1} but its head says {head_seq}: "
+            "events were cut off the end, or the head was changed"
+        )
+    return ChainReport(count, head_seq, head_hash, problems)

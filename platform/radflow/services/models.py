@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from radflow.db import Label, ModelStatus, ModelVersion, Prediction, TrainingRun
 from radflow.db.audit import record
+from radflow.errors import RadflowError
 from radflow.learning import registry
 from radflow.learning.tasks import get_task
 from radflow.services.users import Permission, Principal, require
@@ -27,6 +28,19 @@ from radflow.services.users import Permission, Principal, require
 logger = logging.getLogger(__name__)
 
 CALIBRATION_BINS = 10
+MIN_REASON_LENGTH = 10
+
+
+class PromotionNeedsReason(RadflowError, ValueError):
+    """A promotion against the statistical decision, without a written reason."""
+
+    def __init__(self, name: str, p_value: float, alpha: float) -> None:
+        super().__init__(
+            f"{name} did not beat the champion (DeLong p = {p_value:.3g} >= alpha {alpha:g}): "
+            f"promoting it anyway needs a reason of at least {MIN_REASON_LENGTH} characters, "
+            "which the audit trail records"
+        )
+        self.p_value, self.alpha = p_value, alpha
 
 
 @dataclass(frozen=True)
@@ -181,11 +195,32 @@ def labels_since_training(session: Session, task: str) -> int:
     return session.scalar(query) or 0
 
 
-def promote(session: Session, principal: Principal, task: str, version: int) -> ModelVersion:
-    """Make ``task`` version ``version`` the champion (the registry retires the previous one)."""
+def against_decision(session: Session, task: str, version: int) -> tuple[float, float] | None:
+    """(p, alpha) if the version's latest comparison with the champion did not favour it."""
+    evaluation = registry.latest_evaluation(session, registry.get_version(session, task, version))
+    if evaluation is None or evaluation.p_value is None or evaluation.p_value < evaluation.alpha:
+        return None
+    return evaluation.p_value, evaluation.alpha
+
+
+def promote(
+    session: Session, principal: Principal, task: str, version: int, reason: str | None = None
+) -> ModelVersion:
+    """Make ``task`` version ``version`` the champion (the registry retires the previous one).
+
+    Against the statistical decision (its DeLong test did not pass), only with a typed
+    ``reason``, recorded in the audit event with the test's p-value.
+    """
     require(principal, Permission.PROMOTE)
     target = registry.get_version(session, task, version)
-    registry.promote(session, target, actor=principal.name, reason="promoted in the dashboard")
+    reason = (reason or "").strip()
+    against = against_decision(session, task, version)
+    if against is not None:
+        p_value, alpha = against
+        if len(reason) < MIN_REASON_LENGTH:
+            raise PromotionNeedsReason(target.name, p_value, alpha)
+        reason = f"against the statistical decision (p = {p_value:.3g} >= {alpha:g}): {reason}"
+    registry.promote(session, target, actor=principal.name, reason=reason or "promoted by hand")
     return target
 
 

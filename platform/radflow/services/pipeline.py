@@ -26,7 +26,8 @@ class RejectionRow:
     at: datetime
     source: str
     reason: str
-    message: str
+    message: str | None
+    """None (with origin and quarantine_key) for whoever may not see input details."""
     origin: str | None
     quarantine_key: str | None
 
@@ -63,8 +64,14 @@ def _as_hour(value: datetime | str) -> datetime:
 def rejections(
     session: Session, principal: Principal, *, limit: int = 100
 ) -> tuple[list[RejectionRow], dict[str, int]]:
-    """The newest rejected inputs, and the count of all rejections per reason."""
+    """The newest rejected inputs, and the count of all rejections per reason.
+
+    File names, calling AE titles and messages can hold patient names and record numbers (a
+    file named after the patient, a value quoted in the reason): only a principal with
+    VIEW_INPUT_DETAILS (admins) sees them; others get the time, source and reason code.
+    """
     require(principal, Permission.VIEW_PIPELINE)
+    details = principal.can(Permission.VIEW_INPUT_DETAILS)
     rows = session.scalars(
         select(Rejection).order_by(Rejection.at.desc(), Rejection.id.desc()).limit(limit)
     ).all()
@@ -75,7 +82,10 @@ def rejections(
     ).all()
     by_reason = {str(reason): int(n) for reason, n in counts}
     return [
-        RejectionRow(r.at, r.source, r.reason, r.message, r.origin, r.quarantine_key) for r in rows
+        RejectionRow(r.at, r.source, r.reason, r.message, r.origin, r.quarantine_key)
+        if details
+        else RejectionRow(r.at, r.source, r.reason, None, None, None)
+        for r in rows
     ], by_reason
 
 

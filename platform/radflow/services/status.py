@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -37,7 +36,7 @@ def platform_status(session: Session, settings: Settings | None = None) -> dict[
         "champions": {m.task: m.name for m in champions},
         "stable_studies": by_status.get(StudyStatus.STABLE, 0),
         "rejections": rejection_counts(session),
-        **({"receiver": receiver_status(session, settings.spool)} if settings else {}),
+        **({"receiver": receiver_status(session, settings)} if settings else {}),
     }
 
 
@@ -54,26 +53,21 @@ def rejection_counts(session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
-def receiver_status(session: Session, spool: Path) -> dict[str, Any]:
-    """The DICOM receiver's counters, its spool backlog and its rejections by reason.
+def receiver_status(session: Session, settings: Settings) -> dict[str, Any]:
+    """The DICOM receiver: its counters, its spool backlog, its rejections by reason, whether it
+    accepts instances now (and why not), and the health of its indexer(s).
 
-    Summed over the spool folders of all receiver processes (RADFLOW_RECEIVER_WORKERS).
+    Summed over the spool folders of all receiver processes (RADFLOW_RECEIVER_WORKERS); each
+    indexer's health is shown by spool folder (``.`` is the single receiver's).
     """
-    from radflow.ingest.receiver import count_waiting, load_counters, spool_folders
+    from radflow.ingest.receiver import spool_report
 
-    folders = spool_folders(spool)
-    saved = [load_counters(folder / "stats.json") or {} for folder in folders]
     by_reason = session.execute(
         select(Rejection.reason, func.count())
         .where(Rejection.source == "receiver")
         .group_by(Rejection.reason)
     ).all()
-    totals = {
-        name: sum(int(counters.get(name, 0)) for counters in saved)
-        for name in ("received", "spooled", "indexed", "duplicates")
-    }
-    return {
-        **totals,
-        "spool_waiting": sum(count_waiting(folder) for folder in folders),
-        "rejected": {reason: n for reason, n in sorted(by_reason)},
-    }
+    report = spool_report(
+        settings.spool, settings.receiver_min_free_bytes, settings.receiver_max_used_percent
+    )
+    return {**report, "rejected": {reason: n for reason, n in sorted(by_reason)}}

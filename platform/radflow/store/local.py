@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from radflow.store.base import ObjectNotFound
-from radflow.store.durable import fsync_path
+from radflow.store.durable import fsync_path, private_dir
 
 # Objects being written; never listed.
 TEMP_PREFIX = ".tmp-"
@@ -23,7 +23,7 @@ class LocalStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"

@@ -6,9 +6,11 @@ import errno
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
+from radflow.ingest.receiver import spool as spool_module
 from radflow.ingest.receiver.spool import COMPLETE, IncomingFiles, Spool
 
 
@@ -150,3 +152,34 @@ def test_without_extended_attributes_each_instance_is_fsynced_twice(
         assert marked is False
         assert len(fsyncs) == 2  # the file, then ready/
         assert spool.sync(_received(spool, b"more")) is False  # not tried again
+
+
+def test_removing_partial_datasets_never_takes_one_being_received(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An association that ends removes what nobody holds open in incoming/ while other
+    associations receive. Here another one takes the file made ahead, opens it and writes its
+    dataset at the worst moment: after the remover listed the folder and the files this process
+    holds open. The file is theirs and stays. (Found by the receiver's fuzz
+    test: a valid instance's file vanished before its fsync; the sender got 0xC005.)"""
+    spool = Spool(tmp_path / "spool").open()
+    opened: list[BinaryIO] = []
+    find_held = spool_module._open_in_this_process
+
+    def another_association_receives(folder: Path) -> set[str] | None:
+        held = find_held(folder)
+        if not opened:  # just after the remover saw which files are open
+            received = open(spool.incoming_files.take(), "r+b", buffering=0)  # noqa: SIM115
+            received.write(b"a dataset")
+            opened.append(received)
+        return held
+
+    monkeypatch.setattr(spool_module, "_open_in_this_process", another_association_receives)
+    try:
+        assert spool.remove_partial() == 0
+        (received,) = opened
+        assert Path(received.name).exists()
+        assert spool.sync(Path(received.name)) is True
+        received.close()
+    finally:
+        spool.close()

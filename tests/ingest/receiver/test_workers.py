@@ -80,13 +80,13 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(
         assert len(workers) == 2
         assert all(worker_spool(settings.spool, k).is_dir() for k in range(2))
         with session_factory() as session:
-            status = receiver_status(session, settings.spool)
+            status = receiver_status(session, settings)
         # The counters are saved when a worker's indexer is idle: summed over both spools.
         deadline = time.monotonic() + 10
         while status["indexed"] < SERIES * PER_SERIES and time.monotonic() < deadline:
             time.sleep(0.2)
             with session_factory() as session:
-                status = receiver_status(session, settings.spool)
+                status = receiver_status(session, settings)
         assert status["received"] == status["indexed"] == SERIES * PER_SERIES
         assert status["spool_waiting"] == 0
 

@@ -6,8 +6,9 @@ status`` reads the counters and spool through this package with no DICOM network
 
 from typing import TYPE_CHECKING, Any
 
-from radflow.ingest.receiver.counters import ReceiverCounters, load_counters
+from radflow.ingest.receiver.counters import ReceiverCounters
 from radflow.ingest.receiver.indexer import Indexer
+from radflow.ingest.receiver.report import spool_report
 from radflow.ingest.receiver.spool import Spool, SpoolBusy, count_waiting
 from radflow.ingest.receiver.statuses import FAILURE_STATUS, failure_status
 from radflow.ingest.receiver.workers import Supervisor, drain_orphans, spool_folders, worker_spool
@@ -26,8 +27,8 @@ __all__ = [
     "count_waiting",
     "drain_orphans",
     "failure_status",
-    "load_counters",
     "spool_folders",
+    "spool_report",
     "worker_spool",
 ]
 

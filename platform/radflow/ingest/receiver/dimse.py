@@ -46,7 +46,6 @@ import queue
 import struct
 from collections.abc import Callable
 from io import BytesIO, FileIO
-from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID as IMPLEMENTATION_UID
@@ -60,6 +59,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from radflow.ingest.receiver.spool import IncomingFiles
+from radflow.outages import describe
 
 logger = logging.getLogger(__name__)
 
@@ -214,32 +214,50 @@ def store_request(elements: dict[int, bytes]) -> C_STORE | None:
 
 
 class _Incoming:
-    """The dataset of one C-STORE-RQ being streamed into its spool file."""
+    """The dataset of one C-STORE-RQ being streamed into its spool file.
 
-    def __init__(self, request: C_STORE, context_id: int, path: Path, header: bytes) -> None:
-        self.request, self.context_id, self.path = request, context_id, path
-        # Unbuffered: one write system call per PDV, nothing to flush. The file exists, empty
-        # (radflow.ingest.receiver.spool.IncomingFiles): opened without O_CREAT, which would wait
-        # for
-        # the folder's lock while the next file is being made.
-        self.file = FileIO(path, "r+b")
+    A write that fails (the spool's disk full) must not end the association: the file is
+    deleted, the rest of the dataset is read and dropped, and the request goes on to the
+    receiver's handler marked spoiled (``IncomingFiles.spoil``), which refuses it with 0xA701.
+    """
+
+    def __init__(self, request: C_STORE, context_id: int, incoming: IncomingFiles, header: bytes):
+        self.request, self.context_id, self.incoming = request, context_id, incoming
+        self.file: FileIO | None = None
         try:
+            self.path = incoming.take()
+            # Unbuffered: one write system call per PDV, nothing to flush. The file exists,
+            # empty (IncomingFiles): opened without O_CREAT, which would wait for the folder's
+            # lock while the next file is being made.
+            self.file = FileIO(self.path, "r+b")
             self.write(memoryview(header))
-        except OSError:
-            self.discard()
-            raise
+        except OSError as exc:
+            if self.file is None:
+                self.path = incoming.folder / f"unwritten-{id(self)}.dcm"  # never on disk
+            self._spoil(exc)
         # pynetdicom's storage service closes and deletes the file after the C-STORE handler.
-        request._dataset_path = path
+        request._dataset_path = self.path
         request._dataset_file = cast(Any, self.file)
         request._context_id = context_id
 
     def write(self, data: memoryview) -> None:
-        while data:
-            written = self.file.write(data)
-            data = data[written or 0 :]
+        if self.file is None or self.file.closed:
+            return  # spoiled: the rest of the dataset is dropped
+        try:
+            while data:
+                written = self.file.write(data)
+                data = data[written or 0 :]
+        except OSError as exc:
+            self._spoil(exc)
+
+    def _spoil(self, error: OSError) -> None:
+        logger.error("cannot write a received dataset to the spool: %s", describe(error))
+        self.incoming.spoil(self.path, error)
+        self.discard()
 
     def discard(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -290,7 +308,7 @@ class ReceiverDIMSE(DIMSEServiceProvider):
             str(request.AffectedSOPInstanceUID),
             str(context.transfer_syntax[0]),
         )
-        self._store = _Incoming(request, context_id, self.incoming.take(), header)
+        self._store = _Incoming(request, context_id, self.incoming, header)
         return True
 
     def _receive_data(self, context_id: int, data: bytes) -> None:
@@ -300,15 +318,17 @@ class ReceiverDIMSE(DIMSEServiceProvider):
             self._store = None
             store.discard()
             raise ValueError("a C-STORE data set was interrupted by another PDV")
-        try:
-            store.write(memoryview(data)[1:])
-        except OSError:
-            self._store = None
-            store.discard()
-            raise
+        store.write(memoryview(data)[1:])
         if data[0] & LAST_FRAGMENT_BIT:
             self._store = None
             self.msg_queue.put((store.context_id, store.request))
+
+    def discard_partial(self, event: evt.Event | None = None) -> None:
+        """Delete the dataset being received, if any: the association has ended before it did
+        (bound to EVT_CONN_CLOSE by the fast path's request handler)."""
+        store, self._store = self._store, None
+        if store is not None:
+            store.discard()
 
     def send_msg(self, primitive: DimsePrimitiveType, context_id: int) -> None:
         command = self._store_response(primitive)

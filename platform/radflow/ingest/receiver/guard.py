@@ -22,7 +22,7 @@ from radflow.settings import Settings
 if TYPE_CHECKING:
     from pynetdicom import AE
 
-    from radflow.ingest.receiver.server import AssociationListener
+    from radflow.ingest.receiver.server import AssociationListener, Refused
     from radflow.ingest.receiver.spool import IncomingFiles
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class FastPath(Protocol):
         *,
         incoming: IncomingFiles,
         listen_fd: int | None = None,
+        on_refused: Refused | None = None,
     ) -> AssociationListener: ...
 
 

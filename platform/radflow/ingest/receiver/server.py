@@ -9,22 +9,38 @@ on when :mod:`radflow.ingest.receiver.guard` allows it:
 - **No Nagle delay.** Each response is sent at once (``TCP_NODELAY``, as DCMTK and Orthanc do
   with ``TCP_NODELAY=1``): a C-STORE response held back by Nagle's algorithm waits for the
   sender's delayed ACK, up to 40 ms per instance on Linux (``benchmarks/ingest.py``).
+- **Bounded PDUs.** Every connection is a :class:`BoundedSocket`: a PDU longer than the
+  maximum the receiver announces (``RADFLOW_RECEIVER_MAX_PDU_BYTES``), or anything but an
+  A-ASSOCIATE-RQ as the first PDU, ends the connection with an A-ABORT before its body is read.
+  pynetdicom reads whatever length a PDU header declares (a peer declaring 4 GiB was buffered
+  whole), on both paths.
 - **Datasets streamed to disk**, not held in memory, by pynetdicom's
   ``STORE_RECV_CHUNKED_DATASET`` option (:func:`configure_pynetdicom`): memory does not grow with
   the instance or study size.
+- **One line per malformed PDU.** pynetdicom logs what a peer got wrong with a traceback;
+  :class:`OneLineErrors` makes that one line, and any other failure's traceback appear once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import socket
+import struct
 import threading
+from collections.abc import Callable
 from socketserver import BaseServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
+
+from radflow.ingest.receiver.statuses import PDU_TOO_LARGE
+from radflow.outages import describe
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +69,7 @@ def configure_pynetdicom() -> bool:
     for name, value in PYNETDICOM_OPTIONS.items():
         if name not in missing:
             setattr(config, name, value)
+    _one_line_errors()
     if "STORE_RECV_CHUNKED_DATASET" in missing:
         logger.warning(
             "this pynetdicom has no STORE_RECV_CHUNKED_DATASET option (pynetdicom._config): the "
@@ -61,6 +78,169 @@ def configure_pynetdicom() -> bool:
         )
         return False
     return True
+
+
+class OneLineErrors(logging.Filter):
+    """pynetdicom's error records: one line each for what a peer sent, a traceback once for
+    anything else.
+
+    pynetdicom logs a failure as an error line saying what it was doing, then the exception
+    with its traceback (``LOGGER.exception``): for a malformed PDU or DIMSE message, or a
+    connection cut mid-PDU, that is a traceback per bad peer. Those become one line, the two
+    records merged; any other exception keeps its traceback the first time it is seen and is
+    one line after (as :class:`radflow.outages.FailureLog` does for Radflow's own loops).
+    """
+
+    # pynetdicom's lines before an exception caused by what the peer sent (dul.py, dimse.py).
+    PEER_FAILURES = frozenset(
+        {
+            "Unable to decode the received PDU data",
+            "Received an invalid DIMSE message",
+            "Connection closed before the entire PDU was received",
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._context = threading.local()  # a peer failure's line, until its exception record
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None or record.exc_info[1] is None:
+            message = record.getMessage()
+            if record.levelno >= logging.ERROR and message in self.PEER_FAILURES:
+                self._context.line = message
+                return False  # said with the exception that follows
+            return True
+        exc = record.exc_info[1]
+        context: str | None = getattr(self._context, "line", None)
+        self._context.line = None
+        key = (type(exc).__name__, describe(exc))
+        with self._lock:
+            first = context is None and key not in self._seen
+            self._seen.add(key)
+        if first:
+            return True
+        record.msg, record.args = "%s: %s", (context or "again", describe(exc))
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_ONE_LINE_ERRORS = OneLineErrors()
+
+
+def _one_line_errors() -> None:
+    """Put :data:`_ONE_LINE_ERRORS` on every pynetdicom logger (a logger's filters do not apply
+    to its children's records; pynetdicom makes one logger per module at import)."""
+    names = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] == "pynetdicom"]
+    for name in names:
+        logging.getLogger(name).addFilter(_ONE_LINE_ERRORS)
+
+
+# PDU types (PS3.8 9.3.1) and the A-ABORT a refused PDU gets: source 2 (service provider),
+# reason 6 (invalid PDU parameter value) or 2 (unexpected PDU).
+ASSOCIATE_RQ = 0x01
+_PDU_HEADER = struct.Struct(">BBL")
+_ABORT = struct.Struct(">BBLBBBB")
+_INVALID_PARAMETER, _UNEXPECTED_PDU = 0x06, 0x02
+Refused = Callable[[str, str, str], None]
+
+
+class BoundedSocket(socket.socket):
+    """A peer's connection that follows the PDU boundaries of what it reads (PS3.8 9.3.1: a
+    type byte, a reserved byte, a 4-byte length, the body) and refuses a PDU before its body:
+
+    - one declaring more than ``max_pdu`` bytes (the maximum the receiver announces, and a
+      bound for the A-ASSOCIATE-RQ that comes before any announcement);
+    - a first PDU that is not an A-ASSOCIATE-RQ (nothing is read before an association).
+
+    The peer then gets an A-ABORT, and every read returns nothing: pynetdicom sees the
+    connection closed (Evt17), ends the association and closes the socket. Memory per
+    association stays bounded by ``max_pdu`` whatever a peer declares. ``on_refused(reason,
+    peer address, what)`` is told. Peeks (``MSG_PEEK``) are the fast path's and consume nothing.
+    """
+
+    max_pdu: int
+    on_refused: Refused | None
+    _head: bytearray
+    _body_left: int
+    _first: bool
+    _refused: bool
+
+    @classmethod
+    def adopt(
+        cls, connection: socket.socket, max_pdu: int, on_refused: Refused | None
+    ) -> BoundedSocket:
+        """Wrap an accepted connection (the same descriptor, now read through this class)."""
+        sock = cls(connection.family, connection.type, connection.proto, connection.detach())
+        sock.max_pdu, sock.on_refused = max_pdu, on_refused
+        sock._head, sock._body_left, sock._first, sock._refused = bytearray(), 0, True, False
+        return sock
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            return super().recv(bufsize, flags)
+        if self._refused:
+            return b""
+        data = super().recv(bufsize, flags)
+        return data if self._follow(memoryview(data)) else b""
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        if flags & socket.MSG_PEEK:
+            return super().recv_into(buffer, nbytes, flags)
+        if self._refused:
+            return 0
+        count = super().recv_into(buffer, nbytes, flags)
+        return count if self._follow(memoryview(buffer)[:count]) else 0
+
+    def _follow(self, data: memoryview) -> bool:
+        """Move through ``data`` (next bytes of the stream); False if a PDU was refused."""
+        offset = 0
+        while offset < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - offset)
+                self._body_left -= step
+                offset += step
+                continue
+            piece = data[offset : offset + _PDU_HEADER.size - len(self._head)]
+            self._head += piece
+            offset += len(piece)
+            if len(self._head) < _PDU_HEADER.size:
+                return True
+            kind, _, length = _PDU_HEADER.unpack(self._head)
+            self._head.clear()
+            if not self._allowed(kind, length):
+                return False
+            self._body_left = length
+        return True
+
+    def _allowed(self, kind: int, length: int) -> bool:
+        first, self._first = self._first, False
+        if first and kind != ASSOCIATE_RQ:
+            what, reason = (
+                f"a first PDU of type 0x{kind:02X}, not an A-ASSOCIATE-RQ",
+                _UNEXPECTED_PDU,
+            )
+        elif length > self.max_pdu:
+            what = f"a PDU (type 0x{kind:02X}) of {length} bytes, over the {self.max_pdu} accepted"
+            reason = _INVALID_PARAMETER
+        else:
+            return True
+        self._refused = True
+        with contextlib.suppress(OSError):  # the peer is gone already: nothing to tell it
+            self.sendall(_ABORT.pack(0x07, 0, 4, 0, 0, 0x02, reason))
+        if self.on_refused is not None:
+            self.on_refused(PDU_TOO_LARGE, _address(self), what)
+        return False
+
+
+def _address(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "unknown peer"
+    return f"{host}:{port}"
 
 
 class AssociationListener(ThreadedAssociationServer):
@@ -73,8 +253,16 @@ class AssociationListener(ThreadedAssociationServer):
     likely as not).
     """
 
-    def __init__(self, *args: Any, listen_fd: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        listen_fd: int | None = None,
+        max_pdu: int,
+        on_refused: Refused | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.listen_fd = listen_fd
+        self.max_pdu, self.on_refused = max_pdu, on_refused
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -91,6 +279,8 @@ class AssociationListener(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         connection, address = super().get_request()
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if type(connection) is socket.socket:  # not TLS-wrapped (pynetdicom's ssl_context)
+            connection = BoundedSocket.adopt(connection, self.max_pdu, self.on_refused)
         return connection, address
 
     def server_close(self) -> None:
@@ -118,12 +308,14 @@ def start_server(
     evt_handlers: list[Any],
     *,
     listen_fd: int | None = None,
+    on_refused: Refused | None = None,
     server_class: type[AssociationListener] = AssociationListener,
     **options: Any,
 ) -> AssociationListener:
     """Start ``ae``'s association server in a background thread.
 
-    On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's).
+    On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's); PDUs are
+    bounded by ``ae.maximum_pdu_size`` (``on_refused`` is told of a refused one).
     ``server_class`` and ``options`` (``request_handler=`` and the server class's own arguments)
     go to ``AE.make_server``.
     """
@@ -132,6 +324,8 @@ def start_server(
         evt_handlers=evt_handlers,
         server_class=server_class,
         listen_fd=listen_fd,
+        max_pdu=ae.maximum_pdu_size,
+        on_refused=on_refused,
         **options,
     )
     assert isinstance(server, AssociationListener)

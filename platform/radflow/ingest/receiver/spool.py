@@ -3,15 +3,18 @@
 Layout under the spool folder (``settings.spool``)::
 
     incoming/   datasets being received (streamed each into a file here) and empty files made
-                ahead for the next ones; after a crash, what was received whole moves to
+                ahead for the next ones; a refused dataset is deleted before its failure status
+                is sent, one cut by an aborted or broken association when the association ends
+                (:meth:`Spool.remove_partial`); after a crash, what was received whole moves to
                 ready/ and the rest is deleted
     ready/      fsynced, acknowledged instances waiting for the indexer
     rejected/   acknowledged instances the index refused later (a SOP Instance UID already stored
-                with different content): kept, never deleted silently
+                with different content, a value the database refuses, a file whose indexing
+                fails unexpectedly: each with a Rejection row): kept, never deleted silently
     done/       indexed instances (their rows are committed), deleted lazily when the receiver is
                 idle: freeing a file's blocks costs milliseconds on some disks, which would
                 otherwise stall indexing and the journal commits the senders wait for
-    stats.json  the receiver's counters (``radflow status``)
+    stats.json  the receiver's counters and its indexer's health (``radflow status``)
     .lock       held by the one receiver process that owns this spool
 
 The sender gets the success status only once the instance is on disk, with one journal commit
@@ -26,10 +29,15 @@ The sender gets the success status only once the instance is on disk, with one j
 After a crash, :meth:`Spool.open` moves every file of ``incoming/`` whose attribute matches its
 size to ``ready/`` (acknowledged, or received whole just before the crash: a duplicate the index
 recognises if it is sent again; or refused just before it, since the mark goes on while the
-header is checked: the indexer refuses it again and keeps it in ``rejected/``) and deletes the
-others (partial, never acknowledged). Where the
-filesystem keeps no extended attributes, or for a file pynetdicom made itself, the rename comes
-before the status instead and ``ready/`` is fsynced: two commits.
+header is checked: the indexer refuses it again, with its reason, and keeps it in ``rejected/``)
+and deletes the others (partial, never acknowledged). Where the filesystem keeps no extended
+attributes, or for a file pynetdicom made itself, the rename comes before the status instead and
+``ready/`` is fsynced: two commits.
+
+A full disk never takes an association down: below ``RADFLOW_RECEIVER_MIN_FREE_BYTES`` free (or
+above ``RADFLOW_RECEIVER_MAX_USED_PERCENT`` used) the receiver refuses new associations and
+instances (:func:`space_problem`), and a write that fails anyway (ENOSPC) marks its dataset
+spoiled (:meth:`IncomingFiles.spoil`): the sender gets 0xA701 once the dataset has arrived.
 """
 
 from __future__ import annotations
@@ -90,6 +98,7 @@ class IncomingFiles:
         self._made: deque[Path] = deque()  # names on disk: ready to hand out
         self._unsynced: list[Path] = []  # made, waiting for the folder's next fsync
         self._making = self._syncing = 0  # files being made, names being fsynced
+        self._spoiled: dict[Path, OSError] = {}  # datasets a write failed for, until answered
         self._lock = threading.Lock()
 
     def take(self) -> Path:
@@ -141,6 +150,17 @@ class IncomingFiles:
             made, self._made, self._unsynced = [*self._made, *self._unsynced], deque(), []
         for path in made:
             path.unlink(missing_ok=True)
+
+    def spoil(self, path: Path, error: OSError) -> None:
+        """A write of the dataset streamed into ``path`` failed (the disk is full): the rest of it
+        is read and dropped, and its C-STORE is refused (:meth:`spoiled`), not the association."""
+        with self._lock:
+            self._spoiled[path] = error
+
+    def spoiled(self, path: Path) -> OSError | None:
+        """Why the dataset of ``path`` could not be written, if it could not (asked once)."""
+        with self._lock:
+            return self._spoiled.pop(path, None)
 
     def made_here(self, path: Path) -> bool:
         """Whether ``path`` is one of these files (its name was on disk before it was filled)."""
@@ -295,6 +315,83 @@ class Spool:
         os.replace(path, target)
         return target
 
+    def remove_partial(self) -> int:
+        """Delete the datasets of ``incoming/`` no association is receiving any more; how many.
+
+        An association that ends before its dataset does (A-ABORT, a reset connection, a
+        timeout, a PDU refused) leaves a partial file that nobody will finish. Whatever a
+        receive still holds is open in this process (pynetdicom's file or the fast path's, from
+        its first byte to its rename into ``ready/``); files made ahead are empty until taken.
+        Files nobody holds are leftovers.
+        """
+        names = [entry.name for entry in os.scandir(self.incoming) if entry.is_file()]
+        # Sizes first, open files after: a file made ahead that another association takes and
+        # writes to meanwhile is empty here, or open by the time the open files are listed.
+        candidates = [
+            self.incoming / n for n in names if not self._waiting_ahead(self.incoming / n)
+        ]
+        held = _open_in_this_process(self.incoming)
+        if held is None:
+            return 0  # no /proc: cannot tell; a restart clears them (open())
+        removed = 0
+        for path in candidates:
+            if str(path) in held:
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info("removed %d partly received datasets from %s", removed, self.incoming)
+        return removed
+
+    def _waiting_ahead(self, path: Path) -> bool:
+        try:
+            return self.incoming_files.made_here(path) and path.stat().st_size == 0
+        except FileNotFoundError:
+            return True  # gone meanwhile: nothing to remove
+
+
+def _open_in_this_process(folder: Path) -> set[str] | None:
+    """The paths under ``folder`` that file descriptors of this process hold (None: unknown)."""
+    prefix = f"{folder}{os.sep}"
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    held = set()
+    for fd in descriptors:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (or the listing's own descriptor)
+        if target.startswith(prefix):
+            held.add(target)
+    return held
+
+
+def disk_space(root: Path) -> tuple[int, float]:
+    """Bytes free (for an unprivileged process) and the percentage used, as ``df`` shows them,
+    on the filesystem of ``root``."""
+    stats = os.statvfs(root)
+    used = stats.f_blocks - stats.f_bfree
+    usable = used + stats.f_bavail
+    return stats.f_bavail * stats.f_frsize, 100.0 * used / usable if usable else 0.0
+
+
+def space_problem(root: Path, min_free_bytes: int, max_used_percent: float) -> str | None:
+    """Why the spool at ``root`` has no room for more instances, or None if it has."""
+    free, used = disk_space(root)
+    if free < min_free_bytes:
+        return (
+            f"{free / 1024**2:.0f} MiB free on the spool's disk, below "
+            f"RADFLOW_RECEIVER_MIN_FREE_BYTES ({min_free_bytes / 1024**2:.0f} MiB)"
+        )
+    if used > max_used_percent:
+        return (
+            f"the spool's disk is {used:.1f}% full, above RADFLOW_RECEIVER_MAX_USED_PERCENT "
+            f"({max_used_percent:g}%)"
+        )
+    return None
+
 
 def _received_whole(path: Path) -> bool:
     """Whether a file of ``incoming/`` bears the :data:`COMPLETE` mark and has that size.
@@ -314,5 +411,24 @@ def count_waiting(root: Path) -> int:
     """Instances in the spool at ``root`` still waiting to be indexed (0 if there is none)."""
     try:
         return sum(1 for entry in os.scandir(root / "ready") if entry.name.endswith(".dcm"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none, or not a spool
         return 0
+
+
+def oldest_waiting(root: Path) -> float | None:
+    """When the oldest instance still waiting in the spool at ``root`` arrived (its mtime: the
+    last byte received); None if none waits."""
+    oldest: float | None = None
+    try:
+        entries = list(os.scandir(root / "ready"))
+    except (FileNotFoundError, NotADirectoryError):  # none, or not a spool
+        return None
+    for entry in entries:
+        if not entry.name.endswith(".dcm"):
+            continue
+        try:
+            mtime = entry.stat().st_mtime
+        except FileNotFoundError:
+            continue  # indexed meanwhile
+        oldest = mtime if oldest is None else min(oldest, mtime)
+    return oldest

@@ -58,7 +58,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from radflow.ingest.receiver import dimse, server
-from radflow.ingest.receiver.server import AssociationListener
+from radflow.ingest.receiver.server import AssociationListener, Refused
 from radflow.ingest.receiver.spool import IncomingFiles
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,10 @@ class ReceiverRequestHandler(RequestHandler):
         assoc = super()._create_association()
         # pynetdicom has just wrapped the connection in its AssociationSocket.
         BulkReadSocket.adopt(cast(AssociationSocket, assoc.dul.socket))
-        assoc.dimse = dimse.ReceiverDIMSE(assoc, cast(ReceiverServer, self.server).incoming)
+        provider = dimse.ReceiverDIMSE(assoc, cast(ReceiverServer, self.server).incoming)
+        assoc.dimse = provider
+        # A dataset cut by the association's end (abort, reset, timeout) is nobody's.
+        assoc.bind(evt.EVT_CONN_CLOSE, provider.discard_partial)
         ReceiverDUL.adopt(assoc.dul)
         return assoc
 
@@ -281,6 +284,7 @@ def start_server(
     *,
     incoming: IncomingFiles,
     listen_fd: int | None = None,
+    on_refused: Refused | None = None,
 ) -> AssociationListener:
     """:func:`radflow.ingest.receiver.server.start_server` with the fast path's classes.
 
@@ -291,6 +295,7 @@ def start_server(
         address,
         evt_handlers,
         listen_fd=listen_fd,
+        on_refused=on_refused,
         server_class=ReceiverServer,
         request_handler=ReceiverRequestHandler,
         incoming=incoming,
