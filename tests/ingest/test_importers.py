@@ -163,6 +163,7 @@ def test_radflow_import_npz_of_volumes_makes_ct_series(
         train_labels=np.array([[0], [1]], dtype=np.uint8),
     )
     monkeypatch.setenv("RADFLOW_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("RADFLOW_PSEUDONYM_KEY", settings.pseudonym_key.get_secret_value())
 
     assert main(["import", "npz", str(path), "--task", "adrenal-ct-3d"]) == 0
 
