@@ -19,6 +19,7 @@ from radflow.services.review import (
     submit_review,
 )
 from radflow.services.study_view import (
+    InstanceRef,
     ObjectNotFound,
     OverlayUnreadable,
     ResultView,
@@ -77,8 +78,10 @@ def _choose_series(view: StudyView) -> SeriesView | None:
     return view.series[0] if view.series else None
 
 
-def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], str] | None:
-    """The displayed image (slice, frame, window, contrast) and its caption."""
+def _picture(
+    view: StudyView, series: SeriesView
+) -> tuple[NDArray[np.uint8], str, InstanceRef] | None:
+    """The displayed image (slice, frame, window, contrast), its caption, and which it is."""
     instances = series.instances
     index = len(instances) // 2
     if len(instances) > 1:
@@ -116,11 +119,11 @@ def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], st
     where = [f"slice {index + 1}/{len(instances)}"] if len(instances) > 1 else []
     where += [f"frame {frame + 1}/{instance.frames}"] if frame is not None else []
     caption = " · ".join([series.description or series.series_uid, *where])
-    return image, caption
+    return image, caption, instance
 
 
 def _with_overlays(
-    view: StudyView, image: NDArray[np.uint8]
+    view: StudyView, image: NDArray[np.uint8], instance: InstanceRef
 ) -> tuple[NDArray[np.uint8], list[str]]:
     latest = view.latest
     notes: list[str] = []
@@ -134,7 +137,7 @@ def _with_overlays(
     elif toggles[0].toggle("Grad-CAM heat map", value=True, key="gradcam"):
         opacity = toggles[0].slider("Heat map opacity", 0.0, 1.0, 0.5, 0.05, key="gradcam_opacity")
         try:
-            heat = load_overlay(store, latest.gradcam_key, image.shape[:2])
+            heat = load_overlay(store, latest.gradcam_key, image.shape[:2], instance)
             shown = heatmap_overlay(shown, heat, opacity)
             notes.append(f"Grad-CAM of {latest.model}")
         except (ObjectNotFound, OverlayUnreadable) as exc:
@@ -153,8 +156,8 @@ def _show_image(view: StudyView) -> None:
     picture = _picture(view, series)
     if picture is None:
         return
-    image, caption = picture
-    shown, notes = _with_overlays(view, image)
+    image, caption, instance = picture
+    shown, notes = _with_overlays(view, image, instance)
     # Not st.image's caption: that is Markdown, and the series description comes from DICOM.
     st.image(shown, width="stretch")
     text.caption(" · ".join([caption, *notes]))
@@ -178,7 +181,10 @@ def _show_result(view: StudyView) -> None:
             st.badge("Above threshold", icon=":material/flag:", color="red")
         else:
             st.badge("Below threshold", icon=":material/check:", color="green")
-    if view.status_reason:
+    if view.not_scored:
+        for task, reason in view.not_scored.items():
+            text.caption(f"{task}: {reason}")
+    elif view.status_reason:
         text.caption(f"Status reason: {view.status_reason}")
 
 
