@@ -14,6 +14,7 @@ at the next click.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from radflow.services.audit import note
 from radflow.services.sessions import COOKIE, end_session, ended_reason, resume, unsign
 from radflow.services.study_view import Window, render_image
 from radflow.services.users import Permission, Principal
+from radflow.services.volume_view import (
+    Layer,
+    VolumeView,
+    heat_layer,
+    label_layer,
+    load_preview,
+    load_volume_view,
+)
 from radflow.settings import Settings
 
 # Not "pages/": Streamlit would also serve every script in a folder of that name directly,
@@ -143,3 +152,38 @@ def rendered_image(
 ) -> NDArray[np.uint8]:
     # A key always names the same bytes (originals are immutable), so it is a safe cache key.
     return render_image(runtime().store, object_key, window=window, frame=frame)
+
+
+_PACKER = ThreadPoolExecutor(1, thread_name_prefix="radflow-viewer")
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def volume_packing(series_uid: str, instance_keys: tuple[str, ...]) -> Future[VolumeView]:
+    """The series packed for the viewer, in the background from the first page run that asks
+    (the page shows a preview meanwhile), then kept for the next runs: a frozen object, shared
+    read-only. ``instance_keys`` name its stored images: a late instance makes a new entry."""
+    return _PACKER.submit(_pack, runtime(), series_uid)
+
+
+def _pack(rt: Runtime, series_uid: str) -> VolumeView:
+    with rt.session_factory() as s:
+        return load_volume_view(s, rt.store, series_uid, max_voxels=rt.settings.max_volume_voxels)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def volume_preview(series_uid: str, instance_keys: tuple[str, ...]) -> VolumeView | None:
+    """The slice the viewer opens on, alone (``load_preview``); NotAVolume if the index says
+    the series is not one volume."""
+    rt = runtime()
+    with session() as s:
+        return load_preview(s, rt.store, series_uid, max_voxels=rt.settings.max_volume_voxels)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def volume_layer(
+    object_key: str, kind: str, name: str, instance_keys: tuple[str, ...], _view: VolumeView
+) -> Layer:
+    """A stored heat map (``kind`` "heat") or label map ("labels") laid over ``_view`` (the
+    volume of the series ``instance_keys`` name)."""
+    read = heat_layer if kind == "heat" else label_layer
+    return read(runtime().store, object_key, _view, name)
