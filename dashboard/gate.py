@@ -12,7 +12,9 @@ own Starlette app):
 - ``Guard`` (middleware) sends a browser without a live session from any page to the login
   page, serves study images (``/media/``) only to a live session whose role may see studies
   (and audits each fetch), closes what a browser never needs (``/_stcore/metrics``, the agent
-  API, uploads), and adds frame, content-security and no-store headers to every response.
+  API, uploads), and adds frame, content-security and no-store headers to every response
+  (custom components' files, ``/component/``, may be framed by the app's own pages only: the
+  volume viewer is one, dashboard/viewer).
 
 The Streamlit script checks the same cookie on every run (``dashboard/context.py``), so a page
 never renders for a session that ended, whatever the order of events.

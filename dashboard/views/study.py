@@ -172,7 +172,9 @@ def _volume(series: SeriesView) -> tuple[bool, str | None]:
     try:
         preview = context.volume_preview(series.series_uid, keys)
         packing = context.volume_packing(series.series_uid, keys)
-        if preview is None:  # the first view needs the whole series (one multi-frame object)
+        # No preview: the first view needs the whole series (one multi-frame object). Packed:
+        # loading it may have found what the index could not tell.
+        if preview is None or packing.done():
             packing.result()
     except (NotAVolume, VolumeTooLarge) as exc:
         return False, f"shown image by image ({exc})" if len(series.instances) > 1 else None
@@ -190,20 +192,19 @@ def _viewer(view: StudyView, series: SeriesView) -> None:
     keys = _keys(series)
     preview = context.volume_preview(series.series_uid, keys)
     packing = context.volume_packing(series.series_uid, keys)
-    notes = []
     shown = preview
     if preview is None or packing.done() or st.session_state.get(key) == "whole":
         try:
             shown = packing.result()
-        except (VolumeTooLarge, NotAVolume, ObjectNotFound) as exc:
-            notes.append(f"only this slice can be shown ({exc})")
+        except (VolumeTooLarge, NotAVolume, ObjectNotFound):
+            st.rerun(scope="app")  # the page then shows the series image by image, and why
     if shown is None:
         return
     layers, names = _layers(view, series, shown)
     volume_viewer(
         shown,
         layers=layers,
-        caption=" · ".join([series.description or series.series_uid, *names, *notes]),
+        caption=" · ".join([series.description or series.series_uid, *names]),
         key=key,
     )
 

@@ -552,7 +552,7 @@ def test_a_ct_scrolls_in_the_browser_and_shows_its_reformats(
     frame, root = _viewer(page)
     expect(root).to_have_attribute("data-plane", "axial")
     expect(root).to_have_attribute("data-count", str(CT_SLICES))
-    expect(frame.get_by_text("Grad-CAM of adrenal-ct-3d:v1")).to_be_visible()
+    expect(frame.get_by_text("Grad-CAM of adrenal-ct-3d:v1", exact=True)).to_be_visible()
     windows = frame.get_by_label("Window").locator("option").all_inner_texts()
     assert windows == ["From the image", "Lung", "Mediastinum", "Bone", "Brain", "Abdomen"]
     start = _index(root)

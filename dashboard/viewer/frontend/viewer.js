@@ -86,7 +86,7 @@
   }
 
   function sameGeometry(a, b) {
-    return JSON.stringify([a.shape, a.spacing, a.acquired]) === JSON.stringify([b.shape, b.spacing, b.acquired]);
+    return JSON.stringify([a.shape, a.acquired]) === JSON.stringify([b.shape, b.acquired]);
   }
 
   function start(args) {
@@ -222,6 +222,7 @@
         option.textContent = value[0].toUpperCase() + value.slice(1);
         style.append(option);
       }
+      style.value = layer.style;
       style.addEventListener("change", () => { layer.style = style.value; requestDraw(); });
       box.append(style);
     }

@@ -240,8 +240,9 @@ def pack(
     if ends[-1] > MAX_PAYLOAD_BYTES:
         raise VolumeTooLarge(ends[-1])
     windows = {FROM_THE_IMAGE: volume.window or _auto_window(array)}
-    if (modality or "").upper() == "CT":
-        windows |= CT_WINDOWS
+    presets = {n: w for n in window_presets(modality) if (w := preset_window(n)) is not None}
+    if presets:
+        windows |= presets
     elif volume.window is not None:
         windows[AUTO] = _auto_window(array)
     return VolumeView(
