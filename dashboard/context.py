@@ -13,6 +13,9 @@ at the next click.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -154,7 +157,16 @@ def rendered_image(
     return render_image(runtime().store, object_key, window=window, frame=frame)
 
 
-_PACKER = ThreadPoolExecutor(1, thread_name_prefix="radflow-viewer")
+def _behind() -> None:
+    # Packing a series takes seconds of both cores: it yields to page runs and to the rest of
+    # the machine (other users' pages, a browser on the same host). Linux keeps a nice value
+    # per thread, inherited by the threads it starts; elsewhere it is the whole process's.
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.nice(10)
+
+
+_PACKER = ThreadPoolExecutor(1, thread_name_prefix="radflow-viewer", initializer=_behind)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

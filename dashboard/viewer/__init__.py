@@ -14,6 +14,7 @@ and only by the app itself (dashboard/gate.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import streamlit.components.v1 as components
 
@@ -22,7 +23,12 @@ from radflow.services.volume_view import Layer, VolumeView
 FRONTEND = Path(__file__).resolve().parent / "frontend"
 HEIGHT = 720
 
-_component = components.declare_component("viewer", path=str(FRONTEND))
+
+def _component() -> Any:
+    # Declared on every use, in the script run: Streamlit registers a component (and then
+    # serves its files) only if it is declared while a script runs, and a module is imported
+    # once per process, maybe outside one.
+    return components.declare_component("viewer", path=str(FRONTEND))
 
 
 def volume_viewer(
@@ -34,7 +40,7 @@ def volume_viewer(
     height: int = HEIGHT,
 ) -> None:
     """The viewer on ``view`` with ``layers`` over it; ``caption`` is shown as plain text."""
-    _component(
+    _component()(
         volume=view.describe(),
         voxels=view.data,
         layers=[layer.describe() for layer in layers],

@@ -50,8 +50,9 @@ from radflow.services.volume_view import (
 user = context.require_page(Permission.VIEW_STUDIES)
 
 VIEWED_KEY = "radflow_viewed"
+# Whether a verdict opens the next study: the reader's choice for this browser session. (A
+# comment, not a docstring: Streamlit would show a bare string of a page script.)
 ADVANCE_KEY = "radflow_advance"
-"""Whether a verdict opens the next study: the reader's choice for this browser session."""
 
 
 def _back_link() -> None:
@@ -185,15 +186,17 @@ def _volume(series: SeriesView) -> tuple[bool, str | None]:
 
 @st.fragment
 def _viewer(view: StudyView, series: SeriesView) -> None:
-    """The volume viewer: a preview (the slice it opens on) until the series is packed; the
-    viewer asks for the whole series as soon as it shows the preview, which reruns only this
-    fragment, not the page."""
+    """The volume viewer: first a preview (the slice it opens on, small: on the screen within a
+    second), then, when the viewer asks for it, the whole series (tens of MB, even when it is
+    already packed). The viewer asks as soon as it has the preview, which reruns only this
+    fragment, not the page (and a fragment's rerun waits for a page run in progress, never
+    interrupts it)."""
     key = f"viewer:{series.series_uid}"
     keys = _keys(series)
     preview = context.volume_preview(series.series_uid, keys)
     packing = context.volume_packing(series.series_uid, keys)
     shown = preview
-    if preview is None or packing.done() or st.session_state.get(key) == "whole":
+    if preview is None or st.session_state.get(key) == "whole":
         try:
             shown = packing.result()
         except (VolumeTooLarge, NotAVolume, ObjectNotFound):
@@ -237,26 +240,24 @@ def _layers(
     return layers, notes
 
 
-def _show_image(view: StudyView) -> SeriesView | None:
-    """The chosen series image by image; or, for a volume, the series for the viewer, which
-    the page draws last (its preview is then the page's last message, and the viewer's request
-    for the whole series never interrupts the page's run)."""
+def _show_image(view: StudyView) -> None:
+    """The chosen series in the viewer if it is one volume, else image by image."""
     series = _choose_series(view)
     if series is None or not series.instances:
         st.warning("This study has no stored images.")
-        return None
+        return
     volume, why = _volume(series)
     if volume:
-        return series
+        _viewer(view, series)
+        return
     picture = _picture(view, series)
     if picture is None:
-        return None
+        return
     image, caption, instance = picture
     shown, notes = _with_overlays(view, image, instance)
     # Not st.image's caption: that is Markdown, and the series description comes from DICOM.
     st.image(shown, width="stretch")
     text.caption(" · ".join([caption, *notes, *([why] if why else [])]))
-    return None
 
 
 def _show_result(view: StudyView) -> None:
@@ -411,7 +412,7 @@ if saved:
 
 image_column, result_column = st.columns([3, 2], gap="large")
 with image_column:
-    volume_series = _show_image(view)
+    _show_image(view)
 with result_column:
     _show_result(view)
     if user.can(Permission.REVIEW):
@@ -499,7 +500,3 @@ st.dataframe(
     },
     hide_index=True,
 )
-
-if volume_series is not None:
-    with image_column:
-        _viewer(view, volume_series)

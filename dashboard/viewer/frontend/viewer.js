@@ -1,7 +1,7 @@
 // Radflow's volume viewer: a Streamlit component (protocol v1) written by hand.
 //
 // The page sends a whole series once (radflow.services.volume_view): int16 voxels, each slice
-// zlib-deflated on its own, in axes (feet, posterior, left), so an axial slice is a contiguous
+// as its low bytes then its high bytes, zlib-deflated on its own, in axes (feet, posterior, left), so an axial slice is a contiguous
 // block and coronal and sagittal reformats are strides through it. The browser inflates the slice
 // it shows first and the rest after it (DecompressionStream), then scrolls, reformats, windows and
 // draws the layers (heat map, label map) with no server round trip.
@@ -37,7 +37,7 @@
   const corner = document.getElementById("corner");
   const caption = document.getElementById("caption");
   const planeButtons = Array.from(document.querySelectorAll("button[data-plane]"));
-  const metrics = { steps: [], firstDrawn: null, bytes: 0 };
+  const metrics = { steps: [], firstDrawn: null, bytes: 0, renders: [] };
   window.radflowViewer = metrics;
 
   let series = null; // what the current arguments describe (see load)
@@ -57,32 +57,42 @@
     }
   });
 
-  function fitHeight() {
-    send("streamlit:setFrameHeight", { height: Math.ceil(document.body.scrollHeight) + 2 });
+  // The image takes what the page's height leaves: the frame then keeps the height the page
+  // gave it (a new height would make Streamlit post the arguments, the whole series, again).
+  function fitHeight(height) {
+    const others = document.body.scrollHeight - canvas.offsetHeight;
+    stageHeight = Math.max(200, height - others);
+    canvas.style.height = `${stageHeight}px`;
+    send("streamlit:setFrameHeight", { height: Math.ceil(document.body.scrollHeight) });
   }
 
   // --- loading ------------------------------------------------------------------------------
 
   async function inflate(bytes) {
-    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
-    return new Uint8Array(await new Response(stream).arrayBuffer());
+    // A stream over the bytes themselves (a Blob would copy them to the browser's process).
+    const source = new ReadableStream({ start(controller) { controller.enqueue(bytes); controller.close(); } });
+    return new Uint8Array(await new Response(source.pipeThrough(new DecompressionStream("deflate"))).arrayBuffer());
+  }
+
+  // A slice's low bytes then high bytes, back into int16 values at `offset` of `out`.
+  function interleave(planes, out, offset, area) {
+    for (let i = 0; i < area; i++) out[offset + i] = planes[i] | (planes[area + i] << 8);
   }
 
   function load(args) {
+    metrics.renders.push(performance.timeOrigin + performance.now());
     const volume = args.volume;
     const key = JSON.stringify([volume, args.voxels.byteLength, args.layers]);
     caption.textContent = args.caption || "";
     if (key === signature) return; // a rerun of the page: the same series, already here
     signature = key;
     metrics.bytes = args.voxels.byteLength;
-    stageHeight = Math.max(200, (args.height || 720) - 110);
-    canvas.style.height = `${stageHeight}px`;
     if (series && series.volume.first !== null && sameGeometry(series.volume, volume)) {
       complete(series, args); // the whole series after its preview
     } else {
       start(args);
     }
-    fitHeight();
+    fitHeight(args.height || 720);
   }
 
   function sameGeometry(a, b) {
@@ -165,7 +175,7 @@
         const values = await inflate(bytes.subarray(c === 0 ? 0 : ends[c - 1], ends[c]));
         // Meanwhile the whole series may have replaced the preview (and its scaling).
         if (target !== series || target.volume.first !== preview || target.loaded[s]) continue;
-        target.voxels.set(new Int16Array(values.buffer, 0, area), s * area);
+        interleave(values, target.voxels, s * area, area);
         target.loaded[s] = 1;
         target.loadedCount++;
         requestDraw();

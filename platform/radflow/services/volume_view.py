@@ -6,8 +6,9 @@ in the browser, so a step through the slices costs no server round trip. What it
 
 - the voxels in modality units (HU for CT) as 16-bit integers, ``value = stored * slope +
   intercept`` (integral values that fit, as CT's, are sent as they are: slope 1, intercept 0),
-  each slice deflated on its own (zlib), so the browser inflates the slice it shows first and the
-  others after it;
+  each slice as its low bytes then its high bytes (the high bytes of a CT are nearly constant,
+  the low ones noise: apart they deflate to 40 % of the slice, together to 50 %), deflated on its
+  own (zlib), so the browser inflates the slice it shows first and the others after it;
 - the volume turned, without resampling, so that its axes run toward the feet, the back and the
   patient's left (:data:`AXES`): an axial slice is then seen from the feet with the patient's
   right on the screen's left, a coronal one from the front, a sagittal one from the patient's
@@ -70,7 +71,8 @@ MAX_PAYLOAD_BYTES = 150_000_000
 """The packed voxels a page may send: Streamlit refuses messages over 200 MB."""
 LEVEL = 1
 """zlib level: the fastest; CT compresses about as well at 1 as at 6, in a quarter of the time."""
-THREADS = 4
+THREADS = 2
+"""Slices compressed at once: zlib and numpy release the GIL."""
 HEAT_CELLS = 128
 """A heat map layer has at most this many voxels along each axis (it is smooth anyway)."""
 LABEL_CELLS = 256
@@ -278,7 +280,7 @@ def _deflate(array: NDArray[Any], threads: int) -> tuple[float, float, list[byte
         np.copyto(values, array[index], casting="unsafe")
         if not np.array_equal(values, array[index]):  # a fraction, or out of range
             return None
-        return zlib.compress(values.tobytes(), LEVEL)
+        return _planes(values)
 
     chunks = _parallel(exact, len(array), threads)
     if all(c is not None for c in chunks):
@@ -288,10 +290,15 @@ def _deflate(array: NDArray[Any], threads: int) -> tuple[float, float, list[byte
     intercept = low - int(_INT16.min) * slope
 
     def scaled(index: int) -> bytes:
-        values = np.rint((array[index] - intercept) / slope).astype("<i2")
-        return zlib.compress(values.tobytes(), LEVEL)
+        return _planes(np.rint((array[index] - intercept) / slope).astype("<i2"))
 
     return slope, intercept, _parallel(scaled, len(array), threads)
+
+
+def _planes(values: NDArray[np.int16]) -> bytes:
+    """One slice's zlib stream: its low bytes, then its high bytes."""
+    pairs = values.view(np.uint8).reshape(-1, 2)
+    return zlib.compress(np.concatenate([pairs[:, 0], pairs[:, 1]]).tobytes(), LEVEL)
 
 
 def _parallel(work: Callable[[int], _T], count: int, threads: int) -> list[_T]:
