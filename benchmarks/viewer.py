@@ -137,17 +137,24 @@ def open_study(page: Any, url: str, study_uid: str, *, reload: bool = False) -> 
 
 def scroll(page: Any, steps: int) -> dict[str, Any]:
     frame, _ = _viewer(page)
+
+    def timed(count: int) -> None:  # each step is timed at the frame after it
+        frame.wait_for_function(f"window.radflowViewer.steps.length === {count}")
+
     page.get_by_role("heading", name="Study").first.click()  # the page has the focus
     for _ in range(steps):
         page.keyboard.press("ArrowDown")
+    timed(steps)
     frame.locator("#canvas").hover()
     for _ in range(steps):
         page.mouse.wheel(0, -120)
         time.sleep(0.01)  # one wheel event per step, not a coalesced burst
+    timed(2 * steps)
     frame.get_by_role("button", name="Sagittal").click()
     frame.locator("#canvas").click()  # the viewer has the focus: its own keys
     for _ in range(steps):
         page.keyboard.press("ArrowDown")
+    timed(3 * steps)
     times = frame.evaluate("window.radflowViewer.steps")
     return {
         "keys": _stats(times[:steps]),
