@@ -228,7 +228,9 @@ def main() -> int:
         data_dir = Path(tmp) / "data"
         study_uid, small_uid = prepare(data_dir, args.slices, args.size)
         with dashboard(data_dir) as url:
-            result = measure(url, study_uid, small_uid, args.steps)
+            # Every step must move: from the middle slice, at most half the series each way.
+            steps = min(args.steps, args.slices // 2 - 1)
+            result = measure(url, study_uid, small_uid, steps)
         result["pack_s"] = pack_seconds(data_dir, study_uid)
     print(
         f"{args.slices} slices of {args.size}x{args.size}, 16 bit; "
