@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
@@ -129,7 +131,10 @@ def radflow_receiver(
     work: Path, workers: int = 1
 ) -> Iterator[tuple[int, Settings, subprocess.Popen[bytes]]]:
     settings = Settings(
-        data_dir=work / "radflow", receiver_host="127.0.0.1", receiver_workers=workers
+        data_dir=work / "radflow",
+        receiver_host="127.0.0.1",
+        receiver_workers=workers,
+        pseudonym_key=SecretStr(secrets.token_hex(32)),  # the receiver refuses the public one
     )
     port = free_port()
     command = [sys.executable, "-m", "cli.main", "receive", "--port", str(port)]

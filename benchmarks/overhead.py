@@ -11,9 +11,13 @@ the figures are medians, and every round's ratio is in the JSON):
    loop with the same network, batch size, transforms and per-epoch validation;
 2. batch scoring through the process flow, timed end to end (a Prefect flow run: pending
    studies from the database, routing, preprocessed tensors, the network, predictions and
-   triage written) vs the bare model forward (``predict``, same threads and batch size) on the
-   same preprocessed tensors, in studies (images) per second. Each round first registers the
-   champion's weights again as a new champion, so every study is pending:
+   triage written) vs the bare model forward (``Runner.predict``, same threads and batch size)
+   on the same preprocessed tensors, in studies (images) per second, both in the runtime the
+   champion serves: after the training rounds the champion is compressed (as ``radflow model
+   compress``) and its int8 variant served if it passed its check (else ONNX fp32, else the
+   PyTorch weights; ``score_runtime`` in the JSON). Each round first registers the champion's
+   weights again as a new champion with the same variants, serving the same runtime, so every
+   study is pending:
    - ``score_flow_per_s``: the goal's figure. The studies were trained on, so their tensors are
      in the preprocessing cache, as they are in use the other way round (scoring fills the
      cache; the labelled studies a retrain reads were scored first);
@@ -67,6 +71,13 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of each comparison (medians)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=["torch-fp32", "onnx-fp32", "onnx-int8"],
+        default=None,
+        help="score in this runtime (it must pass its check); default: the best that passes, "
+        "as a site serves it. torch-fp32 compares with figures from before compressed runtimes",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radflow-overhead-"))
@@ -87,17 +98,21 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     import statistics
 
     import torch
+    from compression import new_champion as new_serving_champion
+    from compression import served_runtime
     from sqlalchemy import select
 
     from flows.process import process_flow
     from flows.train import train_flow
-    from radflow.db import Instance, ModelVersion, TrainingRun, unit_of_work
+    from radflow.db import Instance, ModelVersion, TrainingRun, VariantRuntime
     from radflow.ingest.importers import import_npz
     from radflow.learning import tasks
     from radflow.learning.cache import CachedImage, PreprocessCache
+    from radflow.learning.compression import compress
     from radflow.learning.device import cpu_threads, select_device
-    from radflow.learning.registry import load_network, promote, register, require_champion
-    from radflow.learning.training import predict
+    from radflow.learning.inference import load_runner
+    from radflow.learning.registry import require_champion
+    from radflow.learning.variants import serving_variant
     from radflow.runtime import Runtime
     from radflow.settings import Settings
 
@@ -124,21 +139,6 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
             ).one()
             run = session.get_one(TrainingRun, version.training_run_id)
             return float(run.history["data_loading"]["seconds"]), int(run.params["n_train"])
-
-    def new_champion(reason: str) -> None:
-        """The champion's weights again, as a new champion: every study is pending again."""
-        with Runtime.open(settings) as rt, unit_of_work(rt.session_factory) as session:
-            current = require_champion(session, name)
-            again = register(
-                session,
-                rt.store,
-                task,
-                load_network(rt.store, current, device),
-                metrics={},
-                threshold=current.threshold,
-                training_run=None,
-            )
-            promote(session, again, actor="benchmark", reason=f"benchmark: {reason}")
 
     def timed(fn, *fn_args):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
@@ -172,19 +172,38 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
             flush=True,
         )
 
-    # Scoring, interleaved too: each round makes every study pending (a new champion with the
-    # same weights), scores them all through the process flow, then runs the bare forward.
+    # Scoring, interleaved too: the champion is compressed and its best passing variant served;
+    # each round makes every study pending (a new champion with the same weights and variants
+    # serving the same runtime), scores them all through the process flow, then runs the bare
+    # forward.
     os.environ["RADFLOW_GRADCAM"] = "false"
+    with Runtime.open(settings) as rt:
+        with rt.session_factory() as session:
+            number = require_champion(session, name).version
+        variants = compress(settings, rt.session_factory, rt.store, name, number, actor="bench")
+    judged = {v.runtime: v for v in variants}
+    runtime = VariantRuntime(args.runtime) if args.runtime else served_runtime(judged)
+    if runtime != VariantRuntime.TORCH_FP32 and not judged[runtime].passed:
+        raise SystemExit(f"--runtime {runtime}: that variant did not pass its check")
+    print(f"scoring in {runtime}", flush=True)
+
+    def new_champion() -> None:
+        """The champion's weights and variants again, as a new champion serving ``runtime``."""
+        new_serving_champion(settings, runtime)
+
     score_ips, bare_ips, score_results = [], [], []
     for r in range(args.rounds):
-        new_champion("score again")
+        new_champion()
         scored, seconds = timed(process_flow, name)
         score_results.append(scored)
         score_ips.append(int(scored["scored"]) / seconds)
         with Runtime.open(settings) as rt, rt.session_factory() as session:
-            network = load_network(rt.store, require_champion(session, name), device)
+            champion = require_champion(session, name)
+            runner = load_runner(
+                rt.store, champion, serving_variant(session, champion), device, threads
+            )
         with cpu_threads(threads):
-            _, seconds = timed(predict, network, x_all, device, settings.batch_size)
+            _, seconds = timed(runner.predict, x_all, settings.batch_size)
         bare_ips.append(len(x_all) / seconds)
         print(
             f"scoring round {r + 1}: process flow {score_ips[-1]:.1f} studies/s "
@@ -194,10 +213,10 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     _, run_overhead = timed(process_flow, name)  # nothing left to score
 
     os.environ["RADFLOW_GRADCAM"] = "true"
-    new_champion("score with Grad-CAM")
+    new_champion()
     cam_scored, cam_seconds = timed(process_flow, name)
     os.environ["RADFLOW_GRADCAM"] = "false"
-    new_champion("score with no cache")
+    new_champion()
     shutil.rmtree(settings.cache_dir)
     cold_scored, cold_seconds = timed(process_flow, name)
 
@@ -207,8 +226,10 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     cam_ips = int(cam_scored["scored"]) / cam_seconds
     cold_ips = int(cold_scored["scored"]) / cold_seconds
     mid = score_results[len(score_results) // 2]
+    mid_task = mid["tasks"][name]  # the scoring task's own report (the flow's has no seconds)
     print(
-        f"scoring: process flow {median(score_ips):.1f} studies/s, with Grad-CAM {cam_ips:.1f}, "
+        f"scoring ({runtime}): process flow {median(score_ips):.1f} studies/s, with Grad-CAM "
+        f"{cam_ips:.1f}, "
         f"no cache {cold_ips:.1f}; bare forward {median(bare_ips):.1f} img/s; "
         f"{run_overhead:.2f} s per flow run"
     )
@@ -217,14 +238,15 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         "train_plain_images_per_s": round(median(plain_ips), 1),
         "train_ratio": round(train_ratio, 3),
         "train_ratio_rounds": [round(f / p, 3) for f, p in zip(flow_ips, plain_ips, strict=True)],
+        "score_runtime": runtime.value,
         "score_flow_per_s": round(median(score_ips), 1),
         "score_flow_gradcam_per_s": round(cam_ips, 1),
         "score_bare_per_s": round(median(bare_ips), 1),
         "score_ratio": round(ratio, 3),
         "score_ratio_rounds": [round(s / b, 3) for s, b in zip(score_ips, bare_ips, strict=True)],
         "score_ratio_gradcam": round(cam_ips / median(bare_ips), 3),
-        "score_flow_task_s": round(float(mid["seconds"]), 2),
-        "score_flow_network_s": round(float(mid["network_seconds"]), 2),
+        "score_flow_task_s": round(float(mid_task["seconds"]), 2),
+        "score_flow_network_s": round(float(mid_task["network_seconds"]), 2),
         "score_flow_cold_per_s": round(cold_ips, 1),
         "score_ratio_cold": round(cold_ips / median(bare_ips), 3),
         "score_flow_run_overhead_s": round(run_overhead, 2),

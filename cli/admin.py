@@ -50,7 +50,14 @@ def add_commands(add: Add) -> None:
         "verify", help="check that no audit event was changed, removed or inserted"
     )
     add("settings", cmd_settings, "print the effective settings (secrets masked)")
-    add("worker", cmd_worker, "serve the flows as Prefect deployments (needs a Prefect server)")
+    p = add("worker", cmd_worker, "serve the flows as Prefect deployments (needs a Prefect server)")
+    p.add_argument(
+        "--pool",
+        choices=["all", "process", "train"],
+        default="all",
+        help="the deployments to serve: process (ingest, scoring), train (training, the GPU "
+        "machine) or all (default)",
+    )
     p = add("dashboard", cmd_dashboard, "serve the review dashboard")
     p.add_argument("--port", type=int, default=None)
     p = add("demo", cmd_demo, "synthetic studies through the whole platform, then the dashboard")
@@ -152,10 +159,28 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    settings.require_pseudonym_key()  # its flows ingest and export studies
-    from flows.deployments import serve_all
+    from flows.launcher import reconcile, require_server
 
-    serve_all()
+    settings.require_pseudonym_key()  # its flows ingest and export studies: refused first
+    url = require_server()  # without a server nothing would ever run
+    from flows.deployments import serve_all
+    from radflow.runtime import Runtime
+
+    pool = args.pool
+
+    def registered() -> None:
+        # Whatever the database says is left (events lost while nothing listened, studies that
+        # waited for a champion, due retrains) starts now, not at the next event or schedule.
+        with Runtime.open(settings) as rt:
+            reconcile(rt, scoring=pool != "train", training=pool != "process")
+        print("radflow worker: deployments registered, serving", flush=True)
+
+    print(
+        f"radflow worker: pool {pool}, Prefect server {url}, asking for runs every "
+        f"{settings.worker_poll_seconds:g} s",
+        flush=True,
+    )
+    serve_all(settings, pool, registered=registered)
     return 0
 
 

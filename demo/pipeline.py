@@ -39,9 +39,9 @@ TASK = CHEST_TASK.name
 # Created only by `radflow demo` on its synthetic data, never by migrations or settings: a
 # production installation has no user until an admin runs `radflow user add`.
 DEMO_USERS = (
-    ("demo-radiologist", Role.RADIOLOGIST, "demo-radiologist-pw"),
-    ("demo-ml", Role.ML_ENGINEER, "demo-ml-engineer-pw"),
-    ("demo-admin", Role.ADMIN, "demo-admin-pw"),
+    ("demo-radiologist", Role.RADIOLOGIST, "quiet-lung-window-radiologist"),
+    ("demo-ml", Role.ML_ENGINEER, "tuned-model-curve-engineer"),
+    ("demo-admin", Role.ADMIN, "locked-audit-ledger-admin"),
 )
 DEMO_ACTOR = Principal("demo", Role.ADMIN)
 
@@ -69,7 +69,7 @@ def run_demo(settings: Settings, *, studies: int, label_fraction: float) -> None
     """Synthetic studies ingested, a share labelled, a model trained, every study scored."""
     from flows.embedded import run_settings
     from flows.ingest import ingest_flow
-    from flows.process import process_flow
+    from flows.process import process_and_deliver
     from flows.train import train_flow
 
     upgrade(settings.database_url)  # the demo may find a data dir an older Radflow made
@@ -88,7 +88,7 @@ def run_demo(settings: Settings, *, studies: int, label_fraction: float) -> None
         else:
             trained = train_flow(TASK)
             print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
-        scored = process_flow(TASK)
+        scored = process_and_deliver(TASK)
     print(f"Scored {scored['scored']} studies with {scored['tasks'][TASK]['model']}")
     with Runtime.open(settings) as rt:
         for name, role, password in create_demo_users(rt):

@@ -1,8 +1,9 @@
 """Deliver flow: an SR for every newly scored study, and results sent to their destinations.
 
-The process flow runs the same two tasks right after scoring; this flow, on a schedule
-(flows/deployments.py), retries what is due again after a backoff. The logic lives in
-radflow.delivery and runs without Prefect.
+Started after each process flow run that recorded predictions (by its event with a Prefect
+server, flows/deployments.py; by flows.process.process_and_deliver on the embedded default), and
+every minute by its deployment, which sends what is due again after a backoff. The logic lives
+in radflow.delivery and runs without Prefect.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ def send_results(rt: Runtime) -> outbox.SendReport:
     return outbox.send_due(rt.session_factory, rt.store, rt.settings, rules_for(rt.settings))
 
 
-def deliver(rt: Runtime) -> dict[str, object]:
-    """Write the new reports, then send what is due; the totals (inside a flow run)."""
+@flow(name="deliver")
+def deliver_flow() -> dict[str, object]:
+    """Write the new reports, then send what is due; the totals."""
     logger = get_run_logger()
-    written = write_reports(rt)
-    sent = send_results(rt)
+    with Runtime.open(Settings()) as rt:
+        written = write_reports(rt)
+        sent = send_results(rt)
     logger.info("%s; %s", written.summary(), sent.summary())
     return {
         "reports": written.written,
@@ -40,9 +43,3 @@ def deliver(rt: Runtime) -> dict[str, object]:
         "retrying": sent.retrying,
         "parked": sent.parked,
     }
-
-
-@flow(name="deliver")
-def deliver_flow() -> dict[str, object]:
-    with Runtime.open(Settings()) as rt:
-        return deliver(rt)

@@ -1,65 +1,109 @@
-"""Deployments: the flows served to a Prefect server by `radflow worker`."""
+"""Deployments: the flows served to a Prefect server by `radflow worker`.
+
+A worker serves one pool of deployments (``--pool``): ``process`` (ingest and scoring, on any
+machine), ``train`` (training and retraining: the GPU machine in production), or ``all`` (one
+machine doing everything). Workers share only PostgreSQL, the object store and the Prefect
+server, so any number of them can serve the same pool.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
-from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
+from prefect.runner import Runner
 from prefect.schedules import Interval
 
 from flows.deliver import deliver_flow
 from flows.ingest import ingest_flow
-from flows.launcher import LABEL_EVENT, STABLE_EVENT
+from flows.launcher import LABEL_EVENT, SCORED_EVENT, STABLE_EVENT, STABLE_RESOURCE
 from flows.process import process_flow
 from flows.train import train_flow
 from radflow.learning.tasks import TASKS
 from radflow.settings import Settings
 
+Pool = Literal["all", "process", "train"]
+POOLS: tuple[Pool, ...] = ("all", "process", "train")
 
-def serve_all() -> None:
-    """Serve every flow; the Prefect server schedules runs and this process executes them."""
-    serve(
-        ingest_flow.to_deployment(name="ingest"),
-        process_flow.to_deployment(
-            name="process",
-            interval=60,  # the safety net; stable-study events start runs at once
-            triggers=stable_study_triggers(),
-            # A burst of stable studies would start a run per event; one run scores every stable
-            # study (it loops until none is left), so a run starting while one runs is dropped.
-            concurrency_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+PROCESS_INTERVAL = timedelta(seconds=60)
+"""The reconciler's beat for scoring: a process run every minute scores whatever stable study
+no event started (each event starts one at once)."""
+RETRAIN_INTERVAL = timedelta(hours=1)
+
+
+def deployments(pool: Pool, settings: Settings) -> list[RunnerDeployment]:
+    """The deployments a worker of ``pool`` serves."""
+    chosen: list[RunnerDeployment] = []
+    if pool in ("all", "process"):
+        chosen += [
+            ingest_flow.to_deployment(name="ingest"),
+            # No concurrency limit: a run holds each task's scoring lease (flows/process.py), so
+            # runs never score the same study twice, and a dead worker blocks nothing for long
+            # (a deployment slot held by a killed run stayed taken for 5 minutes).
+            process_flow.to_deployment(
+                name="process",
+                schedules=[Interval(PROCESS_INTERVAL)],
+                triggers=[stable_study_trigger()],
             ),
-        ),
-        # Results whose sending failed are due again after their backoff: retried from here.
-        deliver_flow.to_deployment(
-            name="deliver",
-            interval=60,
-            concurrency_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            # Started by each process run that scored (its event); every minute as the safety
+            # net, and for results whose sending failed, due again after their backoff.
+            deliver_flow.to_deployment(
+                name="deliver",
+                interval=60,
+                triggers=[scored_trigger()],
+                concurrency_limit=ConcurrencyLimitConfig(
+                    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+                ),
             ),
-        ),
-        # One training per task at a time: the flow holds the global limit train-<task>.
-        train_flow.to_deployment(name="train"),
-        retrain_deployment(train_flow, Settings().retrain_after_labels),
+        ]
+    if pool in ("all", "train"):
+        chosen += [
+            train_flow.to_deployment(name="train"),
+            retrain_deployment(train_flow, settings.retrain_after_labels),
+        ]
+    return chosen
+
+
+def serve_all(
+    settings: Settings, pool: Pool = "all", *, registered: Callable[[], object] | None = None
+) -> None:
+    """Register the pool's deployments, call ``registered`` (the start-up reconcile), then run
+    whatever the server schedules for them until stopped.
+
+    The runner asks the server for work every ``worker_poll_seconds`` (Prefect's default, 10 s,
+    was most of a study's latency). Schedules are not paused when a worker stops: other workers
+    may still serve them.
+    """
+    runner = Runner(pause_on_shutdown=False, query_seconds=settings.worker_poll_seconds, limit=None)
+    for deployment in deployments(pool, settings):
+        runner.add_deployment(deployment)
+    if registered is not None:
+        registered()
+    asyncio.run(runner.start())
+
+
+def stable_study_trigger() -> DeploymentEventTrigger:
+    """Each radflow.study.stable event (one per pass of the receiver, flows/trigger.py) starts
+    a process run for every task with a champion."""
+    return DeploymentEventTrigger(
+        name="stable studies -> process",
+        expect={STABLE_EVENT},
+        match={"prefect.resource.id": STABLE_RESOURCE},
     )
 
 
-def stable_study_triggers() -> list[DeploymentEventTrigger]:
-    """One trigger per task: each radflow.study.stable event (flows/trigger.py) runs process."""
-    return [
-        DeploymentEventTrigger(
-            name=f"stable study -> {task_name}",
-            expect={STABLE_EVENT},
-            match={"prefect.resource.id": "radflow.study.*"},
-            parameters={"task_name": task_name},
-        )
-        for task_name in sorted(TASKS)
-    ]
+def scored_trigger() -> DeploymentEventTrigger:
+    """A process run that recorded predictions (flows/process.py) runs deliver: their SRs."""
+    return DeploymentEventTrigger(
+        name="predictions recorded -> deliver",
+        expect={SCORED_EVENT},
+        match={"prefect.resource.id": "radflow.predictions"},
+    )
 
 
 def retrain_triggers(
@@ -86,7 +130,7 @@ def retrain_deployment(train_flow: Any, threshold: int) -> RunnerDeployment:
         triggers=retrain_triggers(threshold),
         schedules=[
             Interval(
-                timedelta(hours=1),
+                RETRAIN_INTERVAL,
                 parameters={"task_name": task_name, "if_due": True, "progress": False},
             )
             for task_name in sorted(TASKS)

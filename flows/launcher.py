@@ -7,6 +7,15 @@
 - On the embedded default (no server), flows run in the calling process, or a ``radflow``
   command runs in the background (:func:`start_background`), reaped when it ends.
 
+The database is the source of truth for what needs doing; events only make it fast.
+:func:`reconcile` starts whatever the database says is left (stable studies not scored by their
+task's champion, tasks due for retraining): at worker start, after a training registers a
+champion, and (through the deployments' schedules) every minute and every hour.
+
+Work that must run once at a time holds a lease (radflow.leases) named by :func:`holder`: a flow
+run's holder is its flow run id, so whoever takes over an expired lease marks the dead run
+Crashed on the server (:func:`crash_dead_run`) instead of leaving it Running for hours.
+
 The dashboard imports this module and nothing else of ``flows``; the CLI and the flows use it
 too. The train flow itself decides from the database whether a task is due, so a trigger that
 fires twice, or late, trains at most once.
@@ -14,21 +23,25 @@ fires twice, or late, trains at most once.
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
-
-from prefect.events import emit_event
-from prefect.settings import PREFECT_API_URL
+from uuid import UUID, uuid4
 
 from radflow.db import unit_of_work
+from radflow.db.registry import champion_tasks
+from radflow.errors import RadflowError
 from radflow.learning.retrain import retrain_status
+from radflow.learning.tasks import TASKS
+from radflow.leases import LeaseState, this_process
 from radflow.runtime import Runtime
 from radflow.services.users import Permission, Principal, require
 from radflow.settings import Settings
@@ -36,19 +49,170 @@ from radflow.settings import Settings
 logger = logging.getLogger(__name__)
 
 STABLE_EVENT = "radflow.study.stable"
+STABLE_RESOURCE = "radflow.stable-studies"
+"""One event per pass that found studies stable (not one per study): a burst of studies starts
+one run, which scores them all."""
 LABEL_EVENT = "radflow.label.created"
+SCORED_EVENT = "radflow.predictions.recorded"
+"""A process flow run recorded new predictions: their results are due (the deliver deployment)."""
 TRAIN_DEPLOYMENT = "train/train"
 """flow name / deployment name, as flows/deployments.py serves it."""
+PROCESS_DEPLOYMENT = "process/process"
+FLOW_RUN_HOLDER = "flow-run/"
+WAITING_WINDOW = timedelta(seconds=60)
+"""How long an event-started run may wait for a worker before an event goes out again."""
+CLOCK_SKEW = timedelta(seconds=5)
+
+
+class NoPrefectServer(RadflowError):
+    """A command that needs the Prefect server found none; the message says what to do."""
+
+
+def api_url() -> str | None:
+    """PREFECT_API_URL as Prefect reads it, without importing Prefect when it is not loaded.
+
+    Prefect's own settings (a temporary override, the environment, the active profile) once it
+    is imported; before that the environment, which Prefect would read first anyway, and only
+    without it the profile (importing Prefect costs a light command like `radflow label` two
+    seconds).
+    """
+    if "prefect.settings" not in sys.modules and "PREFECT_API_URL" in os.environ:
+        return os.environ["PREFECT_API_URL"] or None
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 def orchestrated() -> bool:
     """Whether a Prefect server is configured: work then starts there, not in this process."""
-    return bool(PREFECT_API_URL.value())
+    return api_url() is not None
 
 
-def emit(event: str, resource: dict[str, str]) -> None:
-    """One event for the server's automations (only meaningful when :func:`orchestrated`)."""
-    emit_event(event=event, resource=resource)
+def require_server(timeout: float = 5.0) -> str:
+    """The configured Prefect API URL, once it answers; NoPrefectServer otherwise.
+
+    Without PREFECT_API_URL Prefect would quietly start a temporary server of its own, which
+    no receiver, dashboard or automation can reach: a worker serving it would never run a thing.
+    """
+    import httpx
+
+    url = api_url()
+    if not url:
+        raise NoPrefectServer(
+            "no Prefect server configured: set PREFECT_API_URL (e.g. "
+            "http://127.0.0.1:4200/api, after `prefect server start`) in the environment of "
+            "the worker, the receiver and the dashboard alike. Without a server, flows run in "
+            "the calling process (`radflow receive`, `radflow watch`, `radflow process`) and "
+            "need no worker"
+        )
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise NoPrefectServer(
+            f"the Prefect server at PREFECT_API_URL={url} does not answer ({exc}): start it "
+            "(`prefect server start`) or correct PREFECT_API_URL"
+        ) from exc
+    return url
+
+
+def holder() -> str:
+    """Who holds a lease taken here: the flow run (so a taker can mark it Crashed), or this
+    process outside a flow run."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    return f"{FLOW_RUN_HOLDER}{run_id}" if run_id else this_process()
+
+
+def crash_dead_run(dead: LeaseState) -> None:
+    """Mark the flow run behind an expired lease Crashed, if the server still shows it running.
+
+    Its process stopped renewing the lease, so it died (a killed worker, a lost machine); the
+    server would otherwise show it Running until its heartbeats are missed for minutes.
+    """
+    if not dead.holder.startswith(FLOW_RUN_HOLDER) or not orchestrated():
+        return
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    run_id = dead.holder.removeprefix(FLOW_RUN_HOLDER)
+    message = f"its lease {dead.name} expired at {dead.expires_at:%H:%M:%S} UTC: its process died"
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(run_id))
+            if run.state is None or run.state.is_final():
+                return
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    except (httpx.HTTPError, ObjectNotFound, ValueError) as exc:
+        logger.warning("could not mark flow run %s crashed: %s", run_id, exc)
+        return
+    logger.warning("flow run %s marked Crashed: %s", run_id, message)
+
+
+def emit(event: str, resource: dict[str, str], count: int = 1) -> None:
+    """``count`` copies of one event for the server's automations, in one request.
+
+    Posted and confirmed by the server (not queued in memory for a background sender): when the
+    server is down the caller hears of it (an outage) and the work stays recorded in the
+    database for the reconciler, instead of an event silently lost.
+    """
+    import httpx
+
+    url = api_url()
+    if url is None:
+        raise NoPrefectServer("no Prefect server configured (PREFECT_API_URL) to emit events to")
+    occurred = datetime.now(UTC).isoformat()
+    body = [
+        {"id": str(uuid4()), "occurred": occurred, "event": event, "resource": resource}
+        for _ in range(count)
+    ]
+    response = httpx.post(f"{url.rstrip('/')}/events", json=body, headers=_auth(), timeout=10)
+    response.raise_for_status()
+
+
+def event_run_waiting(deployment: str = PROCESS_DEPLOYMENT) -> bool:
+    """Whether a run of ``deployment`` that an event started is waiting to start (Scheduled or
+    Pending, due within the last ``WAITING_WINDOW``).
+
+    Such a run reads the database when it starts, so it also takes whatever became due since:
+    another event would only start another process. Runs older than the window count as
+    stuck (no worker took them), so an event goes out again, at most one a window.
+    """
+    import httpx
+
+    url = api_url()
+    if url is None:
+        raise NoPrefectServer("no Prefect server configured (PREFECT_API_URL) to ask")
+    flow_name, deployment_name = deployment.split("/")
+    now = datetime.now(UTC)
+    body = {
+        "flows": {"name": {"any_": [flow_name]}},
+        "deployments": {"name": {"any_": [deployment_name]}},
+        "flow_runs": {
+            "state": {"type": {"any_": ["SCHEDULED", "PENDING"]}},
+            "created_by": {"type_": ["AUTOMATION"]},
+            "expected_start_time": {
+                "after_": (now - WAITING_WINDOW).isoformat(),
+                "before_": (now + CLOCK_SKEW).isoformat(),
+            },
+        },
+        "limit": 1,
+    }
+    response = httpx.post(f"{url.rstrip('/')}/flow_runs/filter", json=body, headers=_auth())
+    response.raise_for_status()
+    return bool(response.json())
+
+
+def _auth() -> dict[str, str]:
+    # What Prefect's client sends: an API key (Prefect Cloud) or a basic-auth string (a
+    # self-hosted server with PREFECT_SERVER_API_AUTH_STRING).
+    if key := os.environ.get("PREFECT_API_KEY"):
+        return {"Authorization": f"Bearer {key}"}
+    if auth := os.environ.get("PREFECT_API_AUTH_STRING"):
+        return {"Authorization": f"Basic {base64.b64encode(auth.encode()).decode()}"}
+    return {}
 
 
 def task_resource(task_name: str) -> dict[str, str]:
@@ -91,6 +255,63 @@ def start_background(arguments: Sequence[str], log: Path) -> Started:
     return Started("process", str(process.pid), log)
 
 
+def start_processing(settings: Settings) -> Started | None:
+    """Start the process flow for every task with a champion: a deployment run when a server
+    is configured, else a background ``radflow process`` here.
+
+    None when the server has no process deployment yet: no worker ever started, and the first
+    one's start-up reconcile scores what waits.
+    """
+    if orchestrated():
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            run = run_deployment(PROCESS_DEPLOYMENT, timeout=0)
+        except ObjectNotFound:
+            logger.warning(
+                "no %s deployment on the Prefect server yet: the stable studies are scored "
+                "when a `radflow worker` starts",
+                PROCESS_DEPLOYMENT,
+            )
+            return None
+        return Started("deployment", str(run.id))
+    return start_background(["process"], settings.data_dir / "logs" / "process.log")
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What the database said was left to do, and what was started for it."""
+
+    scoring: list[str]
+    """Tasks with stable studies their champion has not scored."""
+    training: list[str]
+    """Tasks due for retraining."""
+    started: list[Started]
+
+
+def reconcile(rt: Runtime, *, scoring: bool = True, training: bool = True) -> Reconciled:
+    """Start processing if any stable study waits for its champion, and the training of every
+    task due for it: whatever events were lost (a receiver restarted while the server was down,
+    studies that arrived before the first champion), the database still says what is left."""
+    from radflow.learning.scoring import has_pending
+
+    with rt.session_factory() as session:
+        pending = [t for t in champion_tasks(session) if has_pending(session, t)] if scoring else []
+        threshold = rt.settings.retrain_after_labels
+        due = (
+            [t for t in sorted(TASKS) if retrain_status(session, t, threshold).due]
+            if training
+            else []
+        )
+    processing = start_processing(rt.settings) if pending else None
+    started = [processing] if processing is not None else []
+    started += [start_training(rt.settings, task, if_due=True) for task in due]
+    if pending or due:
+        logger.info("reconciled: scoring pending for %s, due for training %s", pending, due)
+    return Reconciled(pending, due, started)
+
+
 def start_training(settings: Settings, task_name: str, *, if_due: bool = False) -> Started:
     """Start the train flow for ``task_name``: a deployment run when a server is configured,
     else a background ``radflow train`` (``retrain --if-due`` with ``if_due``) here."""
@@ -118,8 +339,7 @@ def labels_recorded(
     ``rt``: the caller's open runtime, if any (else one is opened from the environment).
     """
     if orchestrated():
-        for _ in range(count):
-            emit(LABEL_EVENT, task_resource(task_name))
+        emit(LABEL_EVENT, task_resource(task_name), count)
         return None
     runtime = rt or Runtime.open(Settings())
     try:
@@ -169,15 +389,27 @@ def recent_flow_runs(principal: Principal, *, limit: int = 30) -> list[FlowRunRo
         )
     import httpx
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    # Not the schedules' future runs (the scheduler keeps many ahead): they would fill the page.
+    happened = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))
+    )
     try:
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
+            runs = client.read_flow_runs(
+                flow_run_filter=happened, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
+            )
             flows = {f.id: f.name for f in client.read_flows(limit=200)}
     except (httpx.HTTPError, OSError, RuntimeError) as exc:
         raise FlowRunsUnavailable(
-            f"the Prefect server at {PREFECT_API_URL.value()} did not answer: {exc}"
+            f"the Prefect server at {api_url()} did not answer: {exc}"
         ) from exc
     return [
         FlowRunRow(

@@ -1,27 +1,52 @@
-"""Process flow: stable studies -> preprocessing -> champion model -> predictions -> DICOM results
-(SR, SEG) written and sent to the destinations routing names (flows/deliver.py)."""
+"""Process flow: stable studies -> preprocessing -> champion (its served runtime) -> predictions.
+
+The DICOM results of those predictions (SR, SEG, sent to the destinations routing names) are
+the deliver flow's (flows/deliver.py), a stage of its own: an SR costs ~0.1 s of CPU in
+highdicom, a thousand times a score, so writing them inside this flow would hold the worklist's
+scores back behind them. With a Prefect server, this flow's :data:`SCORED_EVENT` starts the
+deliver deployment; on the embedded default, :func:`process_and_deliver` runs one after the
+other.
+
+Scoring a task is exclusive work: the run holds the task's scoring lease (radflow.leases) and
+scores until nothing is pending; a run that finds a live holder leaves at once (the holder
+looks again after letting go), and one whose holder died takes over within
+``SCORING_LEASE`` and marks the dead run Crashed. So runs need no concurrency limit on the
+server, a burst of triggers scores everything once, and a killed worker blocks nothing for
+long. Workers on several machines share only the database, the object store and the Prefect
+server: each reads images from the store through its own local preprocessing cache.
+
+With ``RADFLOW_DASK_ADDRESS`` set, a backlog is cut into shards of ``dask_shard_studies``
+studies scored on the Dask cluster's workers at once (Prefect's Dask task runner); the run
+holding the lease waits for them, so the shards never overlap another run's.
+"""
 
 from __future__ import annotations
+
+import time
+from datetime import timedelta
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.deliver import deliver
+from flows.deliver import deliver_flow
+from flows.launcher import SCORED_EVENT, crash_dead_run, emit, holder, orchestrated
 from flows.retry import transient_only
+from radflow import leases
 from radflow.db.registry import champion_tasks
 from radflow.ingest.routing import rules_for
 from radflow.learning import scoring
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
+SCORING_LEASE = timedelta(seconds=15)
+"""Renewed every 5 s while a run scores; a run whose worker died blocks scoring at most this."""
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=10,
-    retry_condition_fn=transient_only,
-)
-def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
+
+def scoring_lease(task_name: str) -> str:
+    return f"score:{task_name}"
+
+
+def _score(rt: Runtime, task_name: str, ids: list[int] | None = None) -> scoring.ScoreReport:
     return scoring.score_stable(
         rt.session_factory,
         rt.store,
@@ -32,7 +57,83 @@ def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
         rules=rules_for(rt.settings),
         cache_dir=rt.settings.cache_dir,
         max_voxels=rt.settings.max_volume_voxels,
+        ids=ids,
     )
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient_only,
+)
+def score_stable(rt: Runtime, task_name: str) -> scoring.ScoreReport:
+    return _score(rt, task_name)
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
+def score_shard(settings: Settings, task_name: str, ids: list[int]) -> scoring.ScoreReport:
+    """One shard of a backlog, on a Dask worker: its own connections and local cache."""
+    with Runtime.open(settings) as rt:
+        return _score(rt, task_name, ids)
+
+
+def score_on_dask(rt: Runtime, task_name: str, address: str) -> scoring.ScoreReport:
+    """Every pending study of ``task_name``, in shards on the Dask cluster at ``address``."""
+    from prefect_dask import DaskTaskRunner
+
+    report = scoring.ScoreReport()
+    size = rt.settings.dask_shard_studies
+    started = time.perf_counter()
+    with DaskTaskRunner(address=address) as runner:
+        while True:
+            with rt.session_factory() as session:
+                ids = scoring.pending_ids(session, task_name)
+            if not ids:
+                report.seconds = time.perf_counter() - started  # wall time, not the shards' sum
+                return report
+            shards = [ids[i : i + size] for i in range(0, len(ids), size)]
+            futures = [
+                runner.submit(
+                    score_shard,
+                    parameters={"settings": rt.settings, "task_name": task_name, "ids": shard},
+                )
+                for shard in shards
+            ]
+            for future in futures:
+                report.add(future.result())
+
+
+def score_task(rt: Runtime, task_name: str, who: str) -> scoring.ScoreReport:
+    """Score ``task_name`` under its lease until nothing is pending (see the module doc)."""
+    address = rt.settings.dask_address
+
+    def work() -> scoring.ScoreReport:
+        if address:
+            return score_on_dask(rt, task_name, address)
+        return score_stable(rt, task_name)
+
+    def more() -> bool:
+        with rt.session_factory() as session:
+            return scoring.has_pending(session, task_name)
+
+    report = scoring.ScoreReport()
+    for turn in leases.take_turns(
+        rt.session_factory,
+        scoring_lease(task_name),
+        who,
+        SCORING_LEASE,
+        work=work,
+        more=more,
+        taken_over=crash_dead_run,
+    ):
+        report.add(turn)
+    return report
 
 
 @flow(name="process")
@@ -46,17 +147,21 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
                 names = champion_tasks(session)
         else:
             names = [task_name]
-        reports = {name: score_stable(rt, name) for name in names}
-        results = deliver(rt)
+        who = holder()
+        reports = {name: score_task(rt, name, who) for name in names}
     for report in reports.values():
         logger.info(report.summary())
+    scored = sum(r.scored for r in reports.values())
+    if scored and orchestrated():
+        emit(SCORED_EVENT, {"prefect.resource.id": "radflow.predictions"})
     return {
-        "scored": sum(r.scored for r in reports.values()),
+        "scored": scored,
         "no_model": sum(r.no_model for r in reports.values()),
         "failed": {uid: why for r in reports.values() for uid, why in r.failed.items()},
         "tasks": {
             name: {
                 "model": r.model,
+                "runtime": r.runtime,
                 "scored": r.scored,
                 "no_model": r.no_model,
                 "failed": len(r.failed),
@@ -65,5 +170,14 @@ def process_flow(task_name: str | None = None) -> dict[str, object]:
             }
             for name, r in reports.items()
         },
-        "results": results,
     }
+
+
+def process_and_deliver(task_name: str | None = None) -> dict[str, object]:
+    """The process flow, then (on the embedded default) the deliver flow: what a command, the
+    demo or the embedded trigger runs. The process flow's result, with the deliver flow's
+    under ``results``; with a Prefect server, the deliver deployment runs on the event instead
+    and ``results`` is None."""
+    processed = process_flow(task_name)
+    processed["results"] = None if orchestrated() else deliver_flow()
+    return processed

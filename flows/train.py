@@ -1,47 +1,61 @@
 """Train flow: labelled studies -> a new model version, evaluated against the champion.
 
-At most one training per task at a time: the flow holds the Prefect global concurrency limit
-``train-<task>`` (created with limit 1 on first use) while it trains, and the library refuses a
-second run while the database shows one running (radflow.learning.retrain.running_run), which also
-covers trainings started outside Prefect.
+At most one training per task at a time, wherever it was started (a deployment run, `radflow
+train`, the dashboard): the training holds the task's lease in the database
+(radflow.learning.retrain), renewed while it runs, so a crashed training stops blocking within
+a minute (its run is marked abandoned, its flow run Crashed). A training asked for while
+another runs waits for it, saying what it waits for; a due check (``if_due``) does not wait:
+the running training uses the labels. Once a new champion is registered, the studies that
+waited for it are scored (flows.launcher.reconcile).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
 
-from radflow.db import unit_of_work
+from flows.launcher import crash_dead_run, holder, reconcile
+from radflow import leases
+from radflow.db import ModelStatus, unit_of_work
 from radflow.learning import training
-from radflow.learning.retrain import retrain_status
+from radflow.learning.retrain import lease_name, retrain_status, running_run
 from radflow.learning.tasks import default_task, get_task
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
+WAIT_POLL_SECONDS = 2.0
+WAIT_REPORT_SECONDS = 30.0
 
-def concurrency_limit_name(task_name: str) -> str:
-    return f"train-{task_name}"
 
-
-def ensure_concurrency_limit(task_name: str) -> str:
-    """The task's global concurrency limit (1 slot), created if the server does not have it."""
-    name = concurrency_limit_name(task_name)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    return name
+def wait_for_running_training(rt: Runtime, task_name: str, logger: Any) -> None:
+    """Return once no live training of ``task_name`` holds its lease, saying what it waits for
+    (at once, then every 30 s): the running training, or its lease expiring if it died."""
+    reported = 0.0
+    while True:
+        with rt.session_factory() as session:
+            lease = leases.read(session, lease_name(task_name))
+            busy = running_run(session, task_name)
+        if lease is None or not lease.live():
+            return
+        if time.monotonic() - reported >= WAIT_REPORT_SECONDS:
+            run = f"training run {busy.id}" if busy is not None else "a training"
+            logger.info(
+                "waiting for %s of %s, held by %s; if its process died, the lease expires "
+                "by itself (`radflow training abandon RUN_ID` ends it now)",
+                run,
+                task_name,
+                lease.describe(),
+            )
+            reported = time.monotonic()
+        time.sleep(WAIT_POLL_SECONDS)
 
 
 @task(cache_policy=NO_CACHE)
@@ -55,7 +69,14 @@ def train_version(rt: Runtime, task_name: str, progress: bool) -> dict[str, Any]
         update_progress_artifact(artifact, 100.0 * row["epoch"] / epochs)
 
     version = training.train_task(
-        rt.settings, rt.session_factory, rt.store, task_name, progress=progress, on_epoch=on_epoch
+        rt.settings,
+        rt.session_factory,
+        rt.store,
+        task_name,
+        progress=progress,
+        on_epoch=on_epoch,
+        holder=holder(),
+        taken_over=crash_dead_run,
     )
     with unit_of_work(rt.session_factory) as session:
         history = training.run_history(session, version)
@@ -80,11 +101,12 @@ def train_flow(
 
         if if_due and (reason := not_due()):
             return {"trained": False, "reason": reason}
-        with concurrency(ensure_concurrency_limit(task_name), occupy=1):
-            # Again once the slot is ours: a training that held it may have used the labels.
-            if if_due and (reason := not_due()):
-                return {"trained": False, "reason": reason}
-            result = train_version(rt, task_name, progress)
+        if not if_due:
+            wait_for_running_training(rt, task_name, logger)
+        result = train_version(rt, task_name, progress)
+        if result["status"] == ModelStatus.CHAMPION:
+            # Studies that waited for a champion (the first, or a better one) are scored now.
+            reconcile(rt, training=False)
     create_table_artifact(
         key=f"{task_name}-epochs",
         table=result.pop("history"),

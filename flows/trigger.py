@@ -1,10 +1,15 @@
 """What starts the process flow when studies become stable.
 
 - A Prefect server runs (flows/launcher.py ``orchestrated``): one ``radflow.study.stable`` event
-  per study; the ``process`` deployment's trigger (flows/deployments.py) starts the run on a
-  worker.
-- The embedded default (no server): ``process_flow`` is called here, directly, for every task
-  that has a champion model.
+  per pass that found studies stable, however many (a burst of studies starts one run, which
+  scores them all); the ``process`` deployment's trigger (flows/deployments.py) starts the run
+  on a worker. No event while a run an earlier event started still waits to start: it reads
+  the database when it starts, so a trickle of studies on a busy machine does not pile up a
+  process start per study. An event lost (the server was down) loses nothing: the studies
+  stay STABLE in the database, and the reconciler (flows/launcher.py ``reconcile``) starts
+  their scoring.
+- The embedded default (no server): ``process_and_deliver`` is called here, directly, for every
+  task that has a champion model.
 
 The receiver's indexer loop and ``radflow watch`` call ``stabilise_and_process`` after each
 pass; it is cheap when nothing is due (one indexed UPDATE).
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from flows.launcher import STABLE_EVENT, emit, orchestrated
+from flows.launcher import STABLE_EVENT, STABLE_RESOURCE, emit, event_run_waiting, orchestrated
 from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.db.registry import champion_tasks
@@ -33,6 +38,8 @@ TriggerMode = Literal["event", "direct"]
 class StabiliseResult:
     promoted: list[Promoted] = field(default_factory=list)
     mode: TriggerMode | None = None
+    emitted: bool = False
+    """An event went to the server (not when a run it started earlier still waits to start)."""
     processed: dict[str, dict[str, object]] = field(default_factory=dict)  # task -> flow result
 
 
@@ -41,10 +48,15 @@ def trigger_mode() -> TriggerMode:
     return "event" if orchestrated() else "direct"
 
 
-def study_resource(study: Promoted) -> dict[str, str]:
-    # The database id, not the Study Instance UID: events are kept by Prefect, outside the
-    # clinical store, and a UID identifies a patient's study.
-    return {"prefect.resource.id": f"radflow.study.{study.id}", "radflow.study-id": str(study.id)}
+def stable_resource(studies: list[Promoted]) -> dict[str, str]:
+    # Counts and database ids, never Study Instance UIDs: events are kept by Prefect, outside
+    # the clinical store, and a UID identifies a patient's study.
+    ids = sorted(study.id for study in studies)
+    return {
+        "prefect.resource.id": STABLE_RESOURCE,
+        "radflow.studies": str(len(ids)),
+        "radflow.study-ids": ",".join(map(str, ids[:50])),
+    }
 
 
 def stabilise_and_process(
@@ -58,9 +70,15 @@ def stabilise_and_process(
         return result
     result.mode = mode or trigger_mode()
     if result.mode == "event":
-        for study in promoted:
-            emit(STABLE_EVENT, study_resource(study))
-        logger.info("%d studies stable: %s events emitted", len(promoted), STABLE_EVENT)
+        if event_run_waiting():
+            logger.info(
+                "%d studies stable: a process run waiting to start takes them (no event)",
+                len(promoted),
+            )
+            return result
+        emit(STABLE_EVENT, stable_resource(promoted))
+        result.emitted = True
+        logger.info("%d studies stable: one %s event emitted", len(promoted), STABLE_EVENT)
         return result
     tasks = _tasks_with_champion(rt)
     if not tasks:
@@ -68,11 +86,11 @@ def stabilise_and_process(
     # Imported only when there is something to score: the flow imports Prefect's engine, about a
     # second of CPU that a receiver process would otherwise spend while studies arrive.
     from flows.embedded import run_settings
-    from flows.process import process_flow
+    from flows.process import process_and_deliver
 
     with run_settings():
         for task_name in tasks:
-            result.processed[task_name] = process_flow(task_name)
+            result.processed[task_name] = process_and_deliver(task_name)
     return result
 
 

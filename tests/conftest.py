@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import pytest
 from pydantic import SecretStr
-from servers import PostgresServer, SeaweedS3, ServerUnavailable
+from servers import PostgresServer, PrefectServer, SeaweedS3, ServerUnavailable
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,6 +78,23 @@ def postgres() -> Iterator[PostgresServer]:
     server = _started(PostgresServer.start)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    """A live Prefect server (``prefect server start``) for the whole session, services and all."""
+    server = _started(PrefectServer.start)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def no_waiting_runs(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """The session's server with no unfinished process run before and after the test: no
+    stable-study event is held back for a run another test left waiting."""
+    prefect_server.delete_unfinished_runs()
+    yield prefect_server
+    prefect_server.delete_unfinished_runs()
 
 
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,17 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from radflow.db import Instance, ModelVersion, Patient, Prediction, Series, Study, StudyStatus
+from radflow.db import (
+    Instance,
+    ModelVariant,
+    ModelVersion,
+    Patient,
+    Prediction,
+    Series,
+    Study,
+    StudyStatus,
+    VariantRuntime,
+)
 from radflow.services.users import Principal, Role, add_user
 from radflow.store import ObjectStore, keys
 
@@ -105,6 +115,35 @@ def make_model_version(
     return model
 
 
+def add_variant(
+    session: Session,
+    model: ModelVersion,
+    runtime: VariantRuntime | str,
+    *,
+    passed: bool = True,
+    auc_delta: float = 0.0,
+    images_per_second: float = 1000.0,
+) -> ModelVariant:
+    """A judged runtime variant row (no file behind it: for pages, services and the registry)."""
+    runtime = VariantRuntime(runtime)
+    variant = ModelVariant(
+        model_version_id=model.id,
+        runtime=runtime,
+        object_key=keys.model(model.task, model.version, f"{runtime.value}.onnx"),
+        size_bytes=400_000 if runtime == VariantRuntime.ONNX_INT8 else 1_600_000,
+        metrics={
+            "auc": 0.95 + auc_delta,
+            "auc_delta": auc_delta,
+            "images_per_second": images_per_second,
+        },
+        passed=passed,
+        reason=("passed" if passed else "refused") + ": test verdict",
+    )
+    session.add(variant)
+    session.flush()
+    return variant
+
+
 def heatmap_png(rows: int = 28, columns: int = 28) -> bytes:
     """A Grad-CAM-like heat map: a greyscale PNG, hot in the upper-left quadrant."""
     y, x = np.mgrid[0:rows, 0:columns]
@@ -125,6 +164,7 @@ def add_prediction(
     created_at: datetime | None = None,
     store: ObjectStore | None = None,
     gradcam: bool = False,
+    runtime: VariantRuntime = VariantRuntime.TORCH_FP32,
 ) -> Prediction:
     """A prediction; with ``gradcam`` (and ``store``) also its heat map PNG in the store."""
     derived: dict[str, str] = {}
@@ -142,6 +182,7 @@ def add_prediction(
         derived_keys=derived,
         latency_ms=12.5,
         created_at=created_at or study.received_at + timedelta(minutes=1),
+        runtime=runtime,
     )
     session.add(prediction)
     session.flush()

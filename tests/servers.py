@@ -506,3 +506,163 @@ class SeaweedS3:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect
+# --------------------------------------------------------------------------------------------
+
+
+class PrefectServer:
+    """A throwaway ``prefect server start`` (API, UI off, scheduler, automations) on a free port.
+
+    Everything it keeps (its SQLite database, logs) lives in its own PREFECT_HOME, deleted when
+    stopped. Its services run as in production: the scheduler creates scheduled runs, the
+    triggers service runs automations on events.
+    """
+
+    def __init__(self, home: Path, port: int) -> None:
+        self.home = home
+        self.port = port
+        self.log_path = home / "server.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+        atexit.register(self.stop)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        """The PREFECT_* environment a client or worker of this server needs."""
+        return {
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_HOME": str(self.home / "client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+
+    @classmethod
+    def start(cls, timeout: float = 60.0) -> PrefectServer:
+        home = Path(tempfile.mkdtemp(prefix="radflow-prefect-"))
+        (port,) = _free_ports(1)
+        server = cls(home, port)
+        env = dict(os.environ)
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_ENABLED="false",
+            # New deployments are scheduled at once (the default looks every 5 s).
+            PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS="1",
+        )
+        env.pop("PREFECT_API_URL", None)
+        prefect = Path(sys.executable).parent / "prefect"
+        command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        with server.log_path.open("ab") as log:
+            server._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=home,
+                start_new_session=True,
+            )
+        try:
+            server._wait_ready(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        started = time.monotonic()
+        while True:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise ServerUnavailable(
+                    f"prefect server exited with code {self._process.returncode}\n"
+                    f"--- {self.log_path} tail ---\n{_tail(self.log_path)}"
+                )
+            try:
+                httpx.get(f"{self.api_url}/health", timeout=2).raise_for_status()
+            except httpx.HTTPError:
+                pass
+            else:
+                logger.info("Prefect server up in %.1fs at %s", time.monotonic() - started, self)
+                return
+            if time.monotonic() - started > timeout:
+                raise ServerUnavailable(
+                    f"prefect server at {self.api_url} did not answer within {timeout:.0f}s\n"
+                    f"--- {self.log_path} tail ---\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.1)
+
+    def delete_unfinished_runs(self, flow: str = "process", deployment: str = "process") -> None:
+        """Delete the runs of ``flow/deployment`` that events started and that never finished
+        (no worker took them, or theirs was killed). A test that needs its event to go out
+        must not find a run an earlier test's event started still waiting: it would take the
+        studies, and no event would be sent."""
+        import httpx
+
+        final = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
+        body = {
+            "flows": {"name": {"any_": [flow]}},
+            "deployments": {"name": {"any_": [deployment]}},
+            "flow_runs": {
+                "state": {"type": {"not_any_": final}},
+                "created_by": {"type_": ["AUTOMATION"]},
+            },
+            "limit": 200,
+        }
+        with httpx.Client(base_url=self.api_url, timeout=30) as client:
+            runs = self._retried(lambda: client.post("/flow_runs/filter", json=body)).json()
+            for run in runs:
+                self._retried(lambda run=run: client.delete(f"/flow_runs/{run['id']}"))
+
+    @staticmethod
+    def _retried(request: Any, attempts: int = 5) -> Any:
+        # The server's SQLite database answers 503 while its services hold it (a busy machine).
+        for _ in range(attempts - 1):
+            response = request()
+            if response.status_code != 503:
+                return response.raise_for_status()
+            time.sleep(1.0)
+        return request().raise_for_status()
+
+    def log_errors(self) -> list[str]:
+        """Lines of the server's log that report an error (a failing service loop, say)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [line for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def __str__(self) -> str:
+        return self.api_url
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

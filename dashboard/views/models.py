@@ -1,4 +1,5 @@
-"""Models: versions per task, how well they do on labelled studies, promotion and retraining."""
+"""Models: versions per task, how well they do on labelled studies, their runtime variants
+(size, speed, metric delta), promotion, serving and retraining."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from radflow.services.models import (
     promote,
     request_retrain,
     rollback,
+    rollback_serving,
+    serve,
 )
 from radflow.services.users import Permission, Principal
 
@@ -37,6 +40,7 @@ def _versions_table(versions: list[VersionSummary]) -> None:
             "status": v.status,
             **{m: v.metrics.get(m) for m in METRICS},
             "labels": v.label_snapshot,
+            "serving": v.serving,
             "created_at": v.created_at,
         }
         for v in versions
@@ -54,7 +58,47 @@ def _versions_table(versions: list[VersionSummary]) -> None:
             "threshold": st.column_config.NumberColumn("Threshold", format="%.3f"),
             "n": st.column_config.NumberColumn("Val n", format="%d"),
             "labels": st.column_config.NumberColumn("Label snapshot", help="Labels trained on"),
+            "serving": st.column_config.TextColumn(
+                "Runtime", help="What scores for the version while it is the champion"
+            ),
             "created_at": st.column_config.DatetimeColumn("Created", format="YYYY-MM-DD HH:mm"),
+        },
+    )
+
+
+def _variants_table(version: VersionSummary) -> None:
+    if not version.variants:
+        st.caption(
+            f"{version.name} has no runtime variants: `radflow model compress "
+            f"{version.task} {version.version}` makes and judges ONNX fp32 and int8 ones."
+        )
+        return
+    rows = [
+        {
+            "runtime": v.runtime,
+            "size_mb": v.size_mb,
+            "images_per_second": v.images_per_second,
+            "speedup": v.speedup,
+            "auc": v.auc,
+            "auc_delta": v.auc_delta,
+            "check": "serving" if v.serving else ("passed" if v.passed else "refused"),
+            "reason": v.reason,
+        }
+        for v in version.variants
+    ]
+    st.subheader("Runtime variants", help="Measured on the task's evaluation set")
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        column_config={
+            "runtime": "Runtime",
+            "size_mb": st.column_config.NumberColumn("Size (MB)", format="%.2f"),
+            "images_per_second": st.column_config.NumberColumn("Images/s", format="%.0f"),
+            "speedup": st.column_config.NumberColumn("Speed-up", format="%.2fx"),
+            "auc": st.column_config.NumberColumn("AUC", format="%.4f"),
+            "auc_delta": st.column_config.NumberColumn("AUC delta", format="%+.4f"),
+            "check": "Non-inferiority",
+            "reason": "Why",
         },
     )
 
@@ -150,6 +194,7 @@ def _actions(principal: Principal, task: str, versions: list[VersionSummary]) ->
             "Roll back to the previous champion", key=f"rollback:{task}"
         ):
             _run(lambda s: rollback(s, principal, task), "Rolled back")
+        _serving_actions(principal, task, chosen)
     with right:
         with context.session() as session:
             new_labels = labels_since_training(session, task)
@@ -160,6 +205,30 @@ def _actions(principal: Principal, task: str, versions: list[VersionSummary]) ->
             started = start_training(context.runtime().settings, task)
             where = "Prefect flow run" if started.how == "deployment" else "local process"
             st.success(f"Training of {task} started ({where} {started.ref}).")
+
+
+def _serving_actions(principal: Principal, task: str, chosen: VersionSummary | None) -> None:
+    if chosen is None:
+        return
+    servable = list(
+        dict.fromkeys(["torch-fp32", *(v.runtime for v in chosen.variants if v.passed)])
+    )
+    runtime = st.selectbox(
+        "Runtime",
+        servable,
+        index=servable.index(chosen.serving) if chosen.serving in servable else 0,
+        key=f"runtime:{task}",
+        help="Only variants that passed their non-inferiority check are offered",
+    )
+    if runtime != chosen.serving and st.button(
+        f"Serve {chosen.name} with {runtime}", key=f"serve:{task}"
+    ):
+        _run(
+            lambda s: serve(s, principal, task, chosen.version, runtime),
+            f"{chosen.name} serves {runtime}",
+        )
+    if st.button("Roll back the runtime", key=f"rollback-serving:{task}"):
+        _run(lambda s: rollback_serving(s, principal, task), "Runtime rolled back")
 
 
 def _run(action: Callable[[Session], object], done: str) -> None:
@@ -194,6 +263,7 @@ for task, versions in tasks.items():
         with context.session() as session:
             evaluation = evaluate(session, user, shown.id)
         _evaluation_charts(shown, evaluation)
+        _variants_table(shown)
         _training_curves(shown)
     if user.can(Permission.PROMOTE):
         _actions(user, task, versions)

@@ -34,13 +34,12 @@ numbers = {k: v for k, v in status.items() if isinstance(v, int)}
 for column, (name, value) in zip(st.columns(max(1, len(numbers))), numbers.items(), strict=False):
     column.metric(name.replace("_", " ").capitalize(), value)
 receiver = status["receiver"]
-healths = receiver["indexers"].values()
-if any(health["state"] in ("dead", "gone") for health in healths):
+if receiver["indexing"] == "failed":
     st.error(
         f"The DICOM receiver refuses instances: {receiver['not_accepting_because']}",
         icon=":material/error:",
     )
-elif not any(health["alive"] for health in healths):
+elif receiver["indexing"] == "not running":
     st.info(
         "No DICOM receiver runs on this spool: start `radflow receive`.", icon=":material/info:"
     )

@@ -272,6 +272,8 @@ def _show_result(view: StudyView) -> None:
         columns[1].metric(f"P({task.positive})", f"{probability:.1%}")
         columns[2].metric("Threshold", f"{latest.threshold:.3f}")
         st.metric("Model", latest.model)
+        if latest.provenance:
+            st.caption(latest.provenance)
         if latest.flagged:
             st.badge("Above threshold", icon=":material/flag:", color="red")
         else:
@@ -429,10 +431,19 @@ if view.predictions:
                 ]
             )
         ),
-        column_order=["created_at", "model", "score", "threshold", "flagged", "latency_ms"],
+        column_order=[
+            "created_at",
+            "model",
+            "runtime",
+            "score",
+            "threshold",
+            "flagged",
+            "latency_ms",
+        ],
         column_config={
             "created_at": st.column_config.DatetimeColumn("Scored", format="YYYY-MM-DD HH:mm:ss"),
             "model": "Model",
+            "runtime": "Runtime",
             "score": st.column_config.NumberColumn("Score", format="%.3f"),
             "threshold": st.column_config.NumberColumn("Threshold", format="%.3f"),
             "flagged": st.column_config.CheckboxColumn("Flagged"),

@@ -226,6 +226,14 @@ class Settings(BaseSettings):
         description="Significance level of the one-sided DeLong test a new model version must "
         "pass (AUC higher than the champion's on the evaluation set) to become champion",
     )
+    max_variant_auc_drop: float = Field(
+        default=0.005,
+        ge=0,
+        lt=1,
+        description="Largest AUC loss a compressed runtime variant (ONNX fp32, int8) may show "
+        "against its version's PyTorch fp32 scores on the same evaluation studies to be "
+        "allowed to serve",
+    )
     retrain_after_labels: int = Field(
         default=50,
         ge=1,
@@ -263,6 +271,21 @@ class Settings(BaseSettings):
         default=True, description="Store a Grad-CAM heat map with every classification prediction"
     )
     seed: int = 0
+    dask_address: str | None = Field(
+        default=None,
+        description="Scheduler of a Dask cluster (tcp://host:8786): the process flow then "
+        "scores a backlog in shards on its workers; unset, it scores in its own process",
+    )
+    dask_shard_studies: int = Field(
+        default=256, ge=1, description="Studies per Dask shard of a scoring backlog"
+    )
+    worker_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often `radflow worker` asks the Prefect server for runs to start: "
+        "part of every study's latency (Prefect's own default is 10 s)",
+    )
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

@@ -22,7 +22,13 @@ import numpy as np
 import pytest
 import streamlit as st
 from dicom_sources import ct_series, ingest
-from factories import make_model_version, make_study, make_user
+from factories import (
+    add_prediction,
+    add_variant,
+    make_model_version,
+    make_study,
+    make_user,
+)
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
@@ -37,9 +43,11 @@ from radflow.db import (
     ModelStatus,
     ModelVersion,
     Rejection,
+    Study,
     StudyStatus,
     TrainingRun,
     User,
+    VariantRuntime,
     unit_of_work,
 )
 from radflow.ingest.receiver.counters import DEAD, ReceiverCounters
@@ -484,6 +492,42 @@ def test_ml_engineer_promotes_but_cannot_review(runtime: Runtime) -> None:
         statuses = dict(session.execute(select(ModelVersion.version, ModelVersion.status)).all())
     assert statuses[2] == ModelStatus.CHAMPION
     assert events(runtime, "promote") == [("max", "pneumonia-cxr:v2")]
+
+
+def test_ml_engineer_serves_a_variant_and_the_study_page_names_it(runtime: Runtime) -> None:
+    uids = seed(runtime, ("HIGH", 0.91))
+    with unit_of_work(runtime.session_factory) as session:
+        v1 = make_model_version(session, version=1)
+        add_variant(session, v1, "torch-fp32")
+        add_variant(session, v1, "onnx-int8", auc_delta=-0.002, images_per_second=5000)
+        add_variant(session, v1, "onnx-fp32", passed=False)
+    at = app(Role.ML_ENGINEER)
+    at.switch_page("views/models.py").run()
+    assert not at.exception
+    variants = at.dataframe[1].value
+    assert variants["runtime"].tolist() == ["torch-fp32", "onnx-fp32", "onnx-int8"]
+    assert variants["check"].tolist() == ["passed", "refused", "passed"]
+    # Only what passed is offered.
+    assert at.selectbox(key="runtime:pneumonia-cxr").options == ["torch-fp32", "onnx-int8"]
+    at.selectbox(key="runtime:pneumonia-cxr").set_value("onnx-int8").run()
+    at.button(key="serve:pneumonia-cxr").click().run()
+    assert not at.exception
+    assert events(runtime, "serve") == [("max", "pneumonia-cxr:v1")]
+
+    with unit_of_work(runtime.session_factory) as session:
+        study = session.scalars(select(Study).where(Study.study_uid == uids["HIGH"])).one()
+        v2 = make_model_version(session, version=2)
+        add_prediction(
+            session,
+            study,
+            v2,
+            0.93,
+            created_at=study.received_at + timedelta(hours=1),
+            runtime=VariantRuntime.ONNX_INT8,
+        )
+    at = study_page(uids["HIGH"])
+    assert not at.exception
+    assert any("onnx-int8 variant of pneumonia-cxr:v2" in c.value for c in at.caption)
 
 
 def test_radiologist_never_reaches_models_pipeline_or_audit(runtime: Runtime) -> None:

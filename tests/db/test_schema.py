@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pprint
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -106,3 +110,24 @@ def test_instance_needs_an_existing_series(session_factory: sessionmaker[Session
     orphan = _instance(None, series_id=999_999)
     with pytest.raises(IntegrityError), unit_of_work(session_factory) as session:
         session.add(orphan)
+
+
+def test_processes_starting_together_on_a_new_data_dir_all_find_one_schema(
+    tmp_path: Path,
+) -> None:
+    """The receiver, the dashboard and a worker started at once on a fresh embedded data dir:
+    one creates the database, the others wait for it ("table ... already exists" before)."""
+    opening = (
+        "from radflow.runtime import Runtime; from radflow.settings import Settings; "
+        "Runtime.open(Settings()).close()"
+    )
+    env = {**os.environ, "RADFLOW_DATA_DIR": str(tmp_path / "data")}
+    env = {k: v for k, v in env.items() if k not in ("RADFLOW_DATABASE_URL", "RADFLOW_STORE_URL")}
+    starting = [
+        subprocess.Popen(
+            [sys.executable, "-c", opening], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    failures = [p.communicate(timeout=120)[1] for p in starting if p.wait(timeout=120) != 0]
+    assert failures == []

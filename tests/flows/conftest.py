@@ -1,4 +1,6 @@
-"""Flows read their settings from the environment, as deployed flows do; and need a Prefect API."""
+"""Flows read their settings from the environment, as deployed flows do; and need a Prefect API:
+the session's live server (tests/conftest.py ``prefect_server``), which the live-server tests
+also drive with workers."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
+from live import settings_env
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from servers import PrefectServer
 
 from radflow.learning import tasks
 from radflow.learning.tasks import TrainingPlan
@@ -14,29 +18,23 @@ from radflow.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    """One temporary Prefect server for the whole test session (it takes ~10 s to start)."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """The live server as this process's Prefect API for the session (flows run against it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_API_URL", prefect_server.api_url)
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+            yield prefect_server
 
 
 @pytest.fixture
-def flow_env(settings: Settings, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def flow_env(
+    settings: Settings, prefect_api: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
     """``settings`` exported as RADFLOW_* variables, the way a worker receives them."""
     for name, value in settings_env(settings).items():
         monkeypatch.setenv(name, value)
     assert Settings().database_url == settings.database_url
     return settings
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        secret = getattr(value, "get_secret_value", None)
-        env[f"RADFLOW_{name.upper()}"] = str(secret() if secret else value)
-    return env
 
 
 @pytest.fixture

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from live import server_events, wait_until
+from servers import PrefectServer
 from sqlalchemy import func, select
 
 from demo.synthetic import write_cxr_studies
+from flows.deliver import deliver_flow
+from flows.deployments import scored_trigger
 from flows.ingest import ingest_flow
-from flows.process import process_flow
+from flows.launcher import SCORED_EVENT
+from flows.process import process_and_deliver, process_flow
 from flows.train import train_flow
 from radflow.db import (
     Instance,
@@ -21,6 +27,7 @@ from radflow.db import (
     make_sessionmaker,
     unit_of_work,
 )
+from radflow.db.base import utcnow
 from radflow.learning.labels import add_label
 from radflow.settings import Settings
 from radflow.store import open_store
@@ -38,7 +45,12 @@ def _counts(settings: Settings) -> dict[str, int]:
         engine.dispose()
 
 
-def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_path: Path) -> None:
+def test_spine_ingest_train_process(
+    flow_env: Settings,
+    quick_task: str,
+    prefect_api: PrefectServer,
+    tmp_path: Path,
+) -> None:
     studies = write_cxr_studies(tmp_path / "incoming", 24, seed=3, size=128)
 
     ingested = ingest_flow(str(tmp_path / "incoming"))
@@ -56,10 +68,24 @@ def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_pat
     assert trained["status"] == "champion"
     assert 0.0 <= trained["auc"] <= 1.0
 
+    since = utcnow()
     processed = process_flow(quick_task)
     assert (processed["scored"], processed["failed"]) == (24, {})
+    # With a server, the run's event starts the deliver deployment (here: called as it would be).
+    (event,) = wait_until(
+        lambda: server_events(prefect_api, SCORED_EVENT, since),
+        30,
+        "the process run's predictions event never reached the server",
+    )
+    assert scored_trigger().match.matches(event)
     # Every scored study gets its SR (the packaged rules send it nowhere).
-    assert processed["results"]["reports"] == 24
+    assert deliver_flow() == {
+        "reports": 24,
+        "reports_set_aside": {},
+        "sent": 0,
+        "retrying": 0,
+        "parked": 0,
+    }
 
     with factory() as session:
         version = session.scalars(select(ModelVersion)).one()
@@ -77,6 +103,25 @@ def test_spine_ingest_train_process(flow_env: Settings, quick_task: str, tmp_pat
     assert (again["stored"], again["duplicates"]) == (0, 24)
     assert process_flow(quick_task)["scored"] == 0
     assert _counts(flow_env) == before
+
+
+def test_embedded_default_delivers_after_processing(
+    flow_env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server configured (as the flows see it; this session's server still runs them): the
+    deliver flow runs right after the process flow, and no event is needed."""
+    monkeypatch.setattr("flows.process.orchestrated", lambda: False)
+    write_cxr_studies(tmp_path / "incoming", 2, seed=1, size=64)
+    ingest_flow(str(tmp_path / "incoming"))
+    processed = process_and_deliver(task_name=None)  # no champion: nothing to score
+    assert processed["scored"] == 0 and processed["tasks"] == {}
+    assert processed["results"] == {
+        "reports": 0,
+        "reports_set_aside": {},
+        "sent": 0,
+        "retrying": 0,
+        "parked": 0,
+    }
 
 
 def test_process_without_a_champion_fails_with_a_way_out(

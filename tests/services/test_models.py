@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from factories import make_model_version, make_study, make_user
+from factories import add_variant, make_model_version, make_study, make_user
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -11,11 +11,13 @@ from radflow.db import (
     AuditEvent,
     ModelEvaluation,
     ModelStatus,
+    ModelVariant,
     ModelVersion,
     TrainingRun,
     unit_of_work,
 )
 from radflow.learning.labels import add_label
+from radflow.learning.variants import VariantError
 from radflow.services.models import (
     PromotionNeedsReason,
     evaluate,
@@ -24,6 +26,8 @@ from radflow.services.models import (
     promote,
     request_retrain,
     rollback,
+    rollback_serving,
+    serve,
 )
 from radflow.services.users import PermissionDenied, Role
 from radflow.store import ObjectStore
@@ -130,6 +134,55 @@ def test_promote_and_roll_back_are_audited_and_keep_one_champion(
         ("max", "promote", f"{TASK}:v2"),
         ("max", "rollback", f"{TASK}:v2"),
         ("max", "retrain", TASK),
+    ]
+
+
+def test_variants_are_listed_served_by_engineers_only_and_rolled_back(
+    session_factory: sessionmaker[Session], two_versions: dict[str, int]
+) -> None:
+    with unit_of_work(session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+        radiologist = make_user(session, "rita", Role.RADIOLOGIST)
+        v1 = session.get_one(ModelVersion, two_versions["v1"])
+        add_variant(session, v1, "onnx-int8", auc_delta=-0.001, images_per_second=4000)
+        add_variant(session, v1, "torch-fp32")
+        add_variant(session, v1, "onnx-fp32", passed=False, auc_delta=-0.2)
+    with unit_of_work(session_factory) as session:
+        with pytest.raises(PermissionDenied):
+            serve(session, radiologist, TASK, 1, "onnx-int8")
+        with pytest.raises(VariantError, match="may not serve"):
+            serve(session, engineer, TASK, 1, "onnx-fp32")  # refused by its check
+        assert serve(session, engineer, TASK, 1, "onnx-int8") == "torch-fp32"
+
+    with session_factory() as session:
+        listed = {v.version: v for v in list_versions(session, engineer)[TASK]}
+    assert (listed[1].serving, listed[2].serving, listed[2].variants) == (
+        "onnx-int8",
+        "torch-fp32",
+        [],
+    )
+    assert [(v.runtime, v.passed, v.serving) for v in listed[1].variants] == [
+        ("torch-fp32", True, False),
+        ("onnx-fp32", False, False),
+        ("onnx-int8", True, True),
+    ]
+    int8 = listed[1].variants[2]
+    assert (int8.size_mb, int8.images_per_second, int8.auc_delta) == (0.4, 4000, -0.001)
+
+    with unit_of_work(session_factory) as session:
+        with pytest.raises(PermissionDenied):
+            rollback_serving(session, radiologist, TASK)
+        assert rollback_serving(session, engineer, TASK) == "torch-fp32"
+    with session_factory() as session:
+        assert not any(v.serving for v in session.scalars(select(ModelVariant)))
+        events = session.execute(
+            select(AuditEvent.actor, AuditEvent.action, AuditEvent.object_id, AuditEvent.details)
+            .where(AuditEvent.action.in_(["serve", "serve-rollback"]))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [(a, b, c, d["runtime"], d["previous"]) for a, b, c, d in events] == [
+        ("max", "serve", f"{TASK}:v1", "onnx-int8", "torch-fp32"),
+        ("max", "serve-rollback", f"{TASK}:v1", "torch-fp32", "onnx-int8"),
     ]
 
 

@@ -13,7 +13,7 @@ from factories import add_prediction, dicom_bytes, gradient, make_model_version,
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import StudyStatus, unit_of_work
+from radflow.db import StudyStatus, VariantRuntime, unit_of_work
 from radflow.services.study_view import StudyNotFound, get_study_view, render_image
 from radflow.store import ObjectStore, keys
 
@@ -48,6 +48,35 @@ def test_view_has_study_series_and_newest_prediction_first(
     assert view.series[0].instance_count == 1
     assert view.preview_key is not None
     assert view.preview_key.startswith(f"originals/{study_uid}/")
+
+
+def test_a_score_from_a_compressed_variant_says_so(
+    session_factory: sessionmaker[Session], store: ObjectStore
+) -> None:
+    with unit_of_work(session_factory) as session:
+        v1, v2 = make_model_version(session, version=1), make_model_version(session, version=2)
+        study = make_study(session, store, score=0.4, model=v1)
+        add_prediction(
+            session,
+            study,
+            v2,
+            0.42,
+            created_at=study.received_at + timedelta(hours=1),
+            store=store,
+            gradcam=True,
+            runtime=VariantRuntime.ONNX_INT8,
+        )
+        study_uid = study.study_uid
+
+    with session_factory() as session:
+        latest, earlier = get_study_view(session, study_uid).predictions
+
+    assert (latest.runtime, latest.compressed, earlier.runtime) == ("onnx-int8", True, "torch-fp32")
+    assert latest.provenance == (
+        "Score from the onnx-int8 variant of pneumonia-cxr:v2, which passed its "
+        "non-inferiority check against the PyTorch weights; its heat map from the PyTorch weights."
+    )
+    assert earlier.provenance is None
 
 
 def test_unscored_study_has_no_predictions(

@@ -6,7 +6,14 @@ from radflow.db.base import Base
 from radflow.db.delivery import Delivery, DeliveryStatus, ResultKind, ResultObject
 from radflow.db.evaluation import EvaluationSet, ModelEvaluation
 from radflow.db.imaging import Instance, Patient, Series, Study, StudyStatus
-from radflow.db.registry import ModelStatus, ModelVersion, TrainingRun
+from radflow.db.leases import Lease
+from radflow.db.registry import (
+    ModelStatus,
+    ModelVariant,
+    ModelVersion,
+    TrainingRun,
+    VariantRuntime,
+)
 from radflow.db.results import Label, Prediction, TaskOutcome
 from radflow.db.session import (
     ensure_schema,
@@ -26,9 +33,11 @@ __all__ = [
     "EvaluationSet",
     "Instance",
     "Label",
+    "Lease",
     "LoginThrottle",
     "ModelEvaluation",
     "ModelStatus",
+    "ModelVariant",
     "ModelVersion",
     "Patient",
     "Prediction",
@@ -41,6 +50,7 @@ __all__ = [
     "TaskOutcome",
     "TrainingRun",
     "User",
+    "VariantRuntime",
     "ensure_schema",
     "make_engine",
     "make_sessionmaker",

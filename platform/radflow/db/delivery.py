@@ -11,15 +11,11 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import Enum, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from radflow.db.base import Base, utcnow
+from radflow.db.base import Base, utcnow, value_enum
 from radflow.db.imaging import UID
-
-
-def _enum(cls: type[enum.StrEnum]) -> Enum:
-    return Enum(cls, native_enum=False, length=8, values_callable=lambda e: [m.value for m in e])
 
 
 class ResultKind(enum.StrEnum):
@@ -42,7 +38,7 @@ class ResultObject(Base):
         ForeignKey("prediction.id", ondelete="CASCADE"), index=True
     )
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind))
+    kind: Mapped[ResultKind] = mapped_column(value_enum(ResultKind, 8))
     object_key: Mapped[str | None] = mapped_column(String(255))
     sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
     error: Mapped[str | None] = mapped_column(String(1024))
@@ -59,11 +55,11 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind))
+    kind: Mapped[ResultKind] = mapped_column(value_enum(ResultKind, 8))
     object_key: Mapped[str] = mapped_column(String(255))
     destination: Mapped[str] = mapped_column(String(64))
     status: Mapped[DeliveryStatus] = mapped_column(
-        _enum(DeliveryStatus), default=DeliveryStatus.PENDING
+        value_enum(DeliveryStatus, 8), default=DeliveryStatus.PENDING
     )
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String
+from sqlalchemy import BigInteger, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from radflow.db.base import Base, utcnow
+from radflow.db.base import Base, utcnow, value_enum
 
 UID = String(64)
 
@@ -47,12 +47,7 @@ class Study(Base):
     description: Mapped[str | None] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(16), index=True)
     status: Mapped[StudyStatus] = mapped_column(
-        Enum(
-            StudyStatus,
-            native_enum=False,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        ),
+        value_enum(StudyStatus),
         default=StudyStatus.RECEIVING,
         index=True,
     )

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Enum, ForeignKey, Index, String, UniqueConstraint, false, text
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from radflow.db.base import Base, utcnow
+from radflow.db.base import Base, utcnow, value_enum
 from radflow.db.imaging import Study, StudyStatus
-from radflow.db.registry import ModelVersion
+from radflow.db.registry import ModelVersion, VariantRuntime
 
 
 class Prediction(Base):
@@ -43,6 +43,12 @@ class Prediction(Base):
     latency_ms: Mapped[float]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     superseded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Which variant of the model version computed the score (radflow.db.registry.ModelVariant).
+    runtime: Mapped[VariantRuntime] = mapped_column(
+        value_enum(VariantRuntime),
+        default=VariantRuntime.TORCH_FP32,
+        server_default=VariantRuntime.TORCH_FP32.value,
+    )
 
     study: Mapped[Study] = relationship()
     model_version: Mapped[ModelVersion] = relationship()
@@ -84,13 +90,6 @@ class TaskOutcome(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
     task: Mapped[str] = mapped_column(String(64))
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"))
-    status: Mapped[StudyStatus] = mapped_column(
-        Enum(
-            StudyStatus,
-            native_enum=False,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        )
-    )
+    status: Mapped[StudyStatus] = mapped_column(value_enum(StudyStatus))
     reason: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +92,19 @@ def head_revisions() -> frozenset[str]:
     return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
 
 
+@contextmanager
+def _creation_lock(database: str | None) -> Iterator[None]:
+    """Held by the one process that creates an empty embedded database (a lock file beside it)."""
+    if not database or database == ":memory:":
+        yield
+        return
+    lock = Path(f"{database}.create-lock")
+    private_file(lock)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def ensure_schema(engine: Engine, database_url: str) -> None:
     """Check that the schema is at the latest revision; create an empty embedded one.
 
@@ -100,10 +114,15 @@ def ensure_schema(engine: Engine, database_url: str) -> None:
     not race to make it.
     """
     current = schema_revisions(engine)
-    if current is None and engine.dialect.name == "sqlite":
-        upgrade(database_url)
-        return
     heads = head_revisions()
+    if current != heads and engine.dialect.name == "sqlite":
+        with _creation_lock(engine.url.database):
+            # Another process (the receiver and the dashboard started together) may be making
+            # it, or have made it, while this one looked: read again under the lock.
+            current = schema_revisions(engine)
+            if current is None:
+                upgrade(database_url)
+                return
     if current != heads:
         raise SchemaNotCurrent(
             "no schema" if current is None else ", ".join(sorted(current)), ", ".join(sorted(heads))

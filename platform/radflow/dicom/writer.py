@@ -337,3 +337,76 @@ class CTSeriesBuilder:
         stored = np.clip(np.rint(hu), *CT_HU_RANGE) - CT_HU_RANGE[0]
         ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
         return ds
+
+
+VL_PHOTOGRAPHIC_IMAGE = UID("1.2.840.10008.5.1.4.1.1.77.1.4")
+"""VL Photographic Image Storage. Chosen over Ophthalmic Photography 8 Bit (a multi-frame IOD)
+because highdicom (0.28) builds a SEG over a multi-frame source only from its shared functional
+groups, which an OP image does not have."""
+
+_RETINA_CODE = ("5665001", "SCT", "Retina")
+
+
+def photograph_dataset(
+    pixels: np.ndarray,
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str,
+    series_uid: str,
+    sop_instance_uid: str,
+    study_datetime: dt.datetime,
+    institution: str = "Radflow dataset import",
+) -> pydicom.Dataset:
+    """A VL Photographic Image (modality XC) of the retina around RGB fundus pixels.
+
+    ``pixels``: (rows, cols, 3) uint8. A photograph has no pixel spacing the file could vouch
+    for, so none is written (areas are then reported in pixels).
+    """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(
+            f"pixels must be (rows, cols, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}"
+        )
+    if not patient_id:
+        raise ValueError("patient_id must not be empty")
+    date, time = study_datetime.strftime("%Y%m%d"), study_datetime.strftime("%H%M%S")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = VL_PHOTOGRAPHIC_IMAGE
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "RADFLOW_XC_1"
+
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = VL_PHOTOGRAPHIC_IMAGE
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, date, time
+    ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
+    ds.StudyDescription = "FUNDUS PHOTOGRAPHY"
+    ds.Modality = "XC"
+    ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 1
+    ds.SeriesDescription = "COLOUR FUNDUS"
+    ds.Manufacturer, ds.InstitutionName = MANUFACTURER, institution
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.AcquisitionDateTime = f"{date}{time}"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = DicomSequence([_code_item(*_RETINA_CODE)])
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds

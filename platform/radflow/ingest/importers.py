@@ -307,7 +307,7 @@ def import_npz(
             )
             if not unlabeled and part.labels is not None:
                 values = [_label_value(task, int(c)) for c in part.labels[start:stop]]
-                report.labels += _add_import_labels(
+                report.labels += add_import_labels(
                     session_factory, task, uids, values, part.name, actor
                 )
             report.study_uids += uids
@@ -354,34 +354,56 @@ def _ingest_chunk(
             uid, files = writer.write(index, part.images[index], Path(tmp))
             uids.append(uid)
             paths += files
-        # Validated like any received file, then indexed with one commit per chunk (the
-        # receiver's batch path): a commit per image would dominate the import time.
-        headers = [(p, read_header(p, settings.max_pixels)) for p in paths]
-        ingested = ingest.ingest_batch(
-            headers,
-            settings=settings,
-            session_factory=session_factory,
-            store=store,
-            immutable=True,  # written here, only deleted afterwards
+        ingest_written(
+            settings,
+            session_factory,
+            store,
+            paths,
+            uids,
+            report,
+            f"{part.name} {start}..{stop - 1}",
         )
+    return uids
+
+
+def ingest_written(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    paths: Sequence[Path],
+    study_uids: Sequence[str],
+    report: ImportReport,
+    what: str,
+) -> None:
+    """Ingest files an importer wrote, then mark their studies stable (a set is complete).
+
+    Validated like any received file, then indexed with one commit (the receiver's batch
+    path): a commit per image would dominate the import time.
+    """
+    headers = [(p, read_header(p, settings.max_pixels)) for p in paths]
+    ingested = ingest.ingest_batch(
+        headers,
+        settings=settings,
+        session_factory=session_factory,
+        store=store,
+        immutable=True,  # written by the importer, only deleted afterwards
+    )
     if ingested.rejected:
         # Another encoding of an image imported before is a duplicate (a newer pydicom writes
         # other file meta): only other pixels under the same UIDs get here.
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(ingested.reasons.items()))
         first = next(iter(ingested.rejected.values()))
         raise ValueError(
-            f"ingest refused {len(ingested.rejected)} of the images imported from {part.name} "
-            f"{start}..{stop - 1} ({reasons}); the first: {first}"
+            f"ingest refused {len(ingested.rejected)} of the images imported from {what} "
+            f"({reasons}); the first: {first}"
         )
     report.stored += ingested.stored
     report.duplicates += ingested.duplicates
     with unit_of_work(session_factory) as session:
-        # An imported set is complete: its studies are ready for processing at once.
-        ingest.mark_stable(session, uids)
-    return uids
+        ingest.mark_stable(session, list(study_uids))
 
 
-def _add_import_labels(
+def add_import_labels(
     session_factory: sessionmaker[Session],
     task: Task,
     study_uids: Sequence[str],

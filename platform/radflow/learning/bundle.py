@@ -6,9 +6,14 @@ An exported bundle is a folder ``monai.bundle`` understands:
                              (task, version, threshold, metrics, label snapshot, code version)
     configs/inference.json   network_def (the task's MONAI network), preprocessing, postprocessing
     models/model.pt          the weights (a state dict)
+    models/model.onnx        the network as ONNX (fp32; the version's onnx-fp32 variant if built)
+    models/model-int8.onnx   its int8 variant, when the version has one
 
 ``ConfigParser`` on ``inference.json`` rebuilds the network; loading ``models/model.pt`` into it
-gives the registry version's outputs exactly.
+gives the registry version's outputs exactly. The ONNX files take the same preprocessed input
+(``network_data_format``) and give the same logit, to which ``postprocessing`` applies; the
+metadata's ``optional_packages_version`` names the onnx and onnxruntime they were made with, and
+its "radflow" section each variant's measurements and verdict, which import restores.
 """
 
 from __future__ import annotations
@@ -21,16 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from google.protobuf.message import DecodeError
 from monai.bundle import ConfigParser
 from sqlalchemy.orm import Session
 
-from radflow.db import ModelStatus, ModelVersion
+from radflow.db import ModelStatus, ModelVariant, ModelVersion, VariantRuntime
 from radflow.db.audit import record
 from radflow.errors import RadflowError
+from radflow.learning.compression import FILES, export_onnx
+from radflow.learning.inference import input_shape, load_network
 from radflow.learning.registry import get_version, register
 from radflow.learning.tasks import NetworkSpec, get_task
-from radflow.store import ObjectStore
+from radflow.learning.variants import variants_of
+from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +71,26 @@ def export_bundle(
     (out / INFERENCE).write_text(
         json.dumps(_inference(network, task.preprocessing_config), indent=2)
     )
-    (out / METADATA).write_text(json.dumps(_metadata(version), indent=2))
+    variants = variants_of(session, version)
+    (out / METADATA).write_text(json.dumps(_metadata(version, variants), indent=2))
     (out / WEIGHTS).write_bytes(store.get_bytes(version.weights_key))
+    _write_onnx(store, version, variants, out)
     session.add(record(actor, "export", "model_version", version.name, folder=out.name))
     return out
+
+
+def _write_onnx(
+    store: ObjectStore, version: ModelVersion, variants: list[ModelVariant], out: Path
+) -> None:
+    """The version's ONNX variants as files of the bundle; model.onnx is exported now if the
+    version has no onnx-fp32 variant (it then carries no verdict, and import leaves it out)."""
+    files = {v.runtime: v.object_key for v in variants if v.runtime in FILES}
+    for runtime, key in files.items():
+        (out / "models" / FILES[runtime]).write_bytes(store.get_bytes(key))
+    if VariantRuntime.ONNX_FP32 not in files:
+        network = load_network(store, version, torch.device("cpu"))
+        model = export_onnx(network, input_shape(version))
+        (out / "models" / FILES[VariantRuntime.ONNX_FP32]).write_bytes(model)
 
 
 def _inference(network: dict[str, Any], preprocessing: Any) -> dict[str, Any]:
@@ -82,7 +108,7 @@ def _inference(network: dict[str, Any], preprocessing: Any) -> dict[str, Any]:
     }
 
 
-def _metadata(version: ModelVersion) -> dict[str, Any]:
+def _metadata(version: ModelVersion, variants: list[ModelVariant]) -> dict[str, Any]:
     task = get_task(version.task)
     spatial = list(version.config.get("spatial_size", task.spatial_size))
     return {
@@ -93,7 +119,9 @@ def _metadata(version: ModelVersion) -> dict[str, Any]:
         "monai_version": package_version("monai"),
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "optional_packages_version": {},
+        "optional_packages_version": {
+            name: package_version(name) for name in ("onnx", "onnxruntime")
+        },
         "name": version.task,
         "task": task.description,
         "description": f"{task.description}; trained and exported by Radflow",
@@ -136,6 +164,17 @@ def _metadata(version: ModelVersion) -> dict[str, Any]:
             "code_version": version.code_version,
             "cam_layer": version.config.get("cam_layer"),
             "preprocessing_digest": version.config.get("preprocessing_digest"),
+            "variants": [
+                {
+                    "runtime": v.runtime.value,
+                    "file": str(WEIGHTS.parent / FILES.get(v.runtime, WEIGHTS.name)),
+                    "size_bytes": v.size_bytes,
+                    "metrics": v.metrics,
+                    "passed": v.passed,
+                    "reason": v.reason,
+                }
+                for v in variants
+            ],
         },
     }
 
@@ -205,6 +244,7 @@ def import_bundle(
         actor=actor,
     )
     version.config = {**version.config, "network": spec.config(), "cam_layer": spec.cam_layer}
+    _restore_variants(session, store, folder, version, own.get("variants", []))
     how = "the task had no champion" if version.status == ModelStatus.CHAMPION else "not evaluated"
     version.metrics = {
         **version.metrics,
@@ -225,3 +265,51 @@ def import_bundle(
     if version.status != ModelStatus.CHAMPION:
         logger.info("promote it with `radflow model promote %s %d`", task.name, version.version)
     return version
+
+
+def _restore_variants(
+    session: Session,
+    store: ObjectStore,
+    folder: Path,
+    version: ModelVersion,
+    described: list[dict[str, Any]],
+) -> None:
+    """The bundle's judged variants as variants of the imported ``version``.
+
+    Each keeps the verdict and measurements of the site that made it (as the version keeps the
+    bundle's metrics); ``radflow model compress`` judges them again on this site's evaluation
+    set. A file the metadata names but the bundle lacks, or that is not ONNX, is refused.
+    """
+    for entry in described:
+        try:
+            runtime = VariantRuntime(entry["runtime"])
+        except (KeyError, ValueError):
+            raise InvalidBundle(folder, f"a variant has an unknown runtime: {entry!r}") from None
+        if runtime in FILES:
+            path = folder / "models" / FILES[runtime]
+            if not path.is_file():
+                raise InvalidBundle(folder, f"its {runtime} variant's file {path.name} is missing")
+            model = path.read_bytes()
+            try:
+                onnx.checker.check_model(onnx.load_from_string(model))
+            except (onnx.checker.ValidationError, DecodeError) as exc:
+                raise InvalidBundle(
+                    folder, f"{path.name} is not a valid ONNX model ({exc})"
+                ) from None
+            key = keys.model(version.task, version.version, FILES[runtime])
+            store.put_bytes(key, model)
+        else:
+            key, model = version.weights_key, b""
+        session.add(
+            ModelVariant(
+                model_version_id=version.id,
+                runtime=runtime,
+                object_key=key,
+                size_bytes=len(model) if model else int(entry.get("size_bytes", 0)),
+                metrics=dict(entry.get("metrics", {})),
+                passed=bool(entry.get("passed", False)),
+                reason=f"imported; judged where the bundle was made: {entry.get('reason')}"[:512],
+                serving=False,
+            )
+        )
+    session.flush()

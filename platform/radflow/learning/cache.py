@@ -110,6 +110,7 @@ class PreprocessCache:
     def __init__(self, root: Path | None, task: Task) -> None:
         self.task = task
         self.dir = root / "preprocessed" / task.name / task.preprocessing_digest() if root else None
+        self._root = str(self.dir)
         self._layout: tuple[bytes, np.dtype[Any], tuple[int, ...]] | None = None
         self._affines: dict[str, np.ndarray] = {}  # made in this process, by digest
 
@@ -126,6 +127,20 @@ class PreprocessCache:
             return np.load(path) if path is not None else None
         except (FileNotFoundError, ValueError, OSError, EOFError):
             return None
+
+    def _read_file(self, sha256: str) -> bytes:
+        """A cached tensor file's bytes (FileNotFoundError: not cached).
+
+        With plain string paths and one os.read: ~12 µs a file, where pathlib's read_bytes
+        and its path joins take ~35 µs, as much as the int8 network spends on a 32 px image.
+        """
+        fd = os.open(f"{self._root}/{sha256[:2]}/{sha256}.npy", os.O_RDONLY)
+        try:
+            # One read of the whole file; were it ever short, the tensor would not parse and
+            # would be made again, like a file a crash cut short.
+            return os.read(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
     def load(
         self, store: ObjectStore, images: Sequence[CacheItem]
@@ -183,11 +198,10 @@ class PreprocessCache:
         return [a for a in out if a is not None], stats
 
     def _cached(self, image: CacheItem) -> np.ndarray | None:
-        path = self._path(image.sha256)
-        if path is None:
+        if self.dir is None:
             return None
         try:
-            array = self._read(path.read_bytes())
+            array = self._read(self._read_file(image.sha256))
         except FileNotFoundError:
             return None
         except (ValueError, OSError, EOFError):

@@ -1,10 +1,11 @@
-"""Where tensors run. The only place that decides between CUDA and CPU."""
+"""Where tensors run. The only place that decides between CUDA and CPU, for PyTorch (with mixed
+precision on CUDA) and for ONNX Runtime (its execution providers: TensorRT, CUDA, CPU)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -16,6 +17,27 @@ def select_device(preferred: str | None = None) -> torch.device:
     if preferred:
         return torch.device(preferred)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+ONNX_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+"""ONNX Runtime's execution providers in order of preference on a CUDA device."""
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def onnx_providers(device: torch.device, available: Sequence[str] | None = None) -> list[str]:
+    """ONNX Runtime's execution providers for ``device``, best first.
+
+    On a CUDA device: TensorRT when installed, then CUDA; the CPU provider always comes last,
+    since ONNX Runtime runs there any node the others cannot. ``available`` defaults to the
+    providers of the installed onnxruntime build.
+    """
+    if available is None:
+        import onnxruntime  # here: only ONNX variants need it, not every user of the device
+
+        available = onnxruntime.get_available_providers()
+    wanted = ONNX_PROVIDERS if device.type == "cuda" else (CPU_PROVIDER,)
+    chosen = [p for p in wanted if p in available and p != CPU_PROVIDER]
+    return [*chosen, CPU_PROVIDER]
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:

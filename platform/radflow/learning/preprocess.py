@@ -10,15 +10,15 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose
 
-from radflow.dicom.pixels import to_array
+from radflow.dicom.pixels import to_image
 from radflow.learning.tasks import Task
 from radflow.store import ObjectStore
 
 
 def load_image(store: ObjectStore, object_key: str) -> np.ndarray:
-    """The image of a 2D task: one frame (the middle one of a multi-frame instance)."""
-    arr = to_array(store.get_bytes(object_key))
-    return arr[arr.shape[0] // 2] if arr.ndim == 3 else arr
+    """The image of a 2D task: one frame (the middle one of a multi-frame instance), (rows,
+    cols) grey-scale or (rows, cols, 3) colour."""
+    return to_image(store.get_bytes(object_key))
 
 
 def preprocess(task: Task, image: np.ndarray, transform: Compose | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from radflow.db import AuditEvent, ModelEvaluation, ModelStatus, ModelVersion, TrainingRun
 from radflow.db.audit import record
 from radflow.errors import NoChampion, RadflowError
-from radflow.learning.evaluation import decide
+from radflow.learning.evaluation import Decision, decide
 from radflow.learning.tasks import Task
 from radflow.store import ObjectStore, keys
 
@@ -194,11 +194,31 @@ def judge(
 ) -> ModelEvaluation:
     """Decide champion or challenger on the evaluation set, and record why."""
     decision = decide(targets, scores, champion_scores, alpha)
+    return record_decision(
+        session, version, current, decision, len(targets), alpha=alpha, actor=actor
+    )
+
+
+def record_decision(
+    session: Session,
+    version: ModelVersion,
+    current: ModelVersion | None,
+    decision: Decision,
+    n_studies: int,
+    *,
+    alpha: float,
+    actor: str,
+) -> ModelEvaluation:
+    """Store a decision on ``version`` (and promote it when the decision says so).
+
+    ``auc`` / ``champion_auc`` hold the paired test's metric: the AUC for classification, the
+    mean Dice for segmentation (radflow.learning.evaluation.decide_dice).
+    """
     evaluation = ModelEvaluation(
         model_version_id=version.id,
         champion_version_id=current.id if current else None,
         task=version.task,
-        n_studies=len(targets),
+        n_studies=n_studies,
         auc=float(decision.test.auc_new if decision.test else version.metrics.get("auc", 0.0)),
         champion_auc=decision.test.auc_old if decision.test else None,
         p_value=decision.test.p_value if decision.test else None,

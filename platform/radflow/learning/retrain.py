@@ -2,7 +2,9 @@
 
 The state lives in the database only (labels and training runs), so the trigger survives
 restarts of every process: a label counts as new when it was recorded after the start of the
-task's latest training run that did not fail. Light on purpose (no PyTorch): the receiver and
+task's latest training run that did not fail. A training in progress holds the task's lease
+(radflow.leases), renewed while it runs, so a crashed one stops counting within a minute.
+Light on purpose (no PyTorch): the receiver and
 the dashboard ask it.
 """
 
@@ -11,40 +13,97 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from radflow.db import Label, TrainingRun
+from radflow import leases
+from radflow.db import Label, Lease, TrainingRun
+from radflow.db.audit import record
 from radflow.db.base import utcnow
 from radflow.errors import RadflowError
+from radflow.leases import LeaseState
+
+TRAINING_LEASE = timedelta(seconds=45)
+"""A training renews its lease every third of this while it runs: a crashed one stops blocking
+its task within 45 s (radflow.leases)."""
+
+
+def lease_name(task: str) -> str:
+    return f"train:{task}"
 
 
 class TrainingInProgress(RadflowError):
-    def __init__(self, task: str, run_id: int) -> None:
+    def __init__(self, task: str, run_id: int | None, holder: LeaseState | None) -> None:
+        run = f"training run {run_id}" if run_id is not None else "a training"
+        by = f", held by {holder.describe()}" if holder is not None else ""
         super().__init__(
-            f"a training of {task} is already running (training run {run_id}); wait for it to "
-            f"finish. If its process died, it counts as abandoned after "
-            f"{STALE_RUN.total_seconds() / 3600:g} h."
+            f"{run} of {task} is in progress{by}. Wait for it to finish; if its process died, "
+            f"its lease expires within {TRAINING_LEASE.total_seconds():.0f} s and the next "
+            f"training takes over. `radflow training list --task {task}` shows it, "
+            "`radflow training abandon RUN_ID` ends it by hand."
         )
-
-
-# A run still marked running after this long lost its process (a crash, a killed worker): it no
-# longer blocks new trainings. Far above any real training time of the tasks declared here.
-STALE_RUN = timedelta(hours=6)
 
 
 def running_run(session: Session, task: str) -> TrainingRun | None:
-    """The task's training run in progress, if any (abandoned runs are not)."""
+    """The task's training run in progress: marked running, and its lease still renewed."""
+    lease = leases.read(session, lease_name(task))
+    if lease is None or not lease.live():
+        return None
     return session.scalar(
         select(TrainingRun)
-        .where(
-            TrainingRun.task == task,
-            TrainingRun.status == "running",
-            TrainingRun.started_at > utcnow() - STALE_RUN,
-        )
+        .where(TrainingRun.task == task, TrainingRun.status == "running")
         .order_by(TrainingRun.id.desc())
         .limit(1)
     )
+
+
+def mark_abandoned(
+    session: Session, task: str, reason: str, run_id: int | None = None
+) -> list[int]:
+    """End the task's runs still marked running (or just ``run_id``) as abandoned; their ids."""
+    query = select(TrainingRun).where(TrainingRun.task == task, TrainingRun.status == "running")
+    if run_id is not None:
+        query = query.where(TrainingRun.id == run_id)
+    runs = list(session.scalars(query))
+    for run in runs:
+        run.status, run.error, run.finished_at = "abandoned", reason[:1024], utcnow()
+    return [run.id for run in runs]
+
+
+def training_runs(session: Session, task: str | None = None, limit: int = 20) -> list[TrainingRun]:
+    """The newest training runs (of ``task``), newest first."""
+    query = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)
+    if task is not None:
+        query = query.where(TrainingRun.task == task)
+    return list(session.scalars(query))
+
+
+def abandon(session: Session, run_id: int, *, actor: str, reason: str) -> TrainingRun:
+    """Abandon a stuck training run by hand (audited) and free its task for the next training.
+
+    For a run whose process is gone but whose lease has not expired yet, or one that an
+    operator wants stopped: its task's lease is dropped, so the next training starts at once.
+    """
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise LookupError(f"no training run {run_id}; `radflow training list` shows them")
+    if run.status != "running":
+        raise ValueError(f"training run {run_id} is {run.status}, not running: nothing to abandon")
+    lease = leases.read(session, lease_name(run.task))
+    mark_abandoned(session, run.task, f"abandoned by {actor}: {reason}", run_id)
+    session.execute(delete(Lease).where(Lease.name == lease_name(run.task)))
+    session.add(
+        record(
+            actor,
+            "abandon-training",
+            "training_run",
+            run_id,
+            task=run.task,
+            reason=reason,
+            holder=lease.holder if lease is not None else None,
+        )
+    )
+    return run
 
 
 @dataclass(frozen=True)
@@ -69,10 +128,11 @@ class RetrainStatus:
 
 
 def new_labels(session: Session, task: str) -> int:
-    """Labels for ``task`` recorded since its latest training run that did not fail."""
+    """Labels for ``task`` recorded since its latest training run that did not fail (nor was
+    abandoned)."""
     since = session.scalar(
         select(func.max(TrainingRun.started_at)).where(
-            TrainingRun.task == task, TrainingRun.status != "failed"
+            TrainingRun.task == task, TrainingRun.status.not_in(("failed", "abandoned"))
         )
     )
     query = select(func.count()).select_from(Label).where(Label.task == task)

@@ -1,4 +1,4 @@
-"""Scoring: stable studies -> the task's champion -> prediction rows.
+"""Scoring: stable studies -> the task's champion (in its served runtime) -> prediction rows.
 
 Made for a backlog of thousands of studies as much as for the one that just arrived, so the
 cost per study is the network's and little else:
@@ -17,6 +17,11 @@ digest),
   previous one while PyTorch computes (mostly outside the GIL); on 2 cores this took the time
   outside the network from ~20% of the network's to ~4% (the network itself slows a little);
 - Grad-CAM maps are computed per network batch and written by threads, without an fsync each.
+
+The champion scores in the runtime chosen for it (radflow.learning.variants: PyTorch fp32 unless
+an ONNX variant that passed its non-inferiority check serves); each prediction records which.
+Grad-CAM maps always come from the PyTorch weights, whatever computed the score. A segmentation
+task scores each image through its sliding window (radflow.learning.segmentation).
 
 A task on volumes routes each study to a series checked to be one volume from the index
 (radflow.ingest.routing.route_studies) and loads it whole (radflow.dicom.volume); its Grad-CAM
@@ -52,23 +57,27 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from radflow.db import (
+    ModelStatus,
     ModelVersion,
     Prediction,
     Study,
     StudyStatus,
     TaskOutcome,
+    VariantRuntime,
     triage,
     unit_of_work,
 )
 from radflow.db.base import utcnow
 from radflow.errors import NotAVolume
-from radflow.ingest.routing import RoutingRules, route_studies
+from radflow.ingest.routing import Image, RoutingRules, route_studies
 from radflow.learning.cache import CacheItem, CacheStats, PreprocessCache, cache_item
 from radflow.learning.device import cpu_threads, select_device
 from radflow.learning.explain import GRADCAM_NAME, GRADCAM_VOLUME_NAME, Explainer, save_heatmaps
-from radflow.learning.inference import load_network, predict
+from radflow.learning.inference import Runner, TorchRunner, load_network, load_runner
 from radflow.learning.registry import require_champion
+from radflow.learning.segmentation import segment_studies
 from radflow.learning.tasks import Task, get_task
+from radflow.learning.variants import serving_variant
 from radflow.settings import MAX_VOLUME_VOXELS
 from radflow.store import ObjectStore, keys
 
@@ -86,7 +95,10 @@ or found it not applicable or unreadable (see TaskOutcome)."""
 
 @dataclass
 class ScoreReport:
+    """What one scoring did; reports of shards of one backlog add up (:meth:`add`)."""
+
     model: str = ""
+    runtime: str = VariantRuntime.TORCH_FP32.value
     scored: int = 0
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -95,12 +107,23 @@ class ScoreReport:
     seconds: float = 0.0
     network_seconds: float = 0.0  # of ``seconds``: the network (and Grad-CAM) alone
 
+    def add(self, other: ScoreReport) -> None:
+        if not self.model:
+            self.model, self.runtime = other.model, other.runtime
+        self.scored += other.scored
+        self.no_model += other.no_model
+        self.failed.update(other.failed)
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.seconds += other.seconds
+        self.network_seconds += other.network_seconds
+
     def summary(self) -> str:
         return (
-            f"{self.model}: scored {self.scored}, no applicable model {self.no_model}, "
-            f"failed {len(self.failed)} in {self.seconds:.2f} s, {self.network_seconds:.2f} s "
-            f"of it in the network (preprocessing cache: {self.cache_hits} hits, "
-            f"{self.cache_misses} decoded)"
+            f"{self.model} ({self.runtime}): scored {self.scored}, no applicable model "
+            f"{self.no_model}, failed {len(self.failed)} in {self.seconds:.2f} s, "
+            f"{self.network_seconds:.2f} s of it in the network (preprocessing cache: "
+            f"{self.cache_hits} hits, {self.cache_misses} decoded)"
         )
 
 
@@ -110,14 +133,22 @@ class _Scorer:
 
     task: Task
     champion: ModelVersion
-    network: nn.Module
-    explainer: Explainer | None
+    runner: Runner
+    explainer: Explainer | None  # Grad-CAM, always on the PyTorch weights
+    # The PyTorch weights, loaded when Grad-CAM or a segmentation's sliding window needs them
+    # (whatever runtime serves the score).
+    network: nn.Module | None
     device: torch.device
     batch_size: int
     store: ObjectStore
     cache: PreprocessCache
     rules: RoutingRules | None
     max_voxels: int = MAX_VOLUME_VOXELS
+
+    def torch_network(self) -> nn.Module:
+        if self.network is None:
+            raise RuntimeError(f"scoring {self.task.name} loaded no PyTorch network")
+        return self.network
 
 
 def _pending_for(task: str, model_version_id: int) -> ColumnElement[bool]:
@@ -139,27 +170,26 @@ def _not_scored_by(model_version_id: int) -> ColumnElement[bool]:
     return ~current
 
 
-def _pending_ids(session: Session, champion: ModelVersion, limit: int) -> list[int]:
-    """Ids of stable studies without a current prediction from this model version (and without
-    an outcome of its task), oldest first.
+class _Pending(NamedTuple):
+    id: int
+    study_uid: str
+
+
+def _pending(session: Session, champion: ModelVersion, limit: int) -> list[_Pending]:
+    """Stable studies without a current prediction from this model version (and without an
+    outcome of its task), oldest first.
 
     A reopened study's earlier predictions are superseded and its outcomes deleted
     (radflow.ingest.stability), so it is scored again as one whole study; after a promotion,
     studies scored by an earlier champion (and not reviewed yet) are pending again.
     """
-    return list(
-        session.scalars(
-            select(Study.id)
-            .where(_pending_for(champion.task, champion.id))
-            .order_by(Study.received_at, Study.id)
-            .limit(limit)
-        )
+    rows = session.execute(
+        select(Study.id, Study.study_uid)
+        .where(_pending_for(champion.task, champion.id))
+        .order_by(Study.received_at, Study.id)
+        .limit(limit)
     )
-
-
-class _Pending(NamedTuple):
-    id: int
-    study_uid: str
+    return [_Pending(row.id, row.study_uid) for row in rows]
 
 
 def _load_pending(session: Session, champion: ModelVersion, ids: Sequence[int]) -> list[_Pending]:
@@ -173,9 +203,29 @@ def _load_pending(session: Session, champion: ModelVersion, ids: Sequence[int]) 
     return [by_id[i] for i in ids if i in by_id]
 
 
-def _pending(session: Session, champion: ModelVersion, limit: int) -> list[_Pending]:
-    """Pending studies (see _pending_ids), oldest first."""
-    return _load_pending(session, champion, _pending_ids(session, champion, limit))
+def _still_pending(session: Session, champion: ModelVersion, ids: Sequence[int]) -> set[int]:
+    """Those of ``ids`` still pending in this transaction."""
+    return set(
+        session.scalars(
+            select(Study.id).where(Study.id.in_(ids), _pending_for(champion.task, champion.id))
+        )
+    )
+
+
+def has_pending(session: Session, task_name: str) -> bool:
+    """Whether any stable study waits for the task's champion (False without a champion)."""
+    champion = session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.task == task_name, ModelVersion.status == ModelStatus.CHAMPION
+        )
+    )
+    return champion is not None and bool(_pending(session, champion, 1))
+
+
+def pending_ids(session: Session, task_name: str, limit: int = PENDING_PAGE) -> list[int]:
+    """Ids of the studies waiting for the task's champion, oldest first (for sharding)."""
+    champion = require_champion(session, task_name)
+    return [study.id for study in _pending(session, champion, limit)]
 
 
 def score_stable(
@@ -188,6 +238,7 @@ def score_stable(
     threads: int | None = None,
     rules: RoutingRules | None = None,
     cache_dir: Path | None = None,
+    ids: Sequence[int] | None = None,
     max_voxels: int = MAX_VOLUME_VOXELS,
 ) -> ScoreReport:
     """Score every stable study with the task's champion, one chunk of batches per transaction.
@@ -199,6 +250,8 @@ def score_stable(
     the site's routing rules (radflow.ingest.routing.rules_for(settings)); None means the packaged
     ones.
     ``cache_dir``: the preprocessing cache (``settings.cache_dir``); None decodes every image.
+    ``ids``: only these studies (those still pending), once: a shard of a backlog scored on
+    several machines at once (flows/process.py).
     ``max_voxels``: the largest series a volume task assembles (``settings.max_volume_voxels``).
     """
     started = time.perf_counter()
@@ -206,13 +259,22 @@ def score_stable(
     device = select_device()
     with unit_of_work(session_factory) as session:
         champion = require_champion(session, task.name)
-    network = load_network(store, champion, device)
-    cam_layer = champion.config.get("cam_layer", task.network.cam_layer)
+        variant = serving_variant(session, champion)
+    runner = load_runner(store, champion, variant, device, threads)
+    cam_layer = champion.config.get("cam_layer", task.network.cam_layer) if explain else None
+    network = None
+    if cam_layer or task.kind == "segmentation":
+        network = (
+            runner.network
+            if isinstance(runner, TorchRunner)
+            else load_network(store, champion, device)
+        )
     scorer = _Scorer(
         task=task,
         champion=champion,
+        runner=runner,
+        explainer=Explainer(network, cam_layer) if cam_layer and network is not None else None,
         network=network,
-        explainer=Explainer(network, cam_layer) if explain and cam_layer else None,
         device=device,
         batch_size=batch_size,
         store=store,
@@ -220,29 +282,36 @@ def score_stable(
         rules=rules,
         max_voxels=max_voxels,
     )
-    report = ScoreReport(model=champion.name)
+    report = ScoreReport(model=champion.name, runtime=runner.runtime.value)
     with (
         cpu_threads(threads),
         _heap_frozen(),
         ThreadPoolExecutor(1, thread_name_prefix="radflow-scoring-io") as io,
     ):
+        if ids is not None:
+            with session_factory() as session:
+                shard = _load_pending(session, champion, ids)
+            if shard:
+                _score_page(session_factory, scorer, shard, io, report)
+            report.seconds = time.perf_counter() - started
+            return report
         while True:
             with session_factory() as session:
-                ids = _pending_ids(session, champion, PENDING_PAGE)
-            if not ids:
+                page = _pending(session, champion, PENDING_PAGE)
+            if not page:
                 report.seconds = time.perf_counter() - started
                 return report
-            _score_page(session_factory, scorer, ids, io, report)
+            _score_page(session_factory, scorer, page, io, report)
 
 
 def _score_page(
     session_factory: sessionmaker[Session],
     scorer: _Scorer,
-    ids: Sequence[int],
+    page: Sequence[_Pending],
     io: ThreadPoolExecutor,
     report: ScoreReport,
 ) -> None:
-    """Score a page of pending ids, a chunk at a time, the database work beside the network.
+    """Score a page of pending studies, a chunk at a time, the database work beside the network.
 
     The network spends most of its time in PyTorch kernels, outside the GIL; meanwhile the
     ``io`` thread reads the next chunk (rows, cached tensors) and writes the previous one's
@@ -250,7 +319,7 @@ def _score_page(
     the latest one chunk later; its studies stay pending for the next run).
     """
     size = scorer.batch_size * BATCHES_PER_TRANSACTION
-    parts = [ids[i : i + size] for i in range(0, len(ids), size)]
+    parts = [page[i : i + size] for i in range(0, len(page), size)]
     upcoming = io.submit(_read_chunk, session_factory, scorer, parts[0])
     writing: Future[int] | None = None
     for part in [*parts[1:], None]:
@@ -287,8 +356,9 @@ class _Chunk:
 
     started: float
     studies: list[_Pending]
-    images: torch.Tensor
+    images: torch.Tensor | list[np.ndarray]  # a list for segmentation: sizes differ
     items: list[CacheItem] = field(default_factory=list)  # each study's input, as cached
+    sources: list[str] = field(default_factory=list)  # each study's routed image (object key)
     ended: list[_Ended] = field(default_factory=list)  # studies that end unscored
     no_model: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -296,16 +366,16 @@ class _Chunk:
 
 
 def _read_chunk(
-    session_factory: sessionmaker[Session], scorer: _Scorer, ids: Sequence[int]
+    session_factory: sessionmaker[Session], scorer: _Scorer, pending: Sequence[_Pending]
 ) -> _Chunk:
-    """The studies of ``ids`` still pending, routed, with their images.
+    """The studies of a chunk, routed, with their images.
 
-    Reads only: the chunk's writes happen in :func:`_score_chunk`'s transaction, so a chunk read
-    ahead holds no lock (SQLite) while the one before it commits.
+    Reads only: the chunk's writes happen in :func:`_write_chunk`'s transaction, which scores
+    only the studies still pending then (a study scored or reopened meanwhile is left alone); a
+    chunk read ahead holds no lock (SQLite) while the one before it commits.
     """
     started = time.perf_counter()
     with session_factory() as session:
-        pending = _load_pending(session, scorer.champion, ids)
         routes = route_studies(
             session,
             [study.id for study in pending],
@@ -314,17 +384,17 @@ def _read_chunk(
             max_voxels=scorer.max_voxels,
         )
     ended: list[_Ended] = []
-    routable: list[tuple[_Pending, CacheItem]] = []
+    routable: list[tuple[_Pending, Image, CacheItem]] = []
     for study in pending:
         routed = routes[study.id]
         if routed.instance is None:
             ended.append(_Ended(study.id, StudyStatus.NO_MODEL, routed.reason or ""))
         else:
             image = routed.instance
-            routable.append((study, cache_item(image.sha256, image.object_key, routed.plan)))
-    arrays, stats = scorer.cache.arrays(scorer.store, [item for _, item in routable])
-    failed, ok, images, items = {}, [], [], []
-    for (study, item), array in zip(routable, arrays, strict=True):
+            routable.append((study, image, cache_item(image.sha256, image.object_key, routed.plan)))
+    arrays, stats = scorer.cache.arrays(scorer.store, [item for _, _, item in routable])
+    failed, ok, images, items, sources = {}, [], [], [], []
+    for (study, image, item), array in zip(routable, arrays, strict=True):
         if isinstance(array, NotAVolume):
             # What only the pixels show (a multi-frame instance's frames): not applicable.
             reason = f"no series for {scorer.task.name} (loading the series: {array})"
@@ -338,9 +408,10 @@ def _read_chunk(
             ok.append(study)
             images.append(array)
             items.append(item)
+            sources.append(image.object_key)
     no_model = sum(e.status == StudyStatus.NO_MODEL for e in ended)
-    stacked = scorer.cache.stack(images)
-    return _Chunk(started, ok, stacked, items, ended, no_model, failed, stats)
+    batch = images if scorer.task.kind == "segmentation" else scorer.cache.stack(images)
+    return _Chunk(started, ok, batch, items, sources, ended, no_model, failed, stats)
 
 
 class _Ended(NamedTuple):
@@ -365,7 +436,18 @@ def _infer_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> _Scored
     if not chunk.studies:
         return _Scored(np.zeros(0), [])
     inferring = time.perf_counter()
-    scores, derived = _infer(scorer, chunk.studies, chunk.images, chunk.items)
+    if isinstance(chunk.images, list):
+        scores, derived = segment_studies(
+            scorer.store,
+            scorer.task,
+            scorer.champion,
+            scorer.torch_network(),
+            scorer.device,
+            [(s.study_uid, key) for s, key in zip(chunk.studies, chunk.sources, strict=True)],
+            chunk.images,
+        )
+    else:
+        scores, derived = _infer(scorer, chunk.studies, chunk.images, chunk.items)
     report.network_seconds += time.perf_counter() - inferring
     return _Scored(scores, derived)
 
@@ -380,7 +462,7 @@ def _write_chunk(
     """
     with unit_of_work(session_factory) as session:
         ids = [study.id for study in chunk.studies] + [study.id for study in chunk.ended]
-        still = {study.id for study in _load_pending(session, scorer.champion, ids)}
+        still = _still_pending(session, scorer.champion, ids)
         if ended := [study for study in chunk.ended if study.id in still]:
             _set_aside(session, scorer.champion, ended)
         keep = [i for i, study in enumerate(chunk.studies) if study.id in still]
@@ -418,7 +500,10 @@ def _set_aside(session: Session, champion: ModelVersion, ended: Sequence[_Ended]
         ],
     )
     ids = [study.id for study in ended]
-    current = dict(session.execute(select(Study.id, Study.status).where(Study.id.in_(ids))).all())
+    current = {
+        row.id: row.status
+        for row in session.execute(select(Study.id, Study.status).where(Study.id.in_(ids)))
+    }
     outcomes: dict[int, list[tuple[StudyStatus, str]]] = {i: [] for i in ids}
     for study_id, status, reason in session.execute(
         select(TaskOutcome.study_id, TaskOutcome.status, TaskOutcome.reason)
@@ -450,14 +535,15 @@ def _infer(
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Scores, and with an explainer each study's stored heat map key."""
     if scorer.explainer is None:
-        return predict(scorer.network, batch, scorer.device, scorer.batch_size), [
-            {} for _ in studies
-        ]
+        return scorer.runner.predict(batch, scorer.batch_size), [{} for _ in studies]
     scores, maps = [], []
     for part in torch.split(batch, scorer.batch_size):
         part_scores, part_maps = scorer.explainer(part, scorer.device)
         scores.append(part_scores)
         maps.append(part_maps)
+    if scorer.runner.runtime != VariantRuntime.TORCH_FP32:
+        # Grad-CAM's forward pass gave the PyTorch scores; the served runtime gives the score.
+        scores = [scorer.runner.predict(batch, scorer.batch_size)]
     task, version = scorer.task.name, scorer.champion.version
     name = GRADCAM_VOLUME_NAME if scorer.task.takes_series else GRADCAM_NAME
     map_keys = [keys.derived(s.study_uid, task, version, name) for s in studies]
@@ -477,12 +563,15 @@ def _record(
     """The chunk's predictions in one INSERT; then its studies SCORED, with triage pointers."""
     task, champion = scorer.task, scorer.champion
     created = utcnow()
-    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again.
+    # A Core INSERT on the table: the ORM's bulk path would inspect every row dict again. The
+    # new ids come back with their study ids, in no particular order: asking SQLAlchemy for
+    # them in parameter order made it insert (and fetch) one row at a time on SQLite, which
+    # cost as much as the int8 network's whole forward pass.
     table: Table = Prediction.__table__  # type: ignore[assignment]  # mapped to a Table
-    ids = (
+    rows = (
         session.connection()
-        .scalars(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True),
+        .execute(
+            insert(table).returning(table.c.study_id, table.c.id),
             [
                 {
                     "study_id": study.id,
@@ -494,18 +583,20 @@ def _record(
                     "latency_ms": latency_ms,
                     "created_at": created,
                     "superseded": False,
+                    "runtime": scorer.runner.runtime,
                 }
                 for study, score, keys_out in zip(studies, scores, derived, strict=True)
             ],
         )
         .all()
     )
+    inserted: dict[int, int] = {int(study_id): int(new_id) for study_id, new_id in rows}
     # A bulk INSERT skips the per-row ORM hook, so the triage pointers move here, in bulk.
     triage.advance(
         session.connection(),
         [
-            triage.Move(study.id, prediction_id, triage.rank(float(score), champion.threshold))
-            for study, prediction_id, score in zip(studies, ids, scores, strict=True)
+            triage.Move(study.id, inserted[study.id], triage.rank(float(score), champion.threshold))
+            for study, score in zip(studies, scores, strict=True)
         ],
         status=StudyStatus.SCORED,
         status_reason=None,

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 from tqdm import tqdm
 
+from radflow import leases
 from radflow.db import (
     EvaluationSet,
     Label,
@@ -29,13 +30,21 @@ from radflow.db.base import utcnow
 from radflow.dicom.geometry import SeriesPlan
 from radflow.errors import NotEnoughLabels
 from radflow.ingest.routing import RoutingRules, route_studies, rules_for
+from radflow.learning import segmentation
 from radflow.learning.cache import CacheItem, CacheStats, PreprocessCache, cache_item
 from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_device
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
 from radflow.learning.inference import load_network, predict
 from radflow.learning.registry import champion, judge, register
-from radflow.learning.retrain import TrainingInProgress, running_run
+from radflow.learning.retrain import (
+    TRAINING_LEASE,
+    TrainingInProgress,
+    lease_name,
+    mark_abandoned,
+    running_run,
+)
 from radflow.learning.tasks import Task, get_task
+from radflow.leases import LeaseState
 from radflow.settings import MAX_VOLUME_VOXELS, Settings
 from radflow.store import ObjectStore
 
@@ -53,6 +62,8 @@ class Example:
     sha256: str = ""  # the image's content digest: the preprocessing cache key
     study_id: int = 0
     split: str | None = None  # the dataset split the label came with (import), if any
+    study_uid: str = ""
+    value: str = ""  # the label as stored (a segmentation label names its mask)
     series: SeriesPlan | None = None  # a series task's input, in place of the one image
 
     def cached(self) -> CacheItem:
@@ -69,7 +80,14 @@ def labelled_examples(
 ) -> list[Example]:
     """The latest label of each labelled study for ``task`` that has a routable input."""
     labels = session.execute(
-        select(Label.id, Label.study_id, Label.value, Label.split, Patient.pseudonym)
+        select(
+            Label.id,
+            Label.study_id,
+            Label.value,
+            Label.split,
+            Patient.pseudonym,
+            Study.study_uid,
+        )
         .join(Study, Study.id == Label.study_id)
         .join(Patient, Patient.id == Study.patient_id)
         .where(Label.task == task.name)
@@ -92,6 +110,8 @@ def labelled_examples(
                     sha256=routed.instance.sha256,
                     study_id=label.study_id,
                     split=label.split,
+                    study_uid=label.study_uid,
+                    value=label.value,
                     series=routed.plan,
                 )
             )
@@ -251,17 +271,56 @@ def train_task(
     progress: bool = True,
     actor: str = "radflow",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    holder: str | None = None,
+    taken_over: Callable[[LeaseState], None] | None = None,
 ) -> ModelVersion:
     """Train a new version of ``task_name`` on every labelled study, evaluate and register it.
 
     The version becomes champion only if it beats the current one on the evaluation set
     (radflow.learning.evaluation.decide); the decision and its reason are stored either way.
+    One training per task at a time: it holds the task's lease (radflow.learning.retrain)
+    while it runs, as ``holder`` (default: this host and process), and raises
+    TrainingInProgress when a live training holds it. ``taken_over``: told about the holder of
+    an expired lease taken over (its runs are marked abandoned here).
     """
     task = get_task(task_name)
+    holder = holder or leases.this_process()
+    name = lease_name(task.name)
+    attempt = leases.try_acquire(session_factory, name, holder, TRAINING_LEASE)
+    if not attempt.ok:
+        with session_factory() as session:
+            busy = running_run(session, task.name)
+        raise TrainingInProgress(task.name, busy.id if busy else None, attempt.current)
+    with leases.Renewed(session_factory, name, holder, TRAINING_LEASE):
+        if attempt.taken_over is not None:
+            _abandon_dead(session_factory, task.name, attempt.taken_over, taken_over)
+        return _train(settings, session_factory, store, task, progress, actor, on_epoch)
+
+
+def _abandon_dead(
+    session_factory: sessionmaker[Session],
+    task: str,
+    dead: LeaseState,
+    taken_over: Callable[[LeaseState], None] | None,
+) -> None:
+    reason = f"its lease expired: {dead.describe()} stopped renewing it (its process died)"
     with unit_of_work(session_factory) as session:
-        busy = running_run(session, task.name)
-        if busy is not None:
-            raise TrainingInProgress(task.name, busy.id)
+        abandoned = mark_abandoned(session, task, reason)
+    logger.warning("training runs %s of %s abandoned: %s", abandoned, task, reason)
+    if taken_over is not None:
+        taken_over(dead)
+
+
+def _train(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    task: Task,
+    progress: bool,
+    actor: str,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> ModelVersion:
+    with unit_of_work(session_factory) as session:
         examples = labelled_examples(
             session, task, rules_for(settings), max_voxels=settings.max_volume_voxels
         )
@@ -288,8 +347,11 @@ def train_task(
         len(split.val),
         split.policy,
     )
+    trainer = (
+        segmentation.train_and_register if task.kind == "segmentation" else _train_and_register
+    )
     try:
-        version = _train_and_register(
+        version = trainer(
             settings, session_factory, store, task, run.id, split, progress, actor, on_epoch
         )
     except BaseException as exc:
@@ -381,8 +443,15 @@ def _train_and_register(
 
 
 def _check_enough(task: Task, examples: Sequence[Example], what: str = "labelled") -> None:
-    positives = sum(e.target for e in examples)
     least = task.plan.min_labels if what == "labelled" else 2
+    if task.kind == "segmentation":
+        if len(examples) < least:
+            raise NotEnoughLabels(
+                f"{task.name} needs at least {least} {what} studies with a mask; found "
+                f"{len(examples)}. Import or upload more masks, then train again."
+            )
+        return
+    positives = sum(e.target for e in examples)
     if len(examples) < least or positives < 1 or positives == len(examples):
         raise NotEnoughLabels(
             f"{task.name} needs at least {least} {what} studies with both "

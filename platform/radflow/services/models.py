@@ -1,9 +1,12 @@
-"""The models page: versions per task, their evaluation, promotion, rollback and retraining.
+"""The models page: versions per task, their evaluation, runtime variants, promotion, serving,
+rollback and retraining.
 
 Evaluation is computed from what the database holds: each version's predictions on studies that
 carry a label, preferring labels the version was not trained on (reviews after its training).
 Promotion and rollback change ``ModelVersion.status`` here, audited; the learning loop's
-evaluation gate decides automatically, these are the ML engineer's manual overrides.
+evaluation gate decides automatically, these are the ML engineer's manual overrides. Serving
+chooses the runtime a version scores in (radflow.learning.variants), among the variants that
+passed their non-inferiority check; it is audited and rolled back the same way.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from sklearn.metrics import roc_curve
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from radflow.db import Label, ModelStatus, ModelVersion, Prediction, TrainingRun
+from radflow.db import (
+    Label,
+    ModelStatus,
+    ModelVariant,
+    ModelVersion,
+    Prediction,
+    TrainingRun,
+    VariantRuntime,
+)
 from radflow.db.audit import record
 from radflow.errors import RadflowError
-from radflow.learning import registry
+from radflow.learning import registry, variants
 from radflow.learning.tasks import get_task
 from radflow.services.users import Permission, Principal, require
 
@@ -44,6 +55,23 @@ class PromotionNeedsReason(RadflowError, ValueError):
 
 
 @dataclass(frozen=True)
+class VariantSummary:
+    """One runtime of a version as measured on the task's evaluation set."""
+
+    runtime: str
+    size_mb: float
+    images_per_second: float | None
+    speedup: float | None
+    """Throughput over the PyTorch weights', measured in the same run."""
+    auc: float | None
+    auc_delta: float | None
+    """Its AUC minus the PyTorch weights' AUC on the same studies."""
+    passed: bool
+    serving: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class VersionSummary:
     id: int
     task: str
@@ -56,6 +84,14 @@ class VersionSummary:
     """How many labels the version was trained on (0 if unknown)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """Per-epoch rows of its training run (epoch, train_loss, val_auc, ...)."""
+    variants: list[VariantSummary] = field(default_factory=list)
+    """Its runtime variants (empty until compressed), PyTorch fp32 first."""
+
+    @property
+    def serving(self) -> str:
+        """The runtime it scores in (while champion)."""
+        chosen = next((v.runtime for v in self.variants if v.serving), None)
+        return chosen or VariantRuntime.TORCH_FP32.value
 
     @property
     def name(self) -> str:
@@ -86,13 +122,43 @@ def list_versions(session: Session, principal: Principal) -> dict[str, list[Vers
         .outerjoin(TrainingRun, TrainingRun.id == ModelVersion.training_run_id)
         .order_by(ModelVersion.task, ModelVersion.version.desc())
     ).all()
+    by_version: dict[int, list[VariantSummary]] = {}
+    order = list(VariantRuntime)
+    for variant in sorted(
+        session.scalars(select(ModelVariant)), key=lambda v: order.index(v.runtime)
+    ):
+        by_version.setdefault(variant.model_version_id, []).append(_variant(variant))
     out: dict[str, list[VersionSummary]] = {}
     for version, run in rows:
-        out.setdefault(version.task, []).append(_summary(version, run))
+        out.setdefault(version.task, []).append(
+            _summary(version, run, by_version.get(version.id, []))
+        )
     return out
 
 
-def _summary(version: ModelVersion, run: TrainingRun | None) -> VersionSummary:
+def _variant(variant: ModelVariant) -> VariantSummary:
+    metrics = variant.metrics or {}
+
+    def number(name: str) -> float | None:
+        value = metrics.get(name)
+        return float(value) if isinstance(value, int | float) else None
+
+    return VariantSummary(
+        runtime=variant.runtime.value,
+        size_mb=variant.size_bytes / 1e6,
+        images_per_second=number("images_per_second"),
+        speedup=number("speedup"),
+        auc=number("auc"),
+        auc_delta=number("auc_delta"),
+        passed=variant.passed,
+        serving=variant.serving,
+        reason=variant.reason,
+    )
+
+
+def _summary(
+    version: ModelVersion, run: TrainingRun | None, variants: list[VariantSummary]
+) -> VersionSummary:
     epochs = (run.history or {}).get("epochs", []) if run is not None else []
     return VersionSummary(
         id=version.id,
@@ -104,6 +170,7 @@ def _summary(version: ModelVersion, run: TrainingRun | None) -> VersionSummary:
         created_at=version.created_at,
         label_snapshot=len(run.label_ids) if run is not None else 0,
         history=[dict(row) for row in epochs if isinstance(row, dict)],
+        variants=variants,
     )
 
 
@@ -228,6 +295,20 @@ def rollback(session: Session, principal: Principal, task: str) -> ModelVersion:
     """Put back the champion the current one replaced (the registry's rule, audited there)."""
     require(principal, Permission.PROMOTE)
     return registry.rollback(session, task, actor=principal.name)
+
+
+def serve(session: Session, principal: Principal, task: str, version: int, runtime: str) -> str:
+    """Make ``runtime`` the one ``task`` version ``version`` scores in; returns the one before.
+    Only a variant that passed its non-inferiority check may (the variants module's rule)."""
+    require(principal, Permission.PROMOTE)
+    target = registry.get_version(session, task, version)
+    return variants.serve(session, target, runtime, actor=principal.name).value
+
+
+def rollback_serving(session: Session, principal: Principal, task: str) -> str:
+    """Serve again the runtime the champion served before its runtime was last chosen."""
+    require(principal, Permission.PROMOTE)
+    return variants.rollback_serving(session, task, actor=principal.name).value
 
 
 def request_retrain(session: Session, principal: Principal, task: str) -> None:

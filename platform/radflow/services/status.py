@@ -21,9 +21,8 @@ from radflow.settings import Settings
 
 
 def platform_status(session: Session, settings: Settings | None = None) -> dict[str, Any]:
-    by_status = dict(
-        session.execute(select(Study.status, func.count()).group_by(Study.status)).all()
-    )
+    rows = session.execute(select(Study.status, func.count()).group_by(Study.status)).all()
+    by_status: dict[StudyStatus, int] = {status: count for status, count in rows}
     champions = session.scalars(
         select(ModelVersion).where(ModelVersion.status == ModelStatus.CHAMPION)
     ).all()

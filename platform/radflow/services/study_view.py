@@ -28,6 +28,7 @@ from radflow.db import (
     Series,
     Study,
     TaskOutcome,
+    VariantRuntime,
 )
 from radflow.db.audit import record
 from radflow.errors import RadflowError
@@ -91,6 +92,23 @@ class PredictionView:
     """Probability per label value, as the model reported it."""
     derived_keys: dict[str, str] = field(default_factory=dict)
     """Object keys of what the model produced besides the score: "gradcam", "mask", ..."""
+    runtime: str = VariantRuntime.TORCH_FP32.value
+    """Which variant of the model computed the score (radflow.db.ModelVariant)."""
+
+    @property
+    def compressed(self) -> bool:
+        return self.runtime != VariantRuntime.TORCH_FP32.value
+
+    @property
+    def provenance(self) -> str | None:
+        """What the page says when the score came from a compressed variant (None otherwise)."""
+        if not self.compressed:
+            return None
+        maps = "; its heat map from the PyTorch weights" if self.gradcam_key else ""
+        return (
+            f"Score from the {self.runtime} variant of {self.model}, which passed its "
+            f"non-inferiority check against the PyTorch weights{maps}."
+        )
 
     @property
     def gradcam_key(self) -> str | None:
@@ -272,6 +290,7 @@ def _prediction_views(session: Session, study_id: int) -> list[PredictionView]:
             model_version_id=p.model_version_id,
             scores={str(k): float(v) for k, v in (p.scores or {}).items()},
             derived_keys={str(k): str(v) for k, v in (p.derived_keys or {}).items() if v},
+            runtime=VariantRuntime(p.runtime).value,
         )
         for p in predictions
     ]

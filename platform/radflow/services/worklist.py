@@ -190,7 +190,7 @@ def _filtered(
     return stmt.where(*conditions)
 
 
-def _rows_query(page: Any) -> Select[*tuple[Any, ...]]:
+def _rows_query(page: Any) -> Select[Any]:
     return (
         select(
             Study.study_uid,

@@ -3,6 +3,7 @@
 originals/<study UID>/<series UID>/<SOP instance UID>.<digest>.dcm   the received DICOM, untouched
 derived/<study UID>/<task>/v<version>/<name>                 heat maps, masks, reports
 models/<task>/v<version>/<name>                              weights and bundles
+labels/<study UID>/<task>/<name>                             ground-truth masks
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def original(study_uid: str, series_uid: str, sop_instance_uid: str, sha256: str
 
 def derived(study_uid: str, task: str, version: int, name: str) -> str:
     return f"derived/{check_uid(study_uid)}/{_check_name(task)}/v{version}/{_check_name(name)}"
+
+
+def label(study_uid: str, task: str, name: str) -> str:
+    return f"labels/{check_uid(study_uid)}/{_check_name(task)}/{_check_name(name)}"
 
 
 def model(task: str, version: int, name: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 from factories import dicom_bytes
 from peers import AE_TITLE, echoscu, free_port, peer_env, radflow_env, tool, wait_for_port
 from pydicom.uid import generate_uid
+from servers import PrefectServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -151,3 +152,38 @@ def test_a_worker_that_stops_leaves_the_shared_socket_to_the_others(
     finally:
         workers[1].stop()
         listener.close()
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+@pytest.mark.parametrize("receiver_path", ["fast"], indirect=True)
+def test_the_receiver_logs_where_it_listens_and_the_events_it_emits(
+    receiver_settings: Settings, tmp_path: Path, no_waiting_runs: PrefectServer
+) -> None:
+    """Defect 5: workers logged ``listening on 0.0.0.0`` (their settings) while bound to the
+    127.0.0.1 of ``--host``; the stable-study event never showed in the log."""
+    settings = receiver_settings.model_copy(
+        update={"receiver_workers": 2, "receiver_host": "0.0.0.0", "stable_after_seconds": 0.2}
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "cli.main", "receive", "--host", "127.0.0.1"]
+    log = tmp_path / "receive.log"
+    with log.open("wb") as out:
+        supervisor = subprocess.Popen(
+            [*command, "--port", str(port)],
+            env={**radflow_env(settings), **no_waiting_runs.env()},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(port, supervisor)
+        _send_in_parallel(port, _series(tmp_path / "study")[:1])
+        deadline = time.monotonic() + 60
+        while "radflow.study.stable event emitted" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(60)
+    text = log.read_text()
+    assert text.count(f"listening on 127.0.0.1:{port}") == 2, text
+    assert "0.0.0.0" not in text

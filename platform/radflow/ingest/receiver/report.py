@@ -46,7 +46,18 @@ def spool_report(spool: Path, min_free_bytes: int, max_used_percent: float) -> d
         "min_free_bytes": min_free_bytes,
         "max_used_percent": max_used_percent,
         "indexers": indexers,
+        "indexing": _indexing(indexers),
     }
+
+
+def _indexing(indexers: dict[str, dict[str, Any]]) -> str:
+    """Whether indexing is "running" (an indexer alive), "failed" (one died or was killed) or
+    "not running"."""
+    if any(health["alive"] for health in indexers.values()):
+        return "running"
+    if any(health["state"] in (DEAD, GONE) for health in indexers.values()):
+        return "failed"
+    return "not running"
 
 
 def _existing(folder: Path) -> Path:

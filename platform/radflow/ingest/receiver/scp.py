@@ -186,10 +186,13 @@ class Receiver:
                 listen_fd=self.listen_fd,
                 on_refused=self._on_refused_pdu,
             )
+        # The socket's own address: a worker inherits a socket bound by its supervisor (to
+        # --host), which its own settings' receiver_host need not match.
+        bound_host = self._server.server_address[0]
         logger.info(
             "DICOM receiver %s listening on %s:%d, spool %s (%s path)",
             self.ae_title,
-            self.host,
+            bound_host,
             self.port,
             self.spool.root,
             "plain" if fast is None else "fast",

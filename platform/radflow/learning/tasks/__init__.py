@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from radflow.errors import UnknownTask
-from radflow.learning.tasks import adrenal_ct_3d, adrenal_ct_seq, pneumonia_cxr
+from radflow.learning.tasks import adrenal_ct_3d, adrenal_ct_seq, pneumonia_cxr, retina_vessels
 from radflow.learning.tasks.base import (
     EvaluationPolicy,
     NetworkSpec,
     OperatingPoint,
     Route,
+    SlidingWindow,
     Task,
     TaskKind,
     TrainingPlan,
 )
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (pneumonia_cxr.TASK, adrenal_ct_3d.TASK, adrenal_ct_seq.TASK)
+    t.name: t
+    for t in (pneumonia_cxr.TASK, retina_vessels.TASK, adrenal_ct_3d.TASK, adrenal_ct_seq.TASK)
 }
 """Every task, in declaration order; the first is the default."""
 
@@ -25,6 +27,7 @@ __all__ = [
     "NetworkSpec",
     "OperatingPoint",
     "Route",
+    "SlidingWindow",
     "Task",
     "TaskKind",
     "TrainingPlan",

@@ -8,12 +8,16 @@ undoes: received CT in Hounsfield units and imported volumes reach the network a
 
 from __future__ import annotations
 
-from monai.transforms import Compose, RandFlip
+from typing import TYPE_CHECKING
+
 from pydicom.sr.coding import Code
 
 from radflow.dicom.codes import ResultCoding
 from radflow.dicom.writer import ABDOMEN_WINDOW, window_range
 from radflow.learning.tasks.base import NetworkSpec, OperatingPoint, Route, Task, TrainingPlan
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 SPATIAL_SIZE = (28, 28, 28)
 
@@ -76,6 +80,8 @@ CODING = ResultCoding(finding=Code("4147007", "SCT", "Mass"))
 def augmentation() -> Compose:
     """Mirror images along every axis: left and right glands are mirror images, and the same
     shape may lie either way up. (A random affine per volume cost more than the network.)"""
+    from monai.transforms import Compose, RandFlip
+
     return Compose([RandFlip(prob=0.5, spatial_axis=axis) for axis in range(3)])
 
 

@@ -4,12 +4,12 @@ A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows,
 dashboard never hard-code task details.
 
 The seams for the task kinds are here, not in the callers: ``kind`` names the family
-(``binary-classification`` on one 2D image; ``classification-3d`` and
+(``binary-classification`` on one 2D image and 2D ``segmentation``; ``classification-3d`` and
 ``sequence-classification`` on a series assembled into a volume, radflow.dicom.volume; the
 others are declared, not built), ``network`` is a MONAI config (so a bundle can be exported and
-re-imported for any network), ``inference`` says how a network sees an image (whole, or through
-a sliding window for large 3D volumes), and ``operating_point`` / ``evaluation`` say how a
-version is judged.
+re-imported for any network), ``inference`` and ``window`` say how a network sees an image
+(whole, or through a sliding window for images larger than a patch), and ``operating_point`` /
+``evaluation`` say how a version is judged.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pydoc import locate
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from monai import transforms as monai_transforms
-from monai.bundle.config_item import ComponentLocator
-from monai.transforms import Compose
-from torch import nn
+# MONAI and PyTorch are imported where a network or a transform is built, not here: the task
+# registry is read by light commands too (`radflow label` validates a value against the task's
+# labels), and importing MONAI costs seconds.
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+    from torch import nn
 
 from radflow.dicom.codes import ResultCoding
 
 TaskKind = Literal[
     "binary-classification",  # one 2D image (the middle frame of a multi-frame instance)
+    "segmentation",  # 2D: a mask per image (radflow.learning.segmentation)
     "classification-3d",  # a series as one volume
     "sequence-classification",  # a series as an ordered stack: slices in space, or frames in time
     # Declared so that configuration and code paths can name them; not built yet.
@@ -65,6 +68,26 @@ class TrainingPlan:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     min_labels: int = 20
+    # Segmentation: patches drawn from each training image per epoch (half centred on the
+    # structure, half on any pixel of the region that counts).
+    patches_per_image: int = 16
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How a segmentation network sees an image larger than its patch (MONAI
+    ``SlidingWindowInferer``): ``roi_size`` is also the training patch size; ``mode`` "gaussian"
+    weighs each window's centre over its borders where windows overlap, "constant" averages."""
+
+    roi_size: tuple[int, ...]
+    overlap: float = 0.5
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = 0.125
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError("sliding-window overlap must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,8 @@ class NetworkSpec:
     def build(self) -> nn.Module:
         """The network. Only a torch module class is instantiated: a config (from a bundle
         someone sends) that names any other callable is refused before it is called."""
+        from torch import nn
+
         cls = locate(_qualified(self.target))
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ValueError(f"network target {self.target!r} is not an importable torch module")
@@ -108,6 +133,8 @@ def _qualified(target: str) -> str:
     alone ("Classifier"), which MONAI's own locator resolves."""
     if "." in target:
         return target
+    from monai.bundle.config_item import ComponentLocator
+
     module = ComponentLocator().get_component_module_name(target)
     if isinstance(module, list):  # several MONAI modules export the name: take the first
         module = module[0]
@@ -116,6 +143,10 @@ def _qualified(target: str) -> str:
 
 TransformConfig = Mapping[str, Any]
 
+MASK_PREFIX = "mask:"
+"""How a segmentation label's value starts: ``mask:<digest>`` names its stored mask
+(radflow.learning.masks)."""
+
 
 def compose(configs: tuple[TransformConfig, ...]) -> Compose:
     """MONAI transforms from bundle-style configs (``{"_target_": "Resize", ...}``).
@@ -123,21 +154,24 @@ def compose(configs: tuple[TransformConfig, ...]) -> Compose:
     Declaring deterministic preprocessing as data means the exported MONAI bundle's
     ``inference.json`` preprocessing is exactly the platform's.
     """
+    from monai import transforms as monai_transforms
+
     steps = []
     for config in configs:
         args = {k: v for k, v in config.items() if k != "_target_"}
         cls = getattr(monai_transforms, str(config["_target_"]))
         steps.append(cls(**args))
-    return Compose(steps)
+    return monai_transforms.Compose(steps)
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
     """How the score threshold is chosen on validation data: balancing sensitivity and
-    specificity (``youden``), the most accurate cut (``max-accuracy``), or the highest cut that
-    reaches ``target_sensitivity``."""
+    specificity (``youden``), the most accurate cut (``max-accuracy``), the highest cut that
+    reaches ``target_sensitivity``, or (segmentation) the pixel threshold with the best Dice
+    (``max-dice``)."""
 
-    policy: Literal["youden", "max-accuracy", "target-sensitivity"] = "youden"
+    policy: Literal["youden", "max-accuracy", "target-sensitivity", "max-dice"] = "youden"
     target_sensitivity: float = 0.9
 
     def __post_init__(self) -> None:
@@ -174,6 +208,8 @@ class Task:
     operating_point: OperatingPoint = field(default_factory=OperatingPoint)
     evaluation: EvaluationPolicy = field(default_factory=EvaluationPolicy)
     inference: Literal["whole-image", "sliding-window"] = "whole-image"
+    # Segmentation: patch size and sliding-window inference (required for that kind).
+    window: SlidingWindow | None = None
     # How results are coded in the SR and SEG sent to a PACS (radflow.dicom.sr, .seg).
     coding: ResultCoding = field(default_factory=ResultCoding)
     # Bump when the preprocessing code changes in a way its parameters do not show: it is part
@@ -201,7 +237,14 @@ class Task:
         return self.labels[1]
 
     def target(self, label_value: str) -> float:
-        """The training target for a stored label value."""
+        """The training target for a stored label value (a segmentation label: always 1)."""
+        if self.kind == "segmentation":
+            if not label_value.startswith(MASK_PREFIX):
+                raise ValueError(
+                    f"a label of segmentation task {self.name} is a stored mask "
+                    f"({MASK_PREFIX}<digest>), not {label_value!r}; import or upload a mask"
+                )
+            return 1.0
         if label_value not in self.labels:
             raise ValueError(
                 f"label {label_value!r} is not valid for task {self.name}; use one of {self.labels}"
@@ -230,4 +273,5 @@ class Task:
             "plan": self.plan.__dict__,
             "operating_point": self.operating_point.__dict__,
             "preprocessing_digest": self.preprocessing_digest(),
+            **({"window": self.window.__dict__} if self.window else {}),
         }

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from monai.transforms import (
-    Compose,
-    RandAdjustContrast,
-    RandAffine,
-    RandGaussianNoise,
-)
+from typing import TYPE_CHECKING
+
 from pydicom.sr.coding import Code
 
 from radflow.dicom.codes import ResultCoding
 from radflow.learning.tasks.base import NetworkSpec, OperatingPoint, Route, Task, TrainingPlan
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 SPATIAL_SIZE = (32, 32)
 
@@ -53,6 +52,8 @@ PREPROCESSING = (
 
 
 def _augmentation() -> Compose:
+    from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+
     return Compose(
         [
             RandAffine(

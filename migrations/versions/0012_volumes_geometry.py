@@ -1,7 +1,7 @@
 """volumes: instance geometry for series assembly, and each task's outcome per study
 
 Revision ID: volumes_geometry
-Revises: security_hardening
+Revises: production_leases
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "volumes_geometry"
-down_revision: str | None = "security_hardening"
+down_revision: str | None = "production_leases"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,283 @@
+"""The production shape on a live Prefect server (the session's ``prefect server start``).
+
+Each test here covers a way production broke while no test ran against a real server:
+schedules that never ran, listings answering 422, a killed worker blocking scoring, stable
+studies waiting for an event that was lost (or for a champion that came later), and a burst of
+studies flooding the server with cancelled runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from factories import make_user
+from live import Worker, flow_runs, wait_until, worker_env
+from prefect import flow
+from servers import PrefectServer
+from sqlalchemy import func, select
+
+from demo.synthetic import write_cxr_studies
+from flows.deployments import deployments, retrain_deployment
+from flows.launcher import (
+    FLOW_RUN_HOLDER,
+    PROCESS_DEPLOYMENT,
+    event_run_waiting,
+    labels_recorded,
+    recent_flow_runs,
+)
+from flows.process import scoring_lease
+from flows.train import train_flow
+from flows.trigger import StabiliseResult, stabilise_and_process
+from radflow import ingest, leases
+from radflow.db import Prediction, Study, StudyStatus, unit_of_work
+from radflow.db.base import utcnow
+from radflow.learning.labels import add_label
+from radflow.learning.training import train_task
+from radflow.runtime import Runtime
+from radflow.services.users import Role
+from radflow.settings import Settings
+
+SCORED_WITHIN = 180.0  # generous: a flow run spawns a fresh Python that imports PyTorch, and the
+# server (SQLite) stalls for up to a minute on a loaded machine
+
+
+@flow(name="heartbeat-check")
+def _noop() -> None:
+    """A flow for the schedule test; it never needs to run."""
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_a_schedule_creates_runs(flow_env: Settings, prefect_api: PrefectServer) -> None:
+    """Defect 1: with SQLAlchemy 2.1 the server's scheduler failed every loop, no run was made."""
+    deployment = _noop.to_deployment(name="every-minute", interval=timedelta(minutes=1))
+    deployment.apply()
+    runs = wait_until(
+        lambda: flow_runs("heartbeat-check/every-minute"),
+        30,
+        lambda: "no scheduled run; server errors:\n" + "\n".join(prefect_api.log_errors()[-20:]),
+    )
+    assert all(run.state_name == "Scheduled" for run in runs)
+    assert not [line for line in prefect_api.log_errors() if "bulk DML" in line]
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_flows_and_runs_are_listed(flow_env: Settings, prefect_api: PrefectServer) -> None:
+    """Defect 2: listing answered 422 (`prefect flow-run ls`, the pipeline page)."""
+    _noop()
+    with Runtime.open(flow_env) as rt, unit_of_work(rt.session_factory) as session:
+        engineer = make_user(session, "max", Role.ML_ENGINEER)
+    rows = recent_flow_runs(engineer)
+    assert any(row.flow == "heartbeat-check" and row.state == "Completed" for row in rows)
+    env = worker_env(flow_env, prefect_api)
+    for command in (["flow-run", "ls"], ["deployment", "ls"], ["automation", "ls"]):
+        listed = subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert listed.returncode == 0, (command, listed.stdout[-2000:], listed.stderr[-2000:])
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_enough_label_events_start_the_retrain_deployment(
+    flow_env: Settings, prefect_api: PrefectServer, quick_task: str
+) -> None:
+    retrain_deployment(train_flow, threshold=3).apply()
+    since = utcnow()
+    labels_recorded(quick_task, 3)
+    # The deployment's hourly schedule makes runs of every task too (expected later, so they
+    # sort first): only the runs the events started count.
+    runs = wait_until(
+        lambda: [
+            r
+            for r in flow_runs("train/retrain", since)
+            if r.parameters.get("if_due") and not r.auto_scheduled
+        ],
+        60,
+        "3 label events did not start the retrain deployment",
+    )
+    assert runs[0].parameters["task_name"] == quick_task
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_a_new_champion_starts_scoring_of_the_studies_that_waited(
+    flow_env: Settings, process_deployment: None, quick_task: str, tmp_path: Path
+) -> None:
+    """Defect 4: studies stable before the first champion were never picked up after it."""
+    with Runtime.open(flow_env) as rt:
+        _labelled_studies(rt, quick_task, tmp_path / "in", 12)
+    since = utcnow()
+    assert train_flow(quick_task, progress=False)["status"] == "champion"
+    # Not the interval schedule's runs: one started for the studies that waited.
+    started = [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if not r.auto_scheduled]
+    assert started, "training a champion started no process run for the waiting studies"
+
+
+@pytest.fixture
+def workers(tmp_path: Path, no_waiting_runs: PrefectServer) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def process_deployment(flow_env: Settings, no_waiting_runs: PrefectServer) -> None:
+    """The process deployment and its trigger on the server, no worker serving it."""
+    for deployment in deployments("process", flow_env):
+        deployment.apply()
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_no_event_while_a_run_started_by_one_waits_to_start(
+    flow_env: Settings, process_deployment: None, tmp_path: Path
+) -> None:
+    """Defect 5: a trickle of studies on a busy machine started a process (a new Python
+    importing PyTorch) per study, each slowing the others. A run that has not started yet
+    reads the database when it does, so it takes the studies that became stable meanwhile."""
+    with Runtime.open(flow_env) as rt:
+        since = utcnow()
+        assert _stabilise(rt, _receive(rt, tmp_path / "first", 1)).emitted
+        wait_until(
+            lambda: [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if not r.auto_scheduled],
+            30,
+            "the event started no process run",
+        )
+        assert not _stabilise(rt, _receive(rt, tmp_path / "second", 1)).emitted
+    (run,) = [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if not r.auto_scheduled]
+    assert run.state_name == "Scheduled"
+
+
+@pytest.mark.postgres_s3
+@pytest.mark.parametrize("settings", ["postgres-s3"], indirect=True)
+def test_workers_on_two_machines_score_bursts_once_and_recover_from_a_kill(
+    flow_env: Settings,
+    prefect_api: PrefectServer,
+    quick_task: str,
+    tmp_path: Path,
+    workers: list[Worker],
+) -> None:
+    """The production shape: PostgreSQL, S3, a Prefect server, two workers with separate data
+    directories (two machines share nothing else).
+
+    - studies stable before any worker ran are scored by a worker's start-up reconcile;
+    - a burst arriving over several receiver passes starts one run per pass, none cancelled,
+      and every study is scored exactly once;
+    - killing the worker running a process run delays scoring by seconds: the other takes
+      over and marks the dead run Crashed (defect 3: the dead run held the deployment's only
+      slot for 5 minutes, and stayed Running).
+    """
+    with Runtime.open(flow_env) as rt:
+        waiting = _labelled_studies(rt, quick_task, tmp_path / "first", 12)
+        train_task(flow_env, rt.session_factory, rt.store, quick_task, progress=False)
+        for n in (1, 2):
+            env = worker_env(flow_env, prefect_api, data_dir=tmp_path / f"machine-{n}")
+            workers.append(Worker(env, tmp_path / f"worker-{n}.log").start())
+        for worker in workers:
+            worker.wait_serving()
+        _wait_scored(rt, waiting)
+
+        since = utcnow()
+        burst = []
+        for p in range(3):  # three receiver passes, ten studies each
+            burst.append(_receive(rt, tmp_path / f"burst-{p}", 10))
+            _stabilise(rt, burst[-1])
+        _wait_scored(rt, [uid for batch in burst for uid in batch])
+        runs = flow_runs(PROCESS_DEPLOYMENT, since)
+        assert not [r for r in runs if r.state_name == "Cancelled"]
+        assert len([r for r in runs if r.state_name == "Completed"]) <= 3 + 2  # + schedule
+        _assert_scored_once(rt)
+
+        # The machine of the worker running a process run dies (SIGKILL of the worker and its
+        # flow run); the other worker takes over the dead run's lease, marks it Crashed and
+        # scores what it left and what arrived since.
+        late = _receive(rt, tmp_path / "late", 5)
+        # A run the burst's events started and that has not started yet would take the late
+        # studies without a new event (flows/trigger.py): wait until none does.
+        wait_until(lambda: not event_run_waiting(), SCORED_WITHIN, "a process run never started")
+        since = utcnow()
+        assert _stabilise(rt, late).emitted
+        running = wait_until(
+            lambda: [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if r.state_name == "Running"],
+            SCORED_WITHIN,
+            "no process run started for the late studies",
+        )
+        name = f"'{running[0].name}'"  # the runner logs each run it starts by name
+        busy = wait_until(
+            lambda: [w for w in workers if name in w.output()],
+            30,
+            f"no worker's log names the running run {name}",
+        )
+        busy[0].kill()
+        with rt.session_factory() as session:
+            lease = leases.read(session, scoring_lease(quick_task))
+        after = _receive(rt, tmp_path / "after", 5)
+        _stabilise(rt, after)
+        _wait_scored(rt, late + after)
+        _assert_scored_once(rt)
+        states = {r.id: r.state_name for r in flow_runs(PROCESS_DEPLOYMENT, since)}
+        if lease is not None and lease.holder == f"{FLOW_RUN_HOLDER}{running[0].id}":
+            # Killed while scoring: whoever took its lease over marked it Crashed. (Killed
+            # before taking the lease, or after letting it go, it stays Running: no lease
+            # tells that it died.)
+            assert states[running[0].id] == "Crashed", states
+        assert "Cancelled" not in states.values(), states
+
+
+def _labelled_studies(rt: Runtime, task: str, folder: Path, n: int) -> list[str]:
+    studies = write_cxr_studies(folder, n, seed=5, size=64)
+    ingest.ingest_files(
+        ingest.find_files(folder),
+        settings=rt.settings,
+        session_factory=rt.session_factory,
+        store=rt.store,
+    )
+    with unit_of_work(rt.session_factory) as session:
+        ingest.mark_stable(session, {s.study_uid for s in studies})
+        for s in studies:
+            value = "pneumonia" if s.positive else "normal"
+            add_label(session, s.study_uid, task, value, source="test", author="tester")
+    return [s.study_uid for s in studies]
+
+
+def _receive(rt: Runtime, folder: Path, n: int) -> list[str]:
+    """``n`` studies indexed as the receiver indexes them: RECEIVING until they are quiet."""
+    studies = write_cxr_studies(folder, n, seed=hash(folder.name) % 1000, size=64)
+    ingest.ingest_files(
+        ingest.find_files(folder),
+        settings=rt.settings,
+        session_factory=rt.session_factory,
+        store=rt.store,
+    )
+    return [s.study_uid for s in studies]
+
+
+def _stabilise(rt: Runtime, uids: list[str]) -> StabiliseResult:
+    """One receiver pass after the quiet period: these studies become stable."""
+    result = stabilise_and_process(rt, now=utcnow() + timedelta(seconds=30))
+    assert {p.study_uid for p in result.promoted} >= set(uids) and result.mode == "event"
+    return result
+
+
+def _wait_scored(rt: Runtime, uids: list[str]) -> None:
+    def scored() -> bool:
+        with rt.session_factory() as session:
+            statuses = session.scalars(select(Study.status).where(Study.study_uid.in_(uids)))
+            return all(status == StudyStatus.SCORED for status in statuses)
+
+    wait_until(scored, SCORED_WITHIN, f"{len(uids)} studies not all scored in time")
+
+
+def _assert_scored_once(rt: Runtime) -> None:
+    with rt.session_factory() as session:
+        per_study = session.execute(
+            select(Prediction.study_id, func.count()).group_by(Prediction.study_id)
+        ).all()
+    assert per_study and all(count == 1 for _, count in per_study), per_study
