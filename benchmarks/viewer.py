@@ -139,7 +139,7 @@ def scroll(page: Any, steps: int) -> dict[str, Any]:
     frame, _ = _viewer(page)
 
     def timed(count: int) -> None:  # each step is timed at the frame after it
-        frame.wait_for_function(f"window.radflowViewer.steps.length === {count}")
+        frame.wait_for_function(f"() => window.radflowViewer.steps.length === {count}")
 
     page.get_by_role("heading", name="Study").first.click()  # the page has the focus
     for _ in range(steps):

@@ -571,7 +571,7 @@ def test_a_ct_scrolls_in_the_browser_and_shows_its_reformats(
     page.keyboard.press("PageDown")
     expect(root).to_have_attribute("data-index", str(start + 12))
     # Each step's time is taken at the frame after it: wait for the last one.
-    frame.wait_for_function("window.radflowViewer.steps.length === 9")
+    frame.wait_for_function("() => window.radflowViewer.steps.length === 9")
     steps = frame.evaluate("window.radflowViewer.steps")
     print(f"per-slice step in the browser: median {np.median(steps):.1f} ms, max {max(steps):.1f}")
     assert np.median(steps) < 100
