@@ -20,8 +20,10 @@ The last line printed is one JSON object: auc, acc, sensitivity, specificity, tr
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -66,6 +68,7 @@ def main() -> int:
         parser.error("give --test-npz, or --carve FRACTION to hold out part of the train split")
 
     work = Path(tempfile.mkdtemp(prefix="radflow-accuracy-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # gigabytes of images
     # A fresh platform: every RADFLOW_* location points into the temporary folder.
     for name in ("RADFLOW_DATABASE_URL", "RADFLOW_STORE_URL", "RADFLOW_INBOX_DIR"):
         os.environ.pop(name, None)
@@ -99,7 +102,7 @@ def main() -> int:
     print(f"imported {report.summary()} in {import_seconds:.0f} s", flush=True)
 
     started = time.perf_counter()
-    trained = train_flow(task, progress=sys.stderr.isatty())
+    trained = train_flow(task, progress=sys.stderr.isatty(), score_waiting=False)
     train_seconds = time.perf_counter() - started
     print(f"trained {trained['model']} in {train_seconds:.0f} s: val AUC {trained['auc']:.4f}")
 

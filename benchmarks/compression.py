@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -70,8 +71,11 @@ def main() -> int:
 
     from flows.embedded import run_settings
 
-    with run_settings():  # flow runs as the CLI and the receiver start them
-        return _measure(args, work)
+    try:
+        with run_settings():  # flow runs as the CLI and the receiver start them
+            return _measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _measure(args: argparse.Namespace, work: Path) -> int:
@@ -107,7 +111,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         )
     print(f"imported {imported.summary()}; test {test.summary()}", flush=True)
     started = time.perf_counter()
-    trained = train_flow(TASK, progress=False)
+    trained = train_flow(TASK, progress=False, score_waiting=False)
     print(f"trained {trained['model']} in {time.perf_counter() - started:.0f} s", flush=True)
 
     with Runtime.open(settings) as rt:
@@ -169,8 +173,6 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     _, run_overhead = _timed(process_flow, TASK)  # nothing left to score
 
     # Cold: the served variant through the flow with the preprocessing cache emptied.
-    import shutil
-
     new_champion(settings, served)
     shutil.rmtree(settings.cache_dir)
     cold, cold_seconds = _timed(process_flow, TASK)

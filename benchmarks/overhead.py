@@ -37,8 +37,10 @@ The last line is one JSON object with the ratios.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +83,7 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radflow-overhead-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # gigabytes of images
     for name in ("RADFLOW_DATABASE_URL", "RADFLOW_STORE_URL", "RADFLOW_INBOX_DIR"):
         os.environ.pop(name, None)
     os.environ["RADFLOW_DATA_DIR"] = str(work / "data")
@@ -94,7 +97,6 @@ def main() -> int:
 
 def _measure(args: argparse.Namespace, work: Path) -> int:
     import dataclasses
-    import shutil
     import statistics
 
     import torch
@@ -145,7 +147,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
         result = fn(*fn_args)
         return result, time.perf_counter() - started
 
-    first = train_flow(name, progress=False)  # fills the preprocessing cache
+    first = train_flow(name, progress=False, score_waiting=False)  # fills the preprocessing cache
     data_first, n_train = run_stats(first["model"])
     # The plain loop's data: the same tensors, in memory.
     with Runtime.open(settings) as rt, rt.session_factory() as session:
@@ -162,7 +164,7 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
     flow_ips, plain_ips, data_seconds = [], [], []
     for r in range(args.rounds):
         plain_ips.append(_plain_loop(task, train, val, device, threads, args.epochs))
-        retrained, seconds = timed(lambda: train_flow(name, progress=False))
+        retrained, seconds = timed(lambda: train_flow(name, progress=False, score_waiting=False))
         flow_ips.append(n_train * args.epochs / seconds)
         data_seconds.append(run_stats(retrained["model"])[0])
         print(

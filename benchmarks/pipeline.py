@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from sqlalchemy import delete, func, select, update
 
@@ -217,6 +218,11 @@ class Killer(threading.Thread):
         self.running_run: str | None = None
 
     def run(self) -> None:
+        # Prefect's temporary settings live in a context variable, which threads do not inherit.
+        with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
+            self._kill_once()
+
+    def _kill_once(self) -> None:
         time.sleep(self.after)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -496,6 +502,9 @@ def main() -> None:
     parser.add_argument("--dask-studies", type=int, default=300)
     parser.add_argument("--no-orthanc", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs of every process)"
+    )
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         raise SystemExit("needs DCMTK's storescu (apt-get install dcmtk)")
@@ -509,16 +518,21 @@ def main() -> None:
             SeaweedS3.start() as s3,
             PrefectServer.start() as prefect,
         ):
-            # Before Prefect is imported: this process asks the server about runs, and the
-            # Dask part's flows run against it.
+            # This process asks the server about runs, and the Dask part's flows run against
+            # it. Prefect read its settings when tests/flows/live.py imported it: the variables
+            # are for the processes started here, the temporary settings for this one.
             os.environ.update(prefect.env())
             servers = (pg, s3, prefect)
-            if not args.skip_pipeline:
-                result.update(pipeline(args, work, servers))
-            if args.dask_studies:
-                result.update(dask_scaling(args.dask_studies, work, servers))
+            with temporary_settings(updates={PREFECT_API_URL: prefect.api_url}):
+                if not args.skip_pipeline:
+                    result.update(pipeline(args, work, servers))
+                if args.dask_studies:
+                    result.update(dask_scaling(args.dask_studies, work, servers))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"work directory kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     report(result)
     print(json.dumps(result))
 

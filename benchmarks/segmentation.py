@@ -20,8 +20,10 @@ The last line printed is one JSON object: dice, auc, acc, sensitivity, specifici
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -55,6 +57,7 @@ def main() -> int:
         parser.error("give --test-dir, or --carve N to hold out N training images")
 
     work = Path(tempfile.mkdtemp(prefix="radflow-segmentation-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # gigabytes of images
     for name in ("RADFLOW_DATABASE_URL", "RADFLOW_STORE_URL", "RADFLOW_INBOX_DIR"):
         os.environ.pop(name, None)
     os.environ["RADFLOW_DATA_DIR"] = str(work / "data")
@@ -88,7 +91,7 @@ def main() -> int:
     print(f"imported {report.summary()} in {import_seconds:.0f} s", flush=True)
 
     started = time.perf_counter()
-    trained = train_flow(task, progress=sys.stderr.isatty())
+    trained = train_flow(task, progress=sys.stderr.isatty(), score_waiting=False)
     train_seconds = time.perf_counter() - started
     print(
         f"trained {trained['model']} in {train_seconds:.0f} s: evaluation-set Dice "

@@ -163,7 +163,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
                 task_name(args),
                 which=args.which,
                 unlabeled=args.unlabeled,
-                actor=_actor(),
+                actor=actor,
             )
             print(f"imported {report.dataset}: {report.summary()}")
             return 0

@@ -9,13 +9,21 @@ server, so any number of them can serve the same pool.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.automations import Automation
+from prefect.client.schemas.objects import (
+    ConcurrencyLimitConfig,
+    ConcurrencyLimitStrategy,
+    StateType,
+)
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.runner import Runner
 from prefect.schedules import Interval
 
@@ -34,6 +42,11 @@ PROCESS_INTERVAL = timedelta(seconds=60)
 """The reconciler's beat for scoring: a process run every minute scores whatever stable study
 no event started (each event starts one at once)."""
 RETRAIN_INTERVAL = timedelta(hours=1)
+
+HEARTBEAT_SECONDS = 30
+"""How often the flow runs a worker starts send a heartbeat (Prefect's minimum; its default 180)."""
+ZOMBIE_AUTOMATION = "radflow: crash flow runs whose heartbeats stopped"
+ZOMBIE_AFTER = timedelta(seconds=3 * HEARTBEAT_SECONDS)
 
 
 def deployments(pool: Pool, settings: Settings) -> list[RunnerDeployment]:
@@ -79,12 +92,54 @@ def serve_all(
     was most of a study's latency). Schedules are not paused when a worker stops: other workers
     may still serve them.
     """
+    # Inherited by every flow run process the runner starts (Prefect's own setting).
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
+    ensure_zombie_automation()
     runner = Runner(pause_on_shutdown=False, query_seconds=settings.worker_poll_seconds, limit=None)
     for deployment in deployments(pool, settings):
         runner.add_deployment(deployment)
     if registered is not None:
         registered()
     asyncio.run(runner.start())
+
+
+def zombie_automation() -> Automation:
+    """Prefect's recipe for zombie flow runs: a run that sent a heartbeat and then neither
+    another one nor a final state within :data:`ZOMBIE_AFTER` is marked Crashed.
+
+    A killed worker takes its flow runs' processes with it. A run that held a lease is marked
+    Crashed by the run that takes the lease over (flows.launcher.crash_dead_run), within
+    seconds; this catches the others (killed before taking a lease, a deliver or train run),
+    which the server would otherwise show Running for good.
+    """
+    finals = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="Flow runs of a dead worker: no heartbeat, no final state",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *finals},
+            match={"prefect.resource.id": ["prefect.flow-run.*"]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=ZOMBIE_AFTER,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {ZOMBIE_AFTER.total_seconds():g} s: its worker died",
+            )
+        ],
+    )
+
+
+def ensure_zombie_automation() -> None:
+    """Create :func:`zombie_automation` on the server unless a worker already did."""
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:  # Prefect's "not found"
+        zombie_automation().create()
 
 
 def stable_study_trigger() -> DeploymentEventTrigger:

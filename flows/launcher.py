@@ -62,6 +62,9 @@ FLOW_RUN_HOLDER = "flow-run/"
 WAITING_WINDOW = timedelta(seconds=60)
 """How long an event-started run may wait for a worker before an event goes out again."""
 CLOCK_SKEW = timedelta(seconds=5)
+PENDING_GRACE = timedelta(seconds=20)
+"""How long a run may stay Pending (a worker starting its process: seconds) before it counts as
+stuck: the worker that claimed it died before the run began, and nothing will start it."""
 
 
 class NoPrefectServer(RadflowError):
@@ -173,12 +176,15 @@ def emit(event: str, resource: dict[str, str], count: int = 1) -> None:
 
 
 def event_run_waiting(deployment: str = PROCESS_DEPLOYMENT) -> bool:
-    """Whether a run of ``deployment`` that an event started is waiting to start (Scheduled or
-    Pending, due within the last ``WAITING_WINDOW``).
+    """Whether a run of ``deployment`` that an event started is waiting to start: Scheduled and
+    due within the last ``WAITING_WINDOW``, or Pending for less than ``PENDING_GRACE``.
 
     Such a run reads the database when it starts, so it also takes whatever became due since:
     another event would only start another process. Runs older than the window count as
-    stuck (no worker took them), so an event goes out again, at most one a window.
+    stuck (no worker took them), so an event goes out again, at most one a window; so do runs
+    Pending longer than the grace, which a killed worker claimed and never started (they held
+    back every event for a minute after a worker was killed: a trickle of studies waited up to
+    55 s).
     """
     import httpx
 
@@ -198,11 +204,19 @@ def event_run_waiting(deployment: str = PROCESS_DEPLOYMENT) -> bool:
                 "before_": (now + CLOCK_SKEW).isoformat(),
             },
         },
-        "limit": 1,
+        "limit": 20,
     }
     response = httpx.post(f"{url.rstrip('/')}/flow_runs/filter", json=body, headers=_auth())
     response.raise_for_status()
-    return bool(response.json())
+    return any(_will_start(run["state"], now) for run in response.json())
+
+
+def _will_start(state: dict[str, Any], now: datetime) -> bool:
+    """Whether a Scheduled or Pending run (its ``state`` as the API gives it) still starts."""
+    if state["type"] != "PENDING":
+        return True
+    since = datetime.fromisoformat(state["timestamp"])
+    return now - since < PENDING_GRACE
 
 
 def _auth() -> dict[str, str]:

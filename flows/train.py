@@ -85,10 +85,15 @@ def train_version(rt: Runtime, task_name: str, progress: bool) -> dict[str, Any]
 
 @flow(name="train")
 def train_flow(
-    task_name: str | None = None, progress: bool = True, if_due: bool = False
+    task_name: str | None = None,
+    progress: bool = True,
+    if_due: bool = False,
+    score_waiting: bool = True,
 ) -> dict[str, Any]:
     """Train ``task_name`` (default: the registry's default task); with ``if_due``, only when
-    enough new labels have arrived."""
+    enough new labels have arrived. With ``score_waiting``, a new champion starts the scoring
+    of the studies that waited for it (in the background); a benchmark that measures scoring
+    itself turns that off."""
     logger = get_run_logger()
     task_name = task_name or default_task().name
     with Runtime.open(Settings()) as rt:
@@ -104,7 +109,7 @@ def train_flow(
         if not if_due:
             wait_for_running_training(rt, task_name, logger)
         result = train_version(rt, task_name, progress)
-        if result["status"] == ModelStatus.CHAMPION:
+        if score_waiting and result["status"] == ModelStatus.CHAMPION:
             # Studies that waited for a champion (the first, or a better one) are scored now.
             reconcile(rt, training=False)
     create_table_artifact(

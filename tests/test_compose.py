@@ -6,6 +6,7 @@ RADFLOW_* variable would otherwise be silently ignored by pydantic-settings.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,15 @@ def test_every_radflow_variable_is_a_settings_field(name: str) -> None:
     assert unknown == [], (
         f"service {name!r} sets {unknown}, which radflow.settings.Settings ignores"
     )
+
+
+def test_every_radflow_variable_named_in_the_file_is_a_settings_field() -> None:
+    """Commented-out ones too (the receiver's TLS files): uncommented, they must work.
+    ``RADFLOW_*`` patterns in the prose are not names."""
+    fields = {f"RADFLOW_{field.upper()}" for field in Settings.model_fields}
+    named = set(re.findall(r"\bRADFLOW_[A-Z0-9_]+\b(?!\*)", COMPOSE.read_text()))
+    assert {"RADFLOW_RECEIVER_TLS_CERT_FILE", "RADFLOW_RECEIVER_TLS_KEY_FILE"} <= named
+    assert sorted(named - fields) == []
 
 
 def test_radflow_services_share_one_configuration() -> None:

@@ -30,6 +30,15 @@ def _default_data_dir() -> Path:
     return Path(user_data_dir("radflow", appauthor=False))
 
 
+def _both_or_neither(cert: Path | None, key: Path | None, part: str) -> None:
+    if (cert is None) != (key is None):
+        prefix = f"RADFLOW_{part.upper()}_TLS"
+        raise ValueError(
+            f"set both {prefix}_CERT_FILE and {prefix}_KEY_FILE (PEM files: the {part}'s "
+            "certificate and its private key) for TLS, or neither"
+        )
+
+
 class Settings(BaseSettings):
     """Radflow configuration; ``RADFLOW_<FIELD>`` sets each field."""
 
@@ -139,6 +148,21 @@ class Settings(BaseSettings):
         default_factory=list,
         description='Calling AE titles the receiver accepts, as a JSON list (["CT1","PACS"]); '
         "empty accepts every sender",
+    )
+    receiver_tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) the receiver presents; with receiver_tls_key_file, "
+        "`radflow receive` accepts only DICOM TLS associations (TLS 1.2 or later) on its port. "
+        "Read at start: a renewed certificate takes effect when the receiver restarts",
+    )
+    receiver_tls_key_file: Path | None = Field(
+        default=None, description="PEM private key (not encrypted) of receiver_tls_cert_file"
+    )
+    receiver_tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM certificates of the authorities that sign the senders' certificates: "
+        "set, every sender must present a certificate one of them signed (mutual TLS); needs "
+        "receiver_tls_cert_file and receiver_tls_key_file",
     )
     spool_dir: Path | None = Field(
         default=None,
@@ -305,9 +329,13 @@ class Settings(BaseSettings):
             self.pseudonym_key = SecretStr(key)
         if not self.pseudonym_key.get_secret_value():
             self.pseudonym_key = SecretStr(DEVELOPMENT_PSEUDONYM_KEY)
-        if (self.dashboard_tls_cert_file is None) != (self.dashboard_tls_key_file is None):
+        _both_or_neither(self.dashboard_tls_cert_file, self.dashboard_tls_key_file, "dashboard")
+        _both_or_neither(self.receiver_tls_cert_file, self.receiver_tls_key_file, "receiver")
+        if self.receiver_tls_ca_file is not None and self.receiver_tls_cert_file is None:
             raise ValueError(
-                "set both dashboard_tls_cert_file and dashboard_tls_key_file, or neither"
+                "RADFLOW_RECEIVER_TLS_CA_FILE requires client certificates, which needs TLS: set "
+                "RADFLOW_RECEIVER_TLS_CERT_FILE and RADFLOW_RECEIVER_TLS_KEY_FILE too (the "
+                "receiver's own certificate and key), or unset RADFLOW_RECEIVER_TLS_CA_FILE"
             )
         return self
 

@@ -9,7 +9,6 @@ page asks another host for anything or the browser refuses something under the p
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import signal
@@ -21,15 +20,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certificates import LOOPBACK, issue
 from factories import PASSWORD, make_model_version, make_study, make_user
 from playwright.sync_api import Browser, Frame, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -444,33 +439,8 @@ def _study_uid(data_dir: Path, accession: str) -> str:
 
 def _self_signed(folder: Path) -> dict[str, str]:
     """A certificate for 127.0.0.1 and its key, as dashboard TLS settings."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert, private = folder / "cert.pem", folder / "key.pem"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return {"dashboard_tls_cert_file": str(cert), "dashboard_tls_key_file": str(private)}
+    issued = issue(folder, LOOPBACK)
+    return {"dashboard_tls_cert_file": str(issued.cert), "dashboard_tls_key_file": str(issued.key)}
 
 
 def test_over_https_the_cookie_is_secure_and_an_idle_page_clears_itself(

@@ -1,9 +1,11 @@
 """The deliver flow through Prefect: newly scored studies get their SR, sent to a real Orthanc;
-a refusing destination and a study whose image is gone do not fail the run for the others."""
+a refusing destination and a study whose image is gone do not fail the run for the others;
+runs that overlap write each report once."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,17 @@ from dicom_sources import ingest, radiograph, score
 from ingest.receiver.peers import Orthanc
 from sqlalchemy import select
 
-from flows.deliver import deliver_flow
-from radflow.db import Delivery, DeliveryStatus, Instance, make_engine, make_sessionmaker
+from flows.deliver import REPORTS_LEASE, deliver_flow
+from radflow import leases
+from radflow.db import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    ResultKind,
+    ResultObject,
+    make_engine,
+    make_sessionmaker,
+)
 from radflow.settings import Settings
 from radflow.store import open_store
 
@@ -82,4 +93,27 @@ def test_deliver_sends_reports_and_records_what_failed(
         ("wrong", DeliveryStatus.PENDING),
         ("wrong", DeliveryStatus.PENDING),
     ]
+    engine.dispose()
+
+
+def test_a_run_leaves_the_reports_to_the_live_run_that_writes_them(
+    flow_env: Settings, tmp_path: Path
+) -> None:
+    """Two deliver runs at once (the demo's beside the one a promotion starts) used to build
+    every SR twice; now the second sees the first hold the reports lease and leaves them."""
+    engine = make_engine(flow_env.database_url)
+    factory, store = make_sessionmaker(engine), open_store(flow_env)
+    for image in (radiograph(), radiograph()):
+        uid = ingest([image], tmp_path / str(image.SOPInstanceUID), flow_env, factory, store)
+        score(factory, uid, 0.7)
+    ttl = timedelta(seconds=1.5)
+    assert leases.try_acquire(factory, REPORTS_LEASE, "the other run", ttl).ok
+    with leases.Renewed(factory, REPORTS_LEASE, "the other run", ttl):
+        assert deliver_flow()["reports"] == 0
+    leases.release(factory, REPORTS_LEASE, "the other run")
+
+    assert deliver_flow()["reports"] == 2
+    with factory() as session:
+        kinds = session.scalars(select(ResultObject.kind)).all()
+    assert kinds.count(ResultKind.SR) == 2
     engine.dispose()

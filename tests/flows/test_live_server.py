@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,11 +19,18 @@ import pytest
 from factories import make_user
 from live import Worker, flow_runs, wait_until, worker_env
 from prefect import flow
+from prefect.client.orchestration import get_client
 from servers import PrefectServer
 from sqlalchemy import func, select
 
 from demo.synthetic import write_cxr_studies
-from flows.deployments import deployments, retrain_deployment
+from flows import launcher
+from flows.deployments import (
+    ZOMBIE_AUTOMATION,
+    deployments,
+    ensure_zombie_automation,
+    retrain_deployment,
+)
 from flows.launcher import (
     FLOW_RUN_HOLDER,
     PROCESS_DEPLOYMENT,
@@ -66,6 +74,25 @@ def test_a_schedule_creates_runs(flow_env: Settings, prefect_api: PrefectServer)
 
 
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_workers_install_the_zombie_run_automation_once(
+    flow_env: Settings, prefect_api: PrefectServer
+) -> None:
+    """Runs a killed worker took down without a lease to hand over stayed Running for good;
+    Prefect's zombie recipe (heartbeats, then a proactive trigger) marks them Crashed."""
+    from prefect.automations import Automation
+
+    ensure_zombie_automation()
+    ensure_zombie_automation()  # a second worker starting
+    with get_client(sync_client=True) as client:
+        named = [a for a in client.read_automations() if a.name == ZOMBIE_AUTOMATION]
+    assert len(named) == 1
+    installed = Automation.read(name=ZOMBIE_AUTOMATION)
+    assert installed.trigger.posture == "Proactive"
+    assert installed.trigger.within == timedelta(seconds=90)
+    assert [a.type for a in installed.actions] == ["change-flow-run-state"]
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
 def test_flows_and_runs_are_listed(flow_env: Settings, prefect_api: PrefectServer) -> None:
     """Defect 2: listing answered 422 (`prefect flow-run ls`, the pipeline page)."""
     _noop()
@@ -98,7 +125,7 @@ def test_enough_label_events_start_the_retrain_deployment(
         lambda: [
             r
             for r in flow_runs("train/retrain", since)
-            if r.parameters.get("if_due") and not r.auto_scheduled
+            if r.parameters.get("if_due") and not r.auto_scheduled  # not the hourly catch-up
         ],
         60,
         "3 label events did not start the retrain deployment",
@@ -107,17 +134,24 @@ def test_enough_label_events_start_the_retrain_deployment(
 
 
 @pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+@pytest.mark.parametrize("score_waiting", [True, False])
 def test_a_new_champion_starts_scoring_of_the_studies_that_waited(
-    flow_env: Settings, process_deployment: None, quick_task: str, tmp_path: Path
+    flow_env: Settings,
+    process_deployment: None,
+    quick_task: str,
+    tmp_path: Path,
+    score_waiting: bool,
 ) -> None:
-    """Defect 4: studies stable before the first champion were never picked up after it."""
+    """Defect 4: studies stable before the first champion were never picked up after it.
+    A benchmark that measures scoring itself trains with ``score_waiting=False``."""
     with Runtime.open(flow_env) as rt:
         _labelled_studies(rt, quick_task, tmp_path / "in", 12)
     since = utcnow()
-    assert train_flow(quick_task, progress=False)["status"] == "champion"
+    trained = train_flow(quick_task, progress=False, score_waiting=score_waiting)
+    assert trained["status"] == "champion"
     # Not the interval schedule's runs: one started for the studies that waited.
     started = [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if not r.auto_scheduled]
-    assert started, "training a champion started no process run for the waiting studies"
+    assert bool(started) == score_waiting, f"process runs started: {started}"
 
 
 @pytest.fixture
@@ -153,6 +187,31 @@ def test_no_event_while_a_run_started_by_one_waits_to_start(
         assert not _stabilise(rt, _receive(rt, tmp_path / "second", 1)).emitted
     (run,) = [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if not r.auto_scheduled]
     assert run.state_name == "Scheduled"
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_a_run_a_killed_worker_left_pending_does_not_hold_events_back(
+    flow_env: Settings, process_deployment: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed after claiming a run (Pending, its process not started yet) left it
+    Pending: every event was held back for the next minute, a trickle of studies waited up to
+    55 s. A run Pending past the grace counts as stuck."""
+    from prefect.states import Pending
+
+    monkeypatch.setattr(launcher, "PENDING_GRACE", timedelta(seconds=1))
+    with Runtime.open(flow_env) as rt:
+        since = utcnow()
+        assert _stabilise(rt, _receive(rt, tmp_path / "first", 1)).emitted
+        (run,) = wait_until(
+            lambda: [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if not r.auto_scheduled],
+            30,
+            "the event started no process run",
+        )
+        with get_client(sync_client=True) as client:  # claimed, as a worker does, then killed
+            client.set_flow_run_state(run.id, Pending(name="Submitting"))
+        assert not _stabilise(rt, _receive(rt, tmp_path / "second", 1)).emitted
+        time.sleep(1.5)
+        assert _stabilise(rt, _receive(rt, tmp_path / "third", 1)).emitted
 
 
 @pytest.mark.postgres_s3

@@ -166,3 +166,20 @@ def test_an_empty_mask_writes_no_seg_and_the_study_is_still_scored(
         derived = [dict(p.derived_keys) for p in session.scalars(select(Prediction))]
     assert [d.get("seg_error") for d in derived] == ["empty-mask", "empty-mask"]
     assert all(SEG_KEY not in d and PROBABILITY_KEY in d for d in derived)
+
+
+def test_the_import_command_stores_a_segmentation_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`radflow import segmentation DIR --task retina-vessels`, as an operator types it."""
+    from cli.main import main
+
+    for name in ("RADFLOW_DATABASE_URL", "RADFLOW_PSEUDONYM_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RADFLOW_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RADFLOW_STORE_URL", "")
+    monkeypatch.setenv("RADFLOW_PSEUDONYM_KEY", "k" * 32)
+    folder = _dataset(tmp_path / "drive", 2)
+    assert main(["import", "segmentation", str(folder), "--task", TASK]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("imported drive:training: 2 studies") and "2 new labels" in out, out

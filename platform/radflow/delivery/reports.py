@@ -81,6 +81,11 @@ class ReportRun:
     queued: int = 0
     failed: dict[int, str] = field(default_factory=dict)  # prediction id -> reason
 
+    def add(self, other: ReportRun) -> None:
+        self.written += other.written
+        self.queued += other.queued
+        self.failed.update(other.failed)
+
     def summary(self) -> str:
         return (
             f"reports written {self.written}, deliveries queued {self.queued}, "
@@ -122,6 +127,11 @@ def write_reports(
             return run
         for prediction_id in ids:
             _report(session_factory, store, rules, prediction_id, run, failures)
+
+
+def has_unreported(session: Session) -> bool:
+    """Whether any current prediction still waits for its SR (or its reason it has none)."""
+    return session.scalar(select(Prediction.id).where(_unreported()).limit(1)) is not None
 
 
 def _unreported() -> ColumnElement[bool]:

@@ -54,12 +54,13 @@ def rejection_counts(session: Session) -> dict[str, dict[str, int]]:
 
 def receiver_status(session: Session, settings: Settings) -> dict[str, Any]:
     """The DICOM receiver: its counters, its spool backlog, its rejections by reason, whether it
-    accepts instances now (and why not), and the health of its indexer(s).
+    accepts instances now (and why not), the health of its indexer(s), and whether its port
+    speaks TLS as configured (``tls``: off, on, or mutual: senders' certificates required).
 
     Summed over the spool folders of all receiver processes (RADFLOW_RECEIVER_WORKERS); each
     indexer's health is shown by spool folder (``.`` is the single receiver's).
     """
-    from radflow.ingest.receiver import spool_report
+    from radflow.ingest.receiver import spool_report, tls
 
     by_reason = session.execute(
         select(Rejection.reason, func.count())
@@ -69,4 +70,8 @@ def receiver_status(session: Session, settings: Settings) -> dict[str, Any]:
     report = spool_report(
         settings.spool, settings.receiver_min_free_bytes, settings.receiver_max_used_percent
     )
-    return {**report, "rejected": {reason: n for reason, n in sorted(by_reason)}}
+    return {
+        **report,
+        "tls": tls.mode(settings),
+        "rejected": {reason: n for reason, n in sorted(by_reason)},
+    }

@@ -49,8 +49,10 @@ def storescu(
     )
 
 
-def echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
-    command = [tool("/usr/bin/echoscu"), "-aet", aet, "-aec", AE_TITLE, "127.0.0.1", str(port)]
+def echoscu(port: int, *options: str, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+    """DCMTK echoscu (a C-ECHO) to the receiver on ``port``, with DCMTK ``options``."""
+    command = [tool("/usr/bin/echoscu"), "-aet", aet, "-aec", AE_TITLE, *options]
+    command += ["127.0.0.1", str(port)]
     return subprocess.run(
         command, env=peer_env(), capture_output=True, text=True, timeout=30, check=False
     )

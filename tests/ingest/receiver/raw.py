@@ -8,6 +8,7 @@ command sets that disagree with their data set, data sets cut anywhere.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -148,11 +149,14 @@ class Reply:
 
 
 class RawPeer:
-    """One connection to the receiver, spoken to byte by byte; a context manager."""
+    """One connection to the receiver, spoken to byte by byte; a context manager. With
+    ``tls`` (a client context), the bytes go through TLS."""
 
-    def __init__(self, port: int, timeout: float = 15.0) -> None:
+    def __init__(self, port: int, timeout: float = 15.0, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.max_pdu = 16384  # what the receiver accepts; updated from its A-ASSOCIATE-AC
 
     def __enter__(self) -> RawPeer:

@@ -15,6 +15,7 @@ pynetdicom. Otherwise the receiver runs on pynetdicom's public API
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from radflow.settings import Settings
@@ -44,6 +45,7 @@ class FastPath(Protocol):
         incoming: IncomingFiles,
         listen_fd: int | None = None,
         on_refused: Refused | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> AssociationListener: ...
 
 

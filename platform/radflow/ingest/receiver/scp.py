@@ -14,7 +14,9 @@ spool behind the senders' backs.
 Associations are checked when requested (called AE title, calling AE title allow-list, an
 acceptable presentation context, the indexer alive, room in the spool) and refused with an
 A-ASSOCIATE-RJ and a Rejection row; PDUs longer than ``RADFLOW_RECEIVER_MAX_PDU_BYTES`` are
-refused before they are read (:class:`radflow.ingest.receiver.server.BoundedSocket`).
+refused before they are read (:class:`radflow.ingest.receiver.server.PduGate`). With
+``RADFLOW_RECEIVER_TLS_CERT_FILE`` and ``_KEY_FILE`` every connection is DICOM TLS
+(:mod:`radflow.ingest.receiver.tls`); one whose handshake fails is refused with a Rejection row.
 
 **Supervision.** Should the indexer thread die, the receiver stops acknowledging (0xA700 to
 C-STORE, associations refused) and :meth:`Receiver.serve_forever` raises :class:`IndexerStopped`,
@@ -58,7 +60,7 @@ from radflow.db import unit_of_work
 from radflow.dicom.instance import SUPPORTED_TRANSFER_SYNTAXES, InstanceHeader, read_header
 from radflow.errors import InvalidInstance, RadflowError
 from radflow.ingest import rejection
-from radflow.ingest.receiver import guard, server
+from radflow.ingest.receiver import guard, server, tls
 from radflow.ingest.receiver.checks import Identity, IndexedIdentity, command_mismatch
 from radflow.ingest.receiver.counters import ReceiverCounters
 from radflow.ingest.receiver.indexer import UNHASHED, Indexer
@@ -87,6 +89,11 @@ TRANSFER_SYNTAXES = sorted(
     SUPPORTED_TRANSFER_SYNTAXES, key=lambda u: (u != "1.2.840.10008.1.2.1", u)
 )
 MAX_ASSOCIATIONS = 32
+TLS_MODES = {
+    tls.OFF: "plain TCP (no TLS)",
+    tls.ON: "DICOM TLS only",
+    tls.MUTUAL: "DICOM TLS only, senders' certificates required",
+}
 
 
 class IndexerStopped(RadflowError):
@@ -136,6 +143,9 @@ class Receiver:
             if isinstance(bind, Engine)
             else None
         )
+        # Read once, here: a certificate or key that cannot be used stops the receiver before
+        # anything starts (renewed files take effect at the next start).
+        self._tls = tls.server_context(settings)
         self._failures = FailureLog(logger)
         self._server: server.AssociationListener | None = None
         self._checker: ThreadPoolExecutor | None = None
@@ -159,7 +169,7 @@ class Receiver:
         self.indexer.start()
         self._checker = ThreadPoolExecutor(thread_name_prefix="radflow-header-check")
         ae = AE(ae_title=self.ae_title)
-        # Announced and enforced (server.BoundedSocket); larger PDUs mean fewer Python round
+        # Announced and enforced (server.PduGate); larger PDUs mean fewer Python round
         # trips per instance (DCMTK sends up to 128 KiB), memory stays one PDU per association.
         ae.maximum_pdu_size = self.settings.receiver_max_pdu_bytes
         ae.maximum_associations = MAX_ASSOCIATIONS
@@ -175,7 +185,12 @@ class Receiver:
         fast = guard.fast_path(self.settings)
         if fast is None:
             self._server = server.start_server(
-                ae, address, handlers, listen_fd=self.listen_fd, on_refused=self._on_refused_pdu
+                ae,
+                address,
+                handlers,
+                listen_fd=self.listen_fd,
+                on_refused=self._on_refused_connection,
+                ssl_context=self._tls,
             )
         else:
             self._server = fast.start_server(
@@ -184,16 +199,18 @@ class Receiver:
                 handlers,
                 incoming=self.spool.incoming_files,
                 listen_fd=self.listen_fd,
-                on_refused=self._on_refused_pdu,
+                on_refused=self._on_refused_connection,
+                ssl_context=self._tls,
             )
         # The socket's own address: a worker inherits a socket bound by its supervisor (to
         # --host), which its own settings' receiver_host need not match.
         bound_host = self._server.server_address[0]
         logger.info(
-            "DICOM receiver %s listening on %s:%d, spool %s (%s path)",
+            "DICOM receiver %s listening on %s:%d, %s, spool %s (%s path)",
             self.ae_title,
             bound_host,
             self.port,
+            TLS_MODES[tls.mode(self.settings)],
             self.spool.root,
             "plain" if fast is None else "fast",
         )
@@ -463,16 +480,12 @@ class Receiver:
         event.assoc.dimse.message = None
         self.spool.remove_partial()
 
-    def _on_refused_pdu(self, reason: str, peer: str, what: str) -> None:
-        """server.BoundedSocket refused a PDU before reading it: one line, counted, recorded."""
-        problem = InvalidInstance(
-            reason,
-            f"{peer} sent {what}; the connection was aborted before reading it "
-            "(RADFLOW_RECEIVER_MAX_PDU_BYTES)",
-        )
+    def _on_refused_connection(self, reason: str, peer: str, what: str) -> None:
+        """The association server refused a connection before any association (a PDU too
+        large, a failed TLS handshake): one line, counted, recorded."""
         self.counters.reject(reason)
-        logger.warning("aborted a connection from %s: %s", peer, what)
-        self._record(problem, peer)
+        logger.warning("refused a connection from %s: it %s", peer, what)
+        self._record(InvalidInstance(reason, f"{peer} {what}"), peer)
 
     def _record(self, exc: InvalidInstance, origin: str) -> None:
         try:

@@ -9,11 +9,16 @@ on when :mod:`radflow.ingest.receiver.guard` allows it:
 - **No Nagle delay.** Each response is sent at once (``TCP_NODELAY``, as DCMTK and Orthanc do
   with ``TCP_NODELAY=1``): a C-STORE response held back by Nagle's algorithm waits for the
   sender's delayed ACK, up to 40 ms per instance on Linux (``benchmarks/ingest.py``).
-- **Bounded PDUs.** Every connection is a :class:`BoundedSocket`: a PDU longer than the
-  maximum the receiver announces (``RADFLOW_RECEIVER_MAX_PDU_BYTES``), or anything but an
+- **Bounded PDUs.** Every connection is read through a :class:`PduGate`: a PDU longer than
+  the maximum the receiver announces (``RADFLOW_RECEIVER_MAX_PDU_BYTES``), or anything but an
   A-ASSOCIATE-RQ as the first PDU, ends the connection with an A-ABORT before its body is read.
   pynetdicom reads whatever length a PDU header declares (a peer declaring 4 GiB was buffered
-  whole), on both paths.
+  whole), on both paths, with TLS or without.
+- **TLS in each connection's thread.** With an SSL context (pynetdicom's ``ssl_context``, made
+  by radflow/ingest/receiver/tls.py) the TLS handshake runs in the connection's own thread,
+  bounded in time, not in the thread that accepts every connection as in pynetdicom: a peer
+  that connects and says nothing, or speaks DICOM without TLS, is refused (logged, counted,
+  recorded) while the others are served.
 - **Datasets streamed to disk**, not held in memory, by pynetdicom's
   ``STORE_RECV_CHUNKED_DATASET`` option (:func:`configure_pynetdicom`): memory does not grow with
   the instance or study size.
@@ -24,9 +29,11 @@ on when :mod:`radflow.ingest.receiver.guard` allows it:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -36,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from radflow.ingest.receiver.statuses import PDU_TOO_LARGE
+from radflow.ingest.receiver.statuses import PDU_TOO_LARGE, TLS_HANDSHAKE_FAILED
 from radflow.outages import describe
 
 if TYPE_CHECKING:
@@ -145,11 +152,15 @@ _PDU_HEADER = struct.Struct(">BBL")
 _ABORT = struct.Struct(">BBLBBBB")
 _INVALID_PARAMETER, _UNEXPECTED_PDU = 0x06, 0x02
 Refused = Callable[[str, str, str], None]
+"""Told of a connection refused: (reason code, peer address, what the peer did: "sent ...",
+"failed the TLS handshake ...")."""
+# Seconds a peer has to complete the TLS handshake once connected.
+TLS_HANDSHAKE_SECONDS = 30.0
 
 
-class BoundedSocket(socket.socket):
-    """A peer's connection that follows the PDU boundaries of what it reads (PS3.8 9.3.1: a
-    type byte, a reserved byte, a 4-byte length, the body) and refuses a PDU before its body:
+class PduGate:
+    """Follows the PDU boundaries of what a connection reads (PS3.8 9.3.1: a type byte, a
+    reserved byte, a 4-byte length, the body) and refuses a PDU before its body:
 
     - one declaring more than ``max_pdu`` bytes (the maximum the receiver announces, and a
       bound for the A-ASSOCIATE-RQ that comes before any announcement);
@@ -157,41 +168,27 @@ class BoundedSocket(socket.socket):
 
     The peer then gets an A-ABORT, and every read returns nothing: pynetdicom sees the
     connection closed (Evt17), ends the association and closes the socket. Memory per
-    association stays bounded by ``max_pdu`` whatever a peer declares. ``on_refused(reason,
-    peer address, what)`` is told. Peeks (``MSG_PEEK``) are the fast path's and consume nothing.
+    association stays bounded by ``max_pdu`` whatever a peer declares. ``on_refused`` is told.
+    The connection's socket class reads through it (:class:`BoundedSocket`,
+    :class:`BoundedTLSSocket`).
     """
 
-    max_pdu: int
-    on_refused: Refused | None
-    _head: bytearray
-    _body_left: int
-    _first: bool
-    _refused: bool
+    def __init__(self, sock: socket.socket, max_pdu: int, on_refused: Refused | None) -> None:
+        self.sock, self.max_pdu, self.on_refused = sock, max_pdu, on_refused
+        self._head, self._body_left, self._first, self._refused = bytearray(), 0, True, False
 
-    @classmethod
-    def adopt(
-        cls, connection: socket.socket, max_pdu: int, on_refused: Refused | None
-    ) -> BoundedSocket:
-        """Wrap an accepted connection (the same descriptor, now read through this class)."""
-        sock = cls(connection.family, connection.type, connection.proto, connection.detach())
-        sock.max_pdu, sock.on_refused = max_pdu, on_refused
-        sock._head, sock._body_left, sock._first, sock._refused = bytearray(), 0, True, False
-        return sock
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if flags & socket.MSG_PEEK:
-            return super().recv(bufsize, flags)
+    def recv(self, read: Callable[[], bytes]) -> bytes:
+        """What ``read()`` returns, or nothing once a PDU was refused."""
         if self._refused:
             return b""
-        data = super().recv(bufsize, flags)
+        data = read()
         return data if self._follow(memoryview(data)) else b""
 
-    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
-        if flags & socket.MSG_PEEK:
-            return super().recv_into(buffer, nbytes, flags)
+    def recv_into(self, buffer: WriteableBuffer, read_into: Callable[[], int]) -> int:
+        """``read_into()``'s count of bytes read into ``buffer``, or 0 once a PDU was refused."""
         if self._refused:
             return 0
-        count = super().recv_into(buffer, nbytes, flags)
+        count = read_into()
         return count if self._follow(memoryview(buffer)[:count]) else 0
 
     def _follow(self, data: memoryview) -> bool:
@@ -229,10 +226,61 @@ class BoundedSocket(socket.socket):
             return True
         self._refused = True
         with contextlib.suppress(OSError):  # the peer is gone already: nothing to tell it
-            self.sendall(_ABORT.pack(0x07, 0, 4, 0, 0, 0x02, reason))
+            self.sock.sendall(_ABORT.pack(0x07, 0, 4, 0, 0, 0x02, reason))
         if self.on_refused is not None:
-            self.on_refused(PDU_TOO_LARGE, _address(self), what)
+            self.on_refused(
+                PDU_TOO_LARGE,
+                _address(self.sock),
+                f"sent {what}; the connection was aborted before reading it "
+                "(RADFLOW_RECEIVER_MAX_PDU_BYTES)",
+            )
         return False
+
+
+class BoundedSocket(socket.socket):
+    """A peer's plain TCP connection, read through its :class:`PduGate`. Peeks (``MSG_PEEK``)
+    are the fast path's and consume nothing."""
+
+    gate: PduGate
+
+    @classmethod
+    def adopt(
+        cls, connection: socket.socket, max_pdu: int, on_refused: Refused | None
+    ) -> BoundedSocket:
+        """Wrap an accepted connection (the same descriptor, now read through this class)."""
+        sock = cls(connection.family, connection.type, connection.proto, connection.detach())
+        sock.gate = PduGate(sock, max_pdu, on_refused)
+        return sock
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            return super().recv(bufsize, flags)
+        return self.gate.recv(functools.partial(super().recv, bufsize, flags))
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        if flags & socket.MSG_PEEK:
+            return super().recv_into(buffer, nbytes, flags)
+        return self.gate.recv_into(
+            buffer, functools.partial(super().recv_into, buffer, nbytes, flags)
+        )
+
+
+class BoundedTLSSocket(ssl.SSLSocket):
+    """A peer's TLS connection, its decrypted stream read through its :class:`PduGate`.
+
+    The class of every socket the receiver's TLS context wraps (``SSLContext.sslsocket_class``,
+    set by :class:`AssociationListener`); the gate is set once the connection is accepted.
+    """
+
+    gate: PduGate
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        return self.gate.recv(functools.partial(super().recv, buflen, flags))
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int | None = None, flags: int = 0) -> int:
+        return self.gate.recv_into(
+            buffer, functools.partial(super().recv_into, buffer, nbytes, flags)
+        )
 
 
 def _address(sock: socket.socket) -> str:
@@ -251,7 +299,13 @@ class AssociationListener(ThreadedAssociationServer):
     connection, so the load follows the workers' actual business (SO_REUSEPORT would spread
     connections by address hash instead, and two of four senders on one worker is then as
     likely as not).
+
+    A connection's thread (its TLS handshake, then pynetdicom's association set-up) neither
+    holds up a stop nor the process's exit: the association runs in a thread of its own.
     """
+
+    daemon_threads = True
+    block_on_close = False
 
     def __init__(
         self,
@@ -264,6 +318,8 @@ class AssociationListener(ThreadedAssociationServer):
         self.listen_fd = listen_fd
         self.max_pdu, self.on_refused = max_pdu, on_refused
         super().__init__(*args, **kwargs)
+        if self.ssl_context is not None:
+            self.ssl_context.sslsocket_class = BoundedTLSSocket
 
     def server_bind(self) -> None:
         if self.listen_fd is None:
@@ -277,11 +333,56 @@ class AssociationListener(ThreadedAssociationServer):
         self.server_address = self.socket.getsockname()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        connection, address = super().get_request()
+        """The next connection, bounded (:class:`PduGate`), with its TLS handshake still to do.
+
+        Not pynetdicom's, which does the handshake here, in the one thread that accepts every
+        connection: a peer that connects and sends nothing (or a plain DICOM peer that waits
+        for an answer) would hold up every other sender. :meth:`finish_request` does it, in
+        the connection's own thread.
+        """
+        assert self.socket is not None, "the server has a listening socket"
+        connection, address = self.socket.accept()
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if type(connection) is socket.socket:  # not TLS-wrapped (pynetdicom's ssl_context)
-            connection = BoundedSocket.adopt(connection, self.max_pdu, self.on_refused)
-        return connection, address
+        if self.ssl_context is None:
+            return BoundedSocket.adopt(connection, self.max_pdu, self.on_refused), address
+        tls = self.ssl_context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+        assert isinstance(tls, BoundedTLSSocket), "set as the context's socket class"
+        tls.gate = PduGate(tls, self.max_pdu, self.on_refused)
+        return tls, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection (in its own thread): the TLS handshake first, if TLS is on."""
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request):
+            return
+        super().finish_request(request, client_address)
+
+    def _handshake(self, connection: ssl.SSLSocket) -> bool:
+        """Complete the TLS handshake within :data:`TLS_HANDSHAKE_SECONDS`; if it fails, close
+        the connection, tell ``on_refused`` (a peer that closes without sending anything, such
+        as a port check, is only logged) and say False."""
+        peer = _address(connection)
+        timeout = connection.gettimeout()
+        connection.settimeout(TLS_HANDSHAKE_SECONDS)
+        try:
+            connection.do_handshake()
+        except OSError as exc:  # ssl.SSLError and a timeout included
+            connection.close()
+            if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+                logger.debug("%s closed the connection before a TLS handshake", peer)
+            elif self.on_refused is not None:
+                self.on_refused(
+                    TLS_HANDSHAKE_FAILED,
+                    peer,
+                    f"failed the TLS handshake ({describe(exc)}); this port accepts DICOM TLS "
+                    "only: a sender without TLS, one whose certificate is missing or not signed "
+                    "by an authority in RADFLOW_RECEIVER_TLS_CA_FILE (mutual TLS), or one that "
+                    "does not trust the receiver's certificate is refused",
+                )
+            return False
+        connection.settimeout(timeout)
+        return True
 
     def server_close(self) -> None:
         if self.listen_fd is None:
@@ -309,18 +410,21 @@ def start_server(
     *,
     listen_fd: int | None = None,
     on_refused: Refused | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     server_class: type[AssociationListener] = AssociationListener,
     **options: Any,
 ) -> AssociationListener:
     """Start ``ae``'s association server in a background thread.
 
     On ``address``, or on the inherited listening socket ``listen_fd`` (a worker's); PDUs are
-    bounded by ``ae.maximum_pdu_size`` (``on_refused`` is told of a refused one).
-    ``server_class`` and ``options`` (``request_handler=`` and the server class's own arguments)
-    go to ``AE.make_server``.
+    bounded by ``ae.maximum_pdu_size`` (``on_refused`` is told of a refused PDU, and of a failed
+    TLS handshake); with ``ssl_context`` (radflow/ingest/receiver/tls.py) every connection is
+    TLS. ``server_class`` and ``options`` (``request_handler=`` and the server class's own
+    arguments) go to ``AE.make_server``.
     """
     server = ae.make_server(
         address,
+        ssl_context=ssl_context,
         evt_handlers=evt_handlers,
         server_class=server_class,
         listen_fd=listen_fd,

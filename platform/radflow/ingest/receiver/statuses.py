@@ -48,7 +48,9 @@ out-of-resources                  transient, service provider: temporary congest
 ================================  ===========================================================
 
 and ``pdu-too-large``: a PDU longer than ``RADFLOW_RECEIVER_MAX_PDU_BYTES`` (or anything but an
-A-ASSOCIATE-RQ first) ends the connection with an A-ABORT before its body is read.
+A-ASSOCIATE-RQ first) ends the connection with an A-ABORT before its body is read; and, when the
+receiver speaks TLS, ``tls-handshake-failed``: a connection whose TLS handshake failed (a sender
+without TLS, or without the client certificate mutual TLS asks for) is closed before any PDU.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ CALLING_AET_NOT_ALLOWED = "calling-aet-not-allowed"
 NO_PRESENTATION_CONTEXT = "no-presentation-context"
 MALFORMED_ASSOCIATION = "malformed-association"
 PDU_TOO_LARGE = "pdu-too-large"
+TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
 
 FAILURE_STATUS: dict[str, int] = {
     "missing-uid": 0xA900,

@@ -21,6 +21,9 @@ receiver's time per instance, and this module changes just those:
   directly, datasets streamed into ``spool/incoming``, responses sent from the association's
   thread).
 
+Over TLS (``RADFLOW_RECEIVER_TLS_*``) only the large reads and the C-STORE provider apply, its
+responses sent by the DUL thread (:func:`_over_tls` says why).
+
 The other measured cost, Nagle's algorithm, is turned off on both paths (``TCP_NODELAY``,
 radflow/ingest/receiver/server.py).
 
@@ -46,6 +49,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 from typing import Any, cast
@@ -260,13 +264,26 @@ class ReceiverRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # pynetdicom has just wrapped the connection in its AssociationSocket.
-        BulkReadSocket.adopt(cast(AssociationSocket, assoc.dul.socket))
+        sock = BulkReadSocket.adopt(cast(AssociationSocket, assoc.dul.socket))
         provider = dimse.ReceiverDIMSE(assoc, cast(ReceiverServer, self.server).incoming)
         assoc.dimse = provider
         # A dataset cut by the association's end (abort, reset, timeout) is nobody's.
         assoc.bind(evt.EVT_CONN_CLOSE, provider.discard_partial)
-        ReceiverDUL.adopt(assoc.dul)
+        if isinstance(self.request, ssl.SSLSocket):
+            _over_tls(sock, provider)
+        else:
+            ReceiverDUL.adopt(assoc.dul)
         return assoc
+
+
+def _over_tls(sock: BulkReadSocket, provider: dimse.ReceiverDIMSE) -> None:
+    """Keep, over TLS, what does not look past the TLS layer: large reads and the C-STORE
+    provider. TLS records cannot be peeked at (ReceiverDUL), decrypted bytes OpenSSL holds are
+    invisible to ``select`` (pynetdicom's ``ready`` asks OpenSSL too), and one TLS connection
+    must not read in one thread while it writes in another (responses go through the DUL
+    thread, as in pynetdicom)."""
+    sock.ready_wait = 0.0
+    provider.direct_send = False
 
 
 class ReceiverServer(AssociationListener):
@@ -285,6 +302,7 @@ def start_server(
     incoming: IncomingFiles,
     listen_fd: int | None = None,
     on_refused: Refused | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AssociationListener:
     """:func:`radflow.ingest.receiver.server.start_server` with the fast path's classes.
 
@@ -296,6 +314,7 @@ def start_server(
         evt_handlers,
         listen_fd=listen_fd,
         on_refused=on_refused,
+        ssl_context=ssl_context,
         server_class=ReceiverServer,
         request_handler=ReceiverRequestHandler,
         incoming=incoming,

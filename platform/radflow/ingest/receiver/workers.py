@@ -28,6 +28,7 @@ from types import FrameType
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from radflow.ingest.receiver import tls
 from radflow.ingest.receiver.counters import ReceiverCounters
 from radflow.ingest.receiver.indexer import Indexer
 from radflow.ingest.receiver.spool import Spool, count_waiting
@@ -97,6 +98,9 @@ class Supervisor:
         self.settings = settings
         self.host, self.ae_title = host, ae_title
         self.workers = settings.receiver_workers
+        # A certificate or key the workers could not use stops the supervisor now, rather than
+        # each worker in turn, restarted for ever.
+        tls.server_context(settings)
         self._listener = open_listener(host, port)
         self.port = int(self._listener.getsockname()[1])
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -127,11 +131,12 @@ class Supervisor:
             for index in range(self.workers):
                 self._start(index)
             logger.info(
-                "DICOM receiver %s: %d worker processes on %s:%d",
+                "DICOM receiver %s: %d worker processes on %s:%d, TLS %s",
                 self.ae_title,
                 self.workers,
                 self.host,
                 self.port,
+                tls.mode(self.settings),
             )
             try:
                 while not stopped.wait(tick_seconds):

@@ -55,6 +55,7 @@ PREPROCESSING = (
 
 
 def _augmentation() -> Compose:
+    # MONAI imported here: the registry is read by commands that never train (`radflow label`).
     from monai.transforms import Compose, RandAdjustContrastd, RandFlipd, RandRotate90d
 
     # A fundus has no preferred orientation at the scale of a patch: flips and quarter turns.
