@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from dashboard.gate import cookie_key
+from flows.launcher import Started, labels_recorded
 from radflow.runtime import Runtime
 from radflow.services.audit import note
 from radflow.services.sessions import COOKIE, end_session, ended_reason, resume, unsign
@@ -44,6 +45,8 @@ STUDY_PARAM = "study"
 """Query parameter naming the open study: /study?study=<Study Instance UID>."""
 
 NOTICE_KEY = "radflow_notice"
+SAVED_KEY = "radflow_saved"
+"""What the study page confirms at its next run (a review was stored)."""
 ENDED_BECAUSE = {
     "logout": "You have logged out.",
     "idle": "Your session was idle too long: please log in again.",
@@ -143,3 +146,17 @@ def rendered_image(
 ) -> NDArray[np.uint8]:
     # A key always names the same bytes (originals are immutable), so it is a safe cache key.
     return render_image(runtime().store, object_key, window=window, frame=frame)
+
+
+def saved(task: str, message: str, *, labelled: bool = True) -> None:
+    """Confirm a stored review at the page's next run, and rerun it now.
+
+    A new label counts toward retraining like any other (flows/launcher.py decides); a due
+    training starts in the background, never in this page's process.
+    """
+    if labelled:
+        started = labels_recorded(task, wait=False, rt=runtime())
+        if isinstance(started, Started):
+            message += f". Enough new labels: retraining {task} (process {started.ref})."
+    st.session_state[SAVED_KEY] = message
+    st.rerun()

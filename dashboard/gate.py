@@ -11,8 +11,9 @@ own Starlette app):
   user whose password an admin reset chooses a new one.
 - ``Guard`` (middleware) sends a browser without a live session from any page to the login
   page, serves study images (``/media/``) only to a live session whose role may see studies
-  (and audits each fetch), closes what a browser never needs (``/_stcore/metrics``, the agent
-  API, uploads), and adds frame, content-security and no-store headers to every response.
+  (and audits each fetch), takes file uploads (a corrected mask) only from a live session whose
+  role may review, closes what a browser never needs (``/_stcore/metrics``, the agent API), and
+  adds frame, content-security and no-store headers to every response.
 
 The Streamlit script checks the same cookie on every run (``dashboard/context.py``), so a page
 never renders for a session that ended, whatever the order of events.
@@ -72,10 +73,9 @@ _PROCESS_KEY = secrets.token_bytes(32)
 _PUBLIC = ("/static/", "/_stcore/health", "/_stcore/host-config", "/favicon.png", "/manifest.json")
 _LOGIN_PATHS = ("/login", "/password")
 # Open in Streamlit by default, needed by no page of Radflow's: process metrics, the agent API
-# (it can drive the app without a browser), file uploads, the script health check.
-_CLOSED = re.compile(
-    r"^/_stcore/(metrics|agent(/.*)?|upload_file(/.*)?|script-health-check)/?$|^/app/static/"
-)
+# (it can drive the app without a browser), the script health check.
+_CLOSED = re.compile(r"^/_stcore/(metrics|agent(/.*)?|script-health-check)/?$|^/app/static/")
+_UPLOADS = "/_stcore/upload_file"
 
 
 @functools.cache
@@ -180,6 +180,12 @@ class Guard:
                     scope, receive, send
                 )
                 return
+        elif path.startswith(_UPLOADS):
+            if not await run_in_threadpool(_may_upload, request):
+                await PlainTextResponse("Log in as a reviewer to upload", status_code=403)(
+                    scope, receive, send
+                )
+                return
         elif (
             _is_page(request)
             and await run_in_threadpool(live_principal, request.cookies.get(COOKIE)) is None
@@ -218,6 +224,12 @@ def _may_fetch_image(request: Request) -> bool:
             client=_client(request),
         )
     return True
+
+
+def _may_upload(request: Request) -> bool:
+    """A live session whose role may review (the only upload is a corrected mask)."""
+    principal = live_principal(request.cookies.get(COOKIE))
+    return principal is not None and principal.can(Permission.REVIEW)
 
 
 def _with_headers(send: Send, headers: dict[str, str], *, cacheable: bool) -> Send:

@@ -165,20 +165,28 @@ def add_prediction(
     store: ObjectStore | None = None,
     gradcam: bool = False,
     runtime: VariantRuntime = VariantRuntime.TORCH_FP32,
+    probability: NDArray[np.floating] | None = None,
 ) -> Prediction:
-    """A prediction; with ``gradcam`` (and ``store``) also its heat map PNG in the store."""
+    """A prediction; with ``gradcam`` (and ``store``) also its heat map PNG in the store, with
+    ``probability`` a segmentation's probability map (float16 .npy, as scoring stores it)."""
     derived: dict[str, str] = {}
-    if gradcam:
-        if store is None:
-            raise ValueError("gradcam=True needs the store to write the heat map to")
+    if (gradcam or probability is not None) and store is None:
+        raise ValueError("gradcam and probability need the store to write to")
+    if gradcam and store is not None:
         derived["gradcam"] = keys.derived(study.study_uid, model.task, model.version, "gradcam.png")
         store.put_bytes(derived["gradcam"], heatmap_png(), content_type="image/png")
+    if probability is not None and store is not None:
+        key = keys.derived(study.study_uid, model.task, model.version, "probability.npy")
+        buffer = io.BytesIO()
+        np.save(buffer, probability.astype(np.float16))
+        store.put_bytes(key, buffer.getvalue())
+        derived["probability"] = key
     prediction = Prediction(
         study_id=study.id,
         model_version_id=model.id,
         task=model.task,
         score=score,
-        scores={"pneumonia": score},
+        scores={"pneumonia": score} if probability is None else {},
         derived_keys=derived,
         latency_ms=12.5,
         created_at=created_at or study.received_at + timedelta(minutes=1),
@@ -262,6 +270,38 @@ def make_study(
     if score is not None:
         model = model or make_model_version(session)
         add_prediction(session, study, model, score, store=store, gradcam=gradcam)
+    return study
+
+
+SEGMENTATION_TASK = "retina-vessels"
+
+
+def mask_png(mask: NDArray[np.bool_]) -> bytes:
+    """A mask as a reviewer draws one: black background, the structure white."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_segmentation_study(
+    session: Session,
+    store: ObjectStore,
+    probability: NDArray[np.floating] | None,
+    *,
+    accession: str | None = None,
+    threshold: float = 0.5,
+) -> Study:
+    """A colour-photograph-like study (modality XC, routed to retina-vessels) whose image is as
+    large as ``probability`` (rows, columns), scored with that probability map if given."""
+    rows, columns = probability.shape if probability is not None else (64, 80)
+    study = make_study(
+        session, store, modality="XC", pixels=gradient(rows, columns), accession=accession
+    )
+    if probability is not None:
+        model = make_model_version(session, task=SEGMENTATION_TASK, threshold=threshold)
+        score = float(probability.max())
+        add_prediction(session, study, model, score, store=store, probability=probability)
+        study.status = StudyStatus.SCORED
     return study
 
 

@@ -10,7 +10,7 @@ import streamlit as st
 from numpy.typing import NDArray
 
 from dashboard import context, text
-from flows.launcher import Started, labels_recorded
+from dashboard.views import mask_review
 from radflow.services.review import (
     Verdict,
     next_unreviewed,
@@ -31,7 +31,6 @@ from radflow.services.study_view import (
     download_result,
     heatmap_overlay,
     load_overlay,
-    mask_overlay,
     view_study,
 )
 from radflow.services.users import Permission, Principal
@@ -143,17 +142,9 @@ def _with_overlays(
             notes.append(f"Grad-CAM of {latest.model}")
         except (ObjectNotFound, OverlayUnreadable) as exc:
             st.warning(f"The heat map could not be shown: {exc}")
-    if latest.mask_key is not None and toggles[1].toggle(
-        "Segmentation mask", value=True, key="mask"
-    ):
-        opacity = toggles[1].slider("Mask opacity", 0.0, 1.0, 0.4, 0.05, key="mask_opacity")
-        try:
-            shown = mask_overlay(
-                shown, load_overlay(store, latest.mask_key, image.shape[:2]), opacity
-            )
-            notes.append("segmentation mask")
-        except (ObjectNotFound, OverlayUnreadable) as exc:
-            st.warning(f"The mask could not be shown: {exc}")
+    if latest.mask_key is not None:
+        shown, mask_note = mask_review.overlay(toggles[1], latest, shown)
+        notes += [mask_note] if mask_note else []
     return shown, notes
 
 
@@ -204,6 +195,9 @@ def _review_form(principal: Principal, view: StudyView) -> None:
     if task_name is None:
         task_name = st.selectbox("Task", [t.name for t in review_tasks()], key="review_task")
     task = review_task(task_name or review_tasks()[0].name)
+    if task.masks:
+        mask_review.form(principal, view, task)
+        return
     with st.form("review", clear_on_submit=True):
         comment = st.text_area("Comment", max_chars=1024, placeholder="Optional")
         buttons = st.columns(2)
@@ -240,14 +234,7 @@ def _review_form(principal: Principal, view: StudyView) -> None:
             value=value,
             comment=comment,
         )
-    saved = f"Saved: {result.task} = {result.value} ({result.verdict})"
-    # The label counts toward retraining like any other (flows/launcher.py decides); a due
-    # training starts in the background, never in this page's process.
-    started = labels_recorded(result.task, wait=False, rt=context.runtime())
-    if isinstance(started, Started):
-        saved += f". Enough new labels: retraining {result.task} (process {started.ref})."
-    st.session_state["radflow_saved"] = saved
-    st.rerun()
+    context.saved(result.task, f"Saved: {result.task} = {result.value} ({result.verdict})")
 
 
 uid = st.query_params.get(context.STUDY_PARAM)
@@ -286,7 +273,7 @@ text.caption(
     f"{view.status.replace('_', ' ')} · received {view.received_at:%Y-%m-%d %H:%M} · "
     f"UID {view.study_uid}"
 )
-saved = st.session_state.pop("radflow_saved", None)
+saved = st.session_state.pop(context.SAVED_KEY, None)
 if saved:
     st.success(saved, icon=":material/check_circle:")
 

@@ -264,6 +264,12 @@ class Settings(BaseSettings):
         description="Retraining starts by itself once this many new labels for a task have "
         "arrived since its last training",
     )
+    mask_upload_max_bytes: int = Field(
+        default=32 * 1024**2,
+        gt=0,
+        description="Largest mask file (PNG, NIfTI, DICOM SEG) a reviewer may upload on the "
+        "study page; a bigger one is refused",
+    )
     torch_threads: int = Field(
         default=1,
         ge=0,

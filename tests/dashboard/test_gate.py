@@ -25,6 +25,7 @@ from dashboard import gate
 from radflow.db import AuditEvent, DashboardSession, User, unit_of_work
 from radflow.runtime import Runtime
 from radflow.services.sessions import COOKIE
+from radflow.services.users import Role
 from radflow.settings import Settings
 
 HTML = {"accept": "text/html,application/xhtml+xml"}
@@ -55,6 +56,7 @@ def client(runtime: Runtime) -> Iterator[TestClient]:
         Route(path, _streamlit)
         for path in ("/", "/study", "/media/{id}", "/_stcore/metrics", "/static/app.js")
     ]
+    stand_ins.append(Route("/_stcore/upload_file/{session}/{file}", _streamlit, methods=["PUT"]))
     app = Starlette(routes=[*gate.routes(), *stand_ins], middleware=[Middleware(gate.Guard)])
     with TestClient(app, base_url="https://dashboard.example", follow_redirects=False) as c:
         yield c
@@ -135,7 +137,7 @@ def test_images_only_for_a_live_session_and_every_fetch_audited(
 def test_what_no_page_needs_is_closed_and_every_response_carries_the_headers(
     client: TestClient,
 ) -> None:
-    for path in ("/_stcore/metrics", "/_stcore/agent/mcp", "/_stcore/upload_file/a/b"):
+    for path in ("/_stcore/metrics", "/_stcore/agent/mcp", "/_stcore/script-health-check"):
         assert client.get(path).status_code == 404, path
     page = client.get("/login")
     policy = page.headers["content-security-policy"]
@@ -179,3 +181,19 @@ def test_guessing_is_slowed_and_says_how_long(client: TestClient) -> None:
         assert _log_in(client, "rita", "guess").status_code == 401
     waiting = _log_in(client, "rita", PASSWORD)
     assert waiting.status_code == 429 and "try again in 2 seconds" in waiting.text
+
+
+def test_uploads_only_from_a_live_session_that_may_review(
+    client: TestClient, runtime: Runtime
+) -> None:
+    """The one upload is a corrected mask: a reviewer's, never an anonymous or other role's."""
+    upload = "/_stcore/upload_file/session-1/file-1"
+    assert client.put(upload, content=b"mask").status_code == 403
+    with unit_of_work(runtime.session_factory) as session:
+        make_user(session, "max", Role.ML_ENGINEER)
+    _log_in(client, "max", PASSWORD)
+    assert client.put(upload, content=b"mask").status_code == 403
+    client.cookies.clear()
+    _log_in(client, "rita", PASSWORD)
+    answer = client.put(upload, content=b"mask")
+    assert answer.status_code == 200 and answer.text == f"streamlit served {upload}"

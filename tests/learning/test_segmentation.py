@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import ModelEvaluation, Prediction, unit_of_work
+from radflow.db import Label, ModelEvaluation, Prediction, unit_of_work
 from radflow.dicom.seg import SEG_KEY, load_sources, read_segmentation
 from radflow.ingest.msd import import_segmentation
 from radflow.ingest.routing import rules_for
 from radflow.learning import tasks
 from radflow.learning.evaluation import Pixels, decide_dice, dice_threshold
+from radflow.learning.masks import load_mask
 from radflow.learning.registry import register
 from radflow.learning.scoring import score_stable
 from radflow.learning.segmentation import PROBABILITY_KEY, load_probability
@@ -129,6 +132,28 @@ def test_import_refuses_a_mask_of_another_size(
     folder = _dataset(tmp_path / "bad", 1)
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(folder / "0_mask.png")
     with pytest.raises(ValueError, match=r"mask 0_mask\.png is 10x10 but its image is 88x72"):
+        import_segmentation(settings, session_factory, store, folder, TASK)
+
+
+def test_import_reads_nifti_masks_and_refuses_a_photograph_given_as_mask(
+    settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, tmp_path: Path
+) -> None:
+    folder = _dataset(tmp_path / "nifti", 1)
+    mask = np.asarray(Image.open(folder / "0_mask.png")) > 0
+    # As ITK and MONAI write a 2D image: the first axis runs along the columns.
+    nifti = nib.Nifti1Image(mask.T.astype(np.uint8), np.eye(4))
+    (folder / "0_mask.nii.gz").write_bytes(gzip.compress(nifti.to_bytes()))
+    index = json.loads((folder / "dataset.json").read_text())
+    index["training"][0]["label"] = "0_mask.nii.gz"
+    (folder / "dataset.json").write_text(json.dumps(index))
+    report = import_segmentation(settings, session_factory, store, folder, TASK)
+    with session_factory() as session:
+        value = session.scalars(select(Label.value)).one()
+    assert np.array_equal(load_mask(store, report.study_uids[0], TASK, value).mask, mask)
+
+    index["training"][0]["label"] = "0.png"  # the photograph itself
+    (folder / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"mask 0\.png holds \d+ values"):
         import_segmentation(settings, session_factory, store, folder, TASK)
 
 

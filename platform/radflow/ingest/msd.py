@@ -2,7 +2,8 @@
 
 A folder with a ``dataset.json`` whose ``training`` (or ``test``) list names, per case, an
 ``image`` (a colour photograph: TIFF, PNG, JPEG...), a ``label`` mask and optionally a ``fov``
-mask (the field of view: the pixels evaluation counts, as DRIVE gives). Each image becomes a VL
+mask (the field of view: the pixels evaluation counts, as DRIVE gives): pictures or NIfTI,
+read by radflow.learning.mask_files. Each image becomes a VL
 Photographic Image study (RGB, modality XC; radflow.dicom.writer.photograph_dataset), written
 as real DICOM and ingested through the front door; its mask is stored (radflow.learning.masks)
 and recorded as an import label, with the list name as its split ("training" as "train").
@@ -31,6 +32,7 @@ from radflow.db import unit_of_work
 from radflow.db.audit import record
 from radflow.dicom.writer import photograph_dataset
 from radflow.ingest.importers import ImportReport, add_import_labels, ingest_written
+from radflow.learning.mask_files import read_mask
 from radflow.learning.masks import GroundTruth, save_mask
 from radflow.learning.tasks import get_task
 from radflow.settings import Settings
@@ -73,13 +75,7 @@ def read_dataset(folder: Path, which: str) -> list[Case]:
 
 
 def _binary(path: Path, shape: tuple[int, int], what: str) -> NDArray[np.bool_]:
-    mask = np.asarray(Image.open(path).convert("L")) > 0
-    if mask.shape != shape:
-        raise ValueError(
-            f"the {what} {path.name} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-            f"{shape[1]}x{shape[0]} (columns x rows); give the mask of the same image"
-        )
-    return mask
+    return read_mask(path.name, path.read_bytes(), shape, what=what)
 
 
 def _write(case: Case, out: Path) -> tuple[str, GroundTruth | None]:

@@ -39,17 +39,24 @@ class ReviewTask:
     name: str
     labels: tuple[str, ...]
     positive: str
+    masks: bool = False
+    """Reviewed as masks (a segmentation task: radflow.services.mask_review), not labels."""
 
 
 def review_tasks() -> list[ReviewTask]:
     """The tasks a reviewer can label, in the registry's order (the first is the default)."""
-    return [ReviewTask(t.name, tuple(t.labels), t.positive) for t in TASKS.values()]
+    return [review_task(name) for name in TASKS]
 
 
 def review_task(name: str) -> ReviewTask:
     """One task of :func:`review_tasks` (UnknownTask if the registry has no such task)."""
     task = get_task(name)
-    return ReviewTask(task.name, tuple(task.labels), task.positive)
+    return ReviewTask(task.name, tuple(task.labels), task.positive, task.kind == "segmentation")
+
+
+def clean_comment(comment: str | None) -> str | None:
+    """A reviewer's comment as stored: stripped, at most MAX_COMMENT characters, None if empty."""
+    return comment.strip()[:MAX_COMMENT] if comment and comment.strip() else None
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def submit_review(
     if task_name is None:
         raise ValueError("this study has no prediction: choose the task and the label to set")
     value = _value(verdict, task_name, latest, value)
-    comment = comment.strip()[:MAX_COMMENT] if comment and comment.strip() else None
+    comment = clean_comment(comment)
     label = add_label(
         session,
         study_uid,

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_rescale, apply_voi_lut
 from pydicom.pixels.utils import pixel_array
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import binary_erosion, map_coordinates
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
@@ -33,6 +33,7 @@ from radflow.db import (
 from radflow.db.audit import record
 from radflow.errors import RadflowError
 from radflow.learning.heatmaps import read_heatmap_volume
+from radflow.learning.segmentation import PROBABILITY_KEY
 from radflow.services.users import Permission, Principal, require
 from radflow.store import ObjectNotFound as ObjectNotFound  # the pages catch it
 from radflow.store import ObjectStore
@@ -91,7 +92,8 @@ class PredictionView:
     scores: dict[str, float] = field(default_factory=dict)
     """Probability per label value, as the model reported it."""
     derived_keys: dict[str, str] = field(default_factory=dict)
-    """Object keys of what the model produced besides the score: "gradcam", "mask", ..."""
+    """Object keys of what the model produced besides the score: "gradcam", "probability"
+    (a segmentation's map), "seg", ..."""
     runtime: str = VariantRuntime.TORCH_FP32.value
     """Which variant of the model computed the score (radflow.db.ModelVariant)."""
 
@@ -116,7 +118,9 @@ class PredictionView:
 
     @property
     def mask_key(self) -> str | None:
-        return self.derived_keys.get("mask")
+        """The probability map of a segmentation (radflow.services.mask_review.predicted_mask
+        makes the mask at the threshold from it)."""
+        return self.derived_keys.get(PROBABILITY_KEY)
 
 
 @dataclass(frozen=True)
@@ -562,11 +566,19 @@ def heatmap_overlay(
 
 
 def mask_overlay(
-    image: NDArray[np.uint8], mask: NDArray[np.float64], opacity: float
+    image: NDArray[np.uint8],
+    mask: NDArray[np.bool_] | NDArray[np.float64],
+    opacity: float,
+    *,
+    contour: bool = False,
 ) -> NDArray[np.uint8]:
-    """RGB: the image with the segmented region tinted; outside the mask is unchanged."""
+    """RGB: the image with the segmented region (``mask``: booleans, or values >= 0.5) tinted,
+    or only its outline with ``contour``; elsewhere the image is unchanged."""
     _check_opacity(opacity)
-    alpha = np.where(mask >= 0.5, opacity, 0.0)[..., None].astype(np.float64)
+    region = np.asarray(mask >= 0.5)
+    if contour:
+        region &= ~binary_erosion(region, border_value=0)
+    alpha = np.where(region, opacity, 0.0)[..., None].astype(np.float64)
     return _blend(image, np.broadcast_to(MASK_COLOUR, (*mask.shape, 3)), alpha)
 
 
