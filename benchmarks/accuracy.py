@@ -1,7 +1,10 @@
 """Accuracy of the platform's own train flow on a held-out split, end to end.
 
-    python benchmarks/accuracy.py --train-npz A.npz --test-npz B.npz [--test-split test]
-    python benchmarks/accuracy.py --train-npz A.npz --carve 0.1
+    python benchmarks/accuracy.py [--task T] --train-npz A.npz --test-npz B.npz [--test-split test]
+    python benchmarks/accuracy.py [--task T] --train-npz A.npz --carve 0.1
+
+``--task``: pneumonia-cxr (default, 2D images), or a task on volumes (adrenal-ct-3d,
+adrenal-ct-seq: MedMNIST 3D volumes, each imported as a CT series).
 
 In a fresh data directory: imports A's train and val splits with their labels (the normal import
 path: DICOM studies through ingest), trains through the train flow (selection and threshold on
@@ -54,6 +57,7 @@ def carve(train_npz: Path, fraction: float, seed: int, out_dir: Path) -> tuple[P
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="pneumonia-cxr")
     parser.add_argument("--train-npz", type=Path, required=True)
     parser.add_argument("--test-npz", type=Path)
     parser.add_argument("--test-split", default="test")
@@ -79,6 +83,7 @@ def main() -> int:
     from radflow.ingest.importers import import_npz, read_npz
     from radflow.learning.evaluation import evaluate
     from radflow.learning.registry import require_champion
+    from radflow.learning.tasks import get_task
     from radflow.runtime import Runtime
     from radflow.settings import Settings
 
@@ -86,7 +91,7 @@ def main() -> int:
     if args.carve is not None:
         train_npz, test_npz = carve(args.train_npz, args.carve, args.seed, work)
         test_split = "test"
-    task = "pneumonia-cxr"
+    task = get_task(args.task).name
     settings = Settings()
     started = time.perf_counter()
     with Runtime.open(settings) as rt:
@@ -116,7 +121,7 @@ def main() -> int:
     score_seconds = time.perf_counter() - started
     print(f"scored {scored['scored']} studies in {score_seconds:.0f} s")
 
-    _, parts = read_npz(test_npz, [test_split])
+    _, parts = read_npz(test_npz, [test_split], volumes=get_task(task).takes_series)
     assert parts[0].labels is not None, f"{test_npz} has no {test_split}_labels to compare with"
     truth = dict(zip(test.study_uids, parts[0].labels.astype(float), strict=True))
     with Runtime.open(settings) as rt, rt.session_factory() as session:
@@ -133,6 +138,7 @@ def main() -> int:
     targets = np.array([truth[u] for u in uids])
     metrics = evaluate(targets, np.array([scores[u] for u in uids]), threshold)
     result = {
+        "task": task,
         "auc": round(metrics["auc"], 4),
         "acc": round(metrics["accuracy"], 4),
         "sensitivity": round(metrics["sensitivity"], 4),

@@ -61,7 +61,13 @@ def add_commands(add: Add) -> None:
     p = add("dashboard", cmd_dashboard, "serve the review dashboard")
     p.add_argument("--port", type=int, default=None)
     p = add("demo", cmd_demo, "synthetic studies through the whole platform, then the dashboard")
-    p.add_argument("--studies", type=int, default=300)
+    p.add_argument("--studies", type=int, default=300, help="synthetic chest radiographs")
+    p.add_argument(
+        "--ct-studies",
+        type=int,
+        default=40,
+        help="synthetic abdominal CT series (adrenal-ct-3d trains on 20 labelled or more)",
+    )
     p.add_argument("--label-fraction", type=float, default=0.6)
     p.add_argument("--no-serve", action="store_true", help="stop after scoring")
 
@@ -228,7 +234,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from demo.pipeline import ensure_demo_key, run_demo, serving_receiver
 
     settings = ensure_demo_key(settings)
-    run_demo(settings, studies=args.studies, label_fraction=args.label_fraction)
+    run_demo(
+        settings,
+        studies=args.studies,
+        ct_studies=args.ct_studies,
+        label_fraction=args.label_fraction,
+    )
     if args.no_serve:
         return 0
     with serving_receiver(settings):

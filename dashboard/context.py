@@ -13,7 +13,11 @@ at the next click.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +33,14 @@ from radflow.services.audit import note
 from radflow.services.sessions import COOKIE, end_session, ended_reason, resume, unsign
 from radflow.services.study_view import Window, render_image
 from radflow.services.users import Permission, Principal
+from radflow.services.volume_view import (
+    Layer,
+    VolumeView,
+    heat_layer,
+    label_layer,
+    load_preview,
+    load_volume_view,
+)
 from radflow.settings import Settings
 
 # Not "pages/": Streamlit would also serve every script in a folder of that name directly,
@@ -148,8 +160,9 @@ def rendered_image(
     return render_image(runtime().store, object_key, window=window, frame=frame)
 
 
-def saved(task: str, message: str, *, labelled: bool = True) -> None:
-    """Confirm a stored review at the page's next run, and rerun it now.
+def saved(task: str, message: str, *, labelled: bool = True, rerun: bool = True) -> None:
+    """Confirm a stored review at the page's next run, and rerun it now (unless the caller
+    opens another page: ``rerun`` False).
 
     A new label counts toward retraining like any other (flows/launcher.py decides); a due
     training starts in the background, never in this page's process.
@@ -159,4 +172,49 @@ def saved(task: str, message: str, *, labelled: bool = True) -> None:
         if isinstance(started, Started):
             message += f". Enough new labels: retraining {task} (process {started.ref})."
     st.session_state[SAVED_KEY] = message
-    st.rerun()
+    if rerun:
+        st.rerun()
+
+
+def _behind() -> None:
+    # Packing a series takes seconds of both cores: it yields to page runs and to the rest of
+    # the machine (other users' pages, a browser on the same host). Linux keeps a nice value
+    # per thread, inherited by the threads it starts; elsewhere it is the whole process's.
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.nice(10)
+
+
+_PACKER = ThreadPoolExecutor(1, thread_name_prefix="radflow-viewer", initializer=_behind)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def volume_packing(series_uid: str, instance_keys: tuple[str, ...]) -> Future[VolumeView]:
+    """The series packed for the viewer, in the background from the first page run that asks
+    (the page shows a preview meanwhile), then kept for the next runs: a frozen object, shared
+    read-only. ``instance_keys`` name its stored images: a late instance makes a new entry."""
+    return _PACKER.submit(_pack, runtime(), series_uid)
+
+
+def _pack(rt: Runtime, series_uid: str) -> VolumeView:
+    with rt.session_factory() as s:
+        return load_volume_view(s, rt.store, series_uid, max_voxels=rt.settings.max_volume_voxels)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def volume_preview(series_uid: str, instance_keys: tuple[str, ...]) -> VolumeView | None:
+    """The slice the viewer opens on, alone (``load_preview``); NotAVolume if the index says
+    the series is not one volume."""
+    rt = runtime()
+    with session() as s:
+        return load_preview(s, rt.store, series_uid, max_voxels=rt.settings.max_volume_voxels)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def volume_layer(
+    object_key: str, kind: str, name: str, instance_keys: tuple[str, ...], _view: VolumeView
+) -> Layer:
+    """A stored heat map (``kind`` "heat") or label map ("labels") laid over ``_view`` (the
+    volume of the series ``instance_keys`` name)."""
+    read = heat_layer if kind == "heat" else label_layer
+    return read(runtime().store, object_key, _view, name)

@@ -13,7 +13,9 @@ own Starlette app):
   page, serves study images (``/media/``) only to a live session whose role may see studies
   (and audits each fetch), takes file uploads (a corrected mask) only from a live session whose
   role may review, closes what a browser never needs (``/_stcore/metrics``, the agent API), and
-  adds frame, content-security and no-store headers to every response.
+  adds frame, content-security and no-store headers to every response (custom components'
+  files, ``/component/``, may be framed by the app's own pages only: the volume viewer is one,
+  dashboard/viewer).
 
 The Streamlit script checks the same cookie on every run (``dashboard/context.py``), so a page
 never renders for a session that ended, whatever the order of events.
@@ -72,6 +74,7 @@ _PROCESS_KEY = secrets.token_bytes(32)
 # a session for (the health check a load balancer or compose asks).
 _PUBLIC = ("/static/", "/_stcore/health", "/_stcore/host-config", "/favicon.png", "/manifest.json")
 _LOGIN_PATHS = ("/login", "/password")
+_COMPONENTS = "/component/"  # custom components' own files (code, no patient data)
 # Open in Streamlit by default, needed by no page of Radflow's: process metrics, the agent API
 # (it can drive the app without a browser), the script health check.
 _CLOSED = re.compile(r"^/_stcore/(metrics|agent(/.*)?|script-health-check)/?$|^/app/static/")
@@ -120,9 +123,13 @@ def _inline_script_hashes() -> str:
     )
 
 
-def security_headers(https: bool) -> dict[str, str]:
+def security_headers(https: bool, *, framable: bool = False) -> dict[str, str]:
     """What every response carries: no framing, nothing fetched from another site, no caching
-    of patient data, no referrer (URLs hold Study Instance UIDs)."""
+    of patient data, no referrer (URLs hold Study Instance UIDs).
+
+    ``framable``: a custom component's files (``/component/``, e.g. the volume viewer), which
+    Streamlit shows in an iframe of the app's own page: framed by this origin only."""
+    ancestors = "'self'" if framable else "'none'"
     policy = "; ".join(
         [
             "default-src 'self'",
@@ -137,12 +144,12 @@ def security_headers(https: bool) -> dict[str, str]:
             "object-src 'none'",
             "base-uri 'self'",
             "form-action 'self'",
-            "frame-ancestors 'none'",
+            f"frame-ancestors {ancestors}",
         ]
     )
     headers = {
         "Content-Security-Policy": policy,
-        "X-Frame-Options": "DENY",
+        "X-Frame-Options": "SAMEORIGIN" if framable else "DENY",
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
         "Cross-Origin-Opener-Policy": "same-origin",
@@ -170,7 +177,8 @@ class Guard:
         request = Request(scope)
         path = request.url.path
         https = scope.get("scheme") == "https"
-        send = _with_headers(send, security_headers(https), cacheable=path.startswith("/static/"))
+        headers = security_headers(https, framable=path.startswith(_COMPONENTS))
+        send = _with_headers(send, headers, cacheable=path.startswith("/static/"))
         if _CLOSED.match(path):
             await PlainTextResponse("Not found", status_code=404)(scope, receive, send)
             return
@@ -205,7 +213,7 @@ def _is_page(request: Request) -> bool:
         and "text/html" in request.headers.get("accept", "")  # not a favicon or a script
         and not path.startswith(_PUBLIC)
         and path not in _LOGIN_PATHS
-        and not path.startswith(("/_stcore/", "/component/", "/media/"))
+        and not path.startswith(("/_stcore/", _COMPONENTS, "/media/"))
     )
 
 

@@ -7,6 +7,8 @@ below and serves it with its own Starlette app, to which this adds the login rou
 
 from __future__ import annotations
 
+import importlib
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -15,5 +17,16 @@ from starlette.middleware import Middleware
 from dashboard.gate import Guard, routes
 
 SCRIPT = Path(__file__).resolve().parent / "app.py"
+# What the study page imports beyond the worklist: Prefect (flows.launcher) and the viewer's
+# packing take seconds to import, which the first study opened after a restart would wait for.
+WARM_UP = ("flows.launcher", "radflow.services.volume_view")
+
+
+def _warm_up() -> None:
+    for name in WARM_UP:
+        importlib.import_module(name)
+
+
+threading.Thread(target=_warm_up, name="radflow-warm-up", daemon=True).start()
 
 app = st.App(SCRIPT, routes=routes(), middleware=[Middleware(Guard)])

@@ -1,7 +1,9 @@
-"""The demo: synthetic chest radiographs through the whole platform, on the embedded defaults.
+"""The demo: synthetic chest radiographs and abdominal CTs through the whole platform, on the
+embedded defaults.
 
-What ``radflow demo`` (and ``make demo``) runs: synthetic studies are generated, ingested, a
-share labelled as a radiologist would, the task trained (once), every study scored, and the
+What ``radflow demo`` (and ``make demo``) runs: synthetic studies are generated (chest
+radiographs for pneumonia-cxr, and a few CT series for the volume task adrenal-ct-3d), ingested,
+a share labelled as a radiologist would, each task trained (once), every study scored, and the
 demo's users created; then the dashboard is served with the DICOM receiver beside it. Running
 it again adds nothing twice. Like the CLI, a thin caller of flows and of the core library.
 """
@@ -17,14 +19,18 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from demo.synthetic import SyntheticStudy, write_cxr_studies
+from demo.synthetic import write_ct_studies, write_cxr_studies
 from radflow.db import Label, Study, User, upgrade
+from radflow.errors import NotEnoughLabels
 from radflow.learning.labels import add_label
 from radflow.learning.registry import champion
+from radflow.learning.tasks import Task
+from radflow.learning.tasks.adrenal_ct_3d import TASK as CT_TASK
 from radflow.learning.tasks.pneumonia_cxr import TASK as CHEST_TASK
 from radflow.runtime import Runtime
 from radflow.services.users import Principal, Role, add_user
@@ -33,8 +39,6 @@ from radflow.store.durable import private_dir
 
 logger = logging.getLogger(__name__)
 
-TASK = CHEST_TASK.name
-"""The synthetic studies are frontal chest radiographs: the task declared for those."""
 
 # Created only by `radflow demo` on its synthetic data, never by migrations or settings: a
 # production installation has no user until an admin runs `radflow user add`.
@@ -65,40 +69,76 @@ def ensure_demo_key(settings: Settings) -> Settings:
     return settings.model_copy(update={"pseudonym_key": SecretStr(key)})
 
 
-def run_demo(settings: Settings, *, studies: int, label_fraction: float) -> None:
-    """Synthetic studies ingested, a share labelled, a model trained, every study scored."""
+class Written(Protocol):
+    """A synthetic study written to disk, with its ground truth."""
+
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def patient_id(self) -> str: ...
+    @property
+    def positive(self) -> bool: ...
+
+
+def run_demo(settings: Settings, *, studies: int, ct_studies: int, label_fraction: float) -> None:
+    """Synthetic studies ingested, a share labelled, the models trained, every study scored."""
     from flows.embedded import run_settings
     from flows.ingest import ingest_flow
     from flows.process import process_and_deliver
-    from flows.train import train_flow
 
     upgrade(settings.database_url)  # the demo may find a data dir an older Radflow made
     folder = settings.data_dir / "demo-studies"
-    print(f"Generating {studies} synthetic chest radiograph studies in {folder}")
+    print(
+        f"Generating {studies} synthetic chest radiograph studies and {ct_studies} abdominal CT "
+        f"studies in {folder}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    written = write_cxr_studies(folder, studies, seed=settings.seed)
+    # Each kind of synthetic study, with the task declared for it: the radiographs are frontal
+    # chest radiographs; the CT series crops around an adrenal gland, for the volume task.
+    written: list[tuple[Task, Sequence[Written]]] = [
+        (CHEST_TASK, write_cxr_studies(folder, studies, seed=settings.seed)),
+        (CT_TASK, write_ct_studies(folder, ct_studies, seed=settings.seed)),
+    ]
     with run_settings():
         ingest_flow(str(folder))
         with Runtime.open(settings) as rt:
-            n = label_training_subset(rt, written, label_fraction, settings.seed)
-            trained_before = has_champion(rt)
+            n = sum(
+                label_training_subset(rt, task, done, label_fraction, settings.seed)
+                for task, done in written
+            )
+            trained_before = {task.name for task, _ in written if has_champion(rt, task.name)}
         print(f"Labelled {n} studies as a radiologist would")
-        if trained_before:
-            print(f"{TASK} already has a champion model; not training again")
-        else:
-            trained = train_flow(TASK)
-            print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
-        scored = process_and_deliver(TASK)
-    print(f"Scored {scored['scored']} studies with {scored['tasks'][TASK]['model']}")
+        for task, done in written:
+            if done:
+                train_once(task.name, trained_before)
+        scored = process_and_deliver()  # every task with a champion
+    for report in scored["tasks"].values():
+        print(f"Scored {report['scored']} studies with {report['model']}")
     with Runtime.open(settings) as rt:
         for name, role, password in create_demo_users(rt):
             print(f"Demo login ({role.value}): {name} / {password}")
 
 
+def train_once(task_name: str, trained_before: set[str]) -> None:
+    """Train ``task_name`` unless it has a champion already; too few labels only say so."""
+    from flows.train import train_flow
+
+    if task_name in trained_before:
+        print(f"{task_name} already has a champion model; not training again")
+        return
+    try:
+        trained = train_flow(task_name)
+    except NotEnoughLabels as exc:
+        print(f"{task_name} not trained: {exc}")
+        return
+    print(f"Trained {trained['model']}: validation AUC {trained['auc']:.3f}")
+
+
 def label_training_subset(
-    rt: Runtime, studies: Sequence[SyntheticStudy], fraction: float, seed: int
+    rt: Runtime, task: Task, studies: Sequence[Written], fraction: float, seed: int
 ) -> int:
-    """Label a random ``fraction`` of the studies with their ground truth, as a radiologist would.
+    """Label a random ``fraction`` of the studies with their ground truth for ``task``, as a
+    radiologist would.
 
     Patients are drawn whole, so one patient's studies are either all labelled or none.
     Studies that already carry a label are left alone, so running the demo again adds nothing.
@@ -112,20 +152,20 @@ def label_training_subset(
             session.scalars(
                 select(Study.study_uid)
                 .join(Label, Label.study_id == Study.id)
-                .where(Label.task == TASK)
+                .where(Label.task == task.name)
             )
         )
         for study in studies:
             if study.patient_id in chosen and study.study_uid not in already:
-                value = "pneumonia" if study.positive else "normal"
-                add_label(session, study.study_uid, TASK, value, source="demo", author="demo")
+                value = task.labels[study.positive]
+                add_label(session, study.study_uid, task.name, value, source="demo", author="demo")
                 labelled += 1
     return labelled
 
 
-def has_champion(rt: Runtime) -> bool:
+def has_champion(rt: Runtime, task_name: str) -> bool:
     with rt.session_factory() as session:
-        return champion(session, TASK) is not None
+        return champion(session, task_name) is not None
 
 
 def create_demo_users(rt: Runtime) -> list[tuple[str, Role, str]]:

@@ -1,4 +1,4 @@
-"""Synthetic chest radiographs, generated in code and written as DICOM DX images.
+"""Synthetic chest radiographs and abdominal CT volumes, generated in code, written as DICOM.
 
 The demo, the tests and the benchmarks need studies that behave like real chest radiographs
 (valid DX headers, 12-bit pixels, patients with more than one study, a finding a small model can
@@ -8,6 +8,10 @@ failure can be reproduced from the seed alone.
 The phantom is built in "density" units (how much the beam is attenuated along each ray): the
 body adds density, air-filled lungs remove it, bone adds more. Density is then mapped to detector
 values the way a processed DX image looks with MONOCHROME2: dense is bright, air is dark.
+
+The CT phantom (:func:`adrenal_phantom`) is built in Hounsfield units around an adrenal gland,
+as AdrenalMNIST3D crops real CT, so the demo shows a volume task (adrenal-ct-3d) scoring CT
+series that arrive like a scanner's: one single-frame CT Image instance per axial slice.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from radflow.dicom.writer import DX_FOR_PRESENTATION, MAX_DX_VALUE, cxr_dataset
+from radflow.dicom.writer import DX_FOR_PRESENTATION, MAX_DX_VALUE, CTSeriesBuilder, cxr_dataset
 
 __all__ = [
     "DX_FOR_PRESENTATION",
     "SyntheticStudy",
+    "SyntheticVolume",
+    "adrenal_phantom",
     "chest_phantom",
     "cxr_dataset",
+    "write_ct_studies",
     "write_cxr_studies",
 ]
 
@@ -697,7 +704,10 @@ def _consolidations(rng: np.random.Generator, size: int, lungs: np.ndarray) -> n
 
 
 def _uid(seed: int, *parts: object) -> str:
-    """A UID that depends only on the seed and ``parts``, so reruns write identical files."""
+    """A UID that depends only on the seed and ``parts``, so reruns write identical files.
+
+    pydicom joins the entropy sources without a separator: ("1", "11") and ("11", "1") give
+    the same UID, so a part made of several numbers is one string ("1.11")."""
     return str(generate_uid(entropy_srcs=["radflow-synthetic", str(seed), *map(str, parts)]))
 
 
@@ -796,3 +806,146 @@ def write_cxr_studies(
             )
         patient += 1
     return studies
+
+
+# --------------------------------------------------------------------------------------------
+# Abdominal CT volumes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticVolume:
+    """One written CT study: a series of axial slices, its identifiers and its ground truth."""
+
+    paths: tuple[Path, ...]  # the slices, inferior to superior
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    positive: bool  # an adrenal mass
+
+
+CT_SPACING_MM = (1.75, 1.25, 1.25)
+"""(between slices, rows, columns) of the phantom volumes: a 42 x 40 x 40 mm field around the
+adrenal gland, as AdrenalMNIST3D crops it (radflow.learning.tasks.adrenal_ct_3d)."""
+
+_FAT_HU, _GLAND_HU, _KIDNEY_HU, _VESSEL_HU = -100.0, 30.0, 35.0, 45.0
+
+
+def _segment_distance(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Distance (mm) of each of ``points`` (..., 3) to the segment from ``start`` to ``end``."""
+    direction = end - start
+    along = np.clip(((points - start) @ direction) / float(direction @ direction), 0.0, 1.0)
+    nearest = start + along[..., None] * direction
+    distance: np.ndarray = np.linalg.norm(points - nearest, axis=-1)
+    return distance
+
+
+def _soft(distance: np.ndarray, radius: float) -> np.ndarray:
+    """1 inside ``radius`` (mm), 0 outside, over a 1 mm edge (partial volume)."""
+    weight: np.ndarray = np.clip(radius + 0.5 - distance, 0.0, 1.0)
+    return weight
+
+
+def adrenal_phantom(
+    rng: np.random.Generator, shape: tuple[int, int, int] = (24, 32, 32), positive: bool = False
+) -> np.ndarray:
+    """A (slices, rows, columns) volume in HU around a left adrenal gland, slices inferior first.
+
+    Retroperitoneal fat with the upper pole of the kidney below, the crus of the diaphragm and a
+    vessel beside it, and the gland itself: a thin inverted Y of soft tissue. ``positive`` adds
+    a mass: a round soft-tissue nodule 8-12 mm across growing from one limb.
+    """
+    spacing = np.asarray(CT_SPACING_MM)
+    grid = np.stack(np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]], axis=-1) * spacing
+    centre = (np.asarray(shape) - 1) * spacing / 2 + rng.uniform(-3.0, 3.0, 3)
+    u = rng.uniform
+
+    def at(z: float, y: float, x: float) -> np.ndarray:
+        """A point (mm) relative to the volume's centre."""
+        point: np.ndarray = centre + np.array([z, y, x])
+        return point
+
+    hu = np.full(shape, _FAT_HU)
+    # The kidney's upper pole: an ellipsoid (semi-axes in mm), its edge a 1 mm ramp.
+    radii = np.array([u(9, 12), u(10, 13), u(8, 10)])
+    kidney = np.linalg.norm((grid - at(-14.0, u(4, 8), u(-4, 4))) / radii, axis=-1)
+    hu += (_KIDNEY_HU - _FAT_HU) * _soft((kidney - 1.0) * radii.mean(), 0.0)
+    crus_x = centre[2] + u(-17, -13)
+    crus = _segment_distance(
+        grid, np.array([0.0, centre[1] + 12, crus_x]), np.array([shape[0] * 2.0, centre[1], crus_x])
+    )
+    hu = np.maximum(hu, _FAT_HU + (_VESSEL_HU - _FAT_HU) * _soft(crus, u(2.5, 3.5)))
+    vessel_y = centre[1] + u(-15, -12)
+    vessel = _segment_distance(
+        grid, np.array([0.0, vessel_y, centre[2]]), np.array([shape[0] * 2.0, vessel_y, centre[2]])
+    )
+    hu = np.maximum(hu, _FAT_HU + (_VESSEL_HU - _FAT_HU) * _soft(vessel, u(3.0, 4.5)))
+
+    # The gland: a body and two limbs, each a thin plate of soft tissue.
+    body = at(u(2, 5), -6.0, 0.0)
+    limbs = [at(u(-8, -5), u(4, 7), u(-7, -4)), at(u(-8, -5), u(4, 7), u(4, 7))]
+    gland = np.minimum(*[_segment_distance(grid, body, end) for end in limbs])
+    gland = np.minimum(gland, _segment_distance(grid, body, at(0.0, -1.0, 0.0)))
+    hu = np.maximum(hu, _FAT_HU + (_GLAND_HU - _FAT_HU) * _soft(gland, u(1.4, 2.0)))
+    noise = rng.normal(0.0, 14.0, shape)  # drawn before the mass: the same patient either way
+    if positive:
+        limb = limbs[int(rng.integers(2))]
+        where = body + (limb - body) * u(0.5, 1.0)
+        nodule = np.linalg.norm(grid - where, axis=-1)
+        hu = np.maximum(hu, _FAT_HU + (u(20, 40) - _FAT_HU) * _soft(nodule, u(4.0, 6.0)))
+
+    smoothed = (noise + np.roll(noise, 1, axis=2) + np.roll(noise, 1, axis=1)) / 3.0
+    volume: np.ndarray = hu + smoothed
+    return volume
+
+
+def write_ct_studies(
+    out_dir: Path,
+    n: int,
+    *,
+    seed: int = 0,
+    prevalence: float = 0.5,
+    shape: tuple[int, int, int] = (24, 32, 32),
+) -> list[SyntheticVolume]:
+    """Write ``n`` abdominal CT studies (one patient each, one axial series of ``shape[0]``
+    slices) to ``out_dir/<study_uid>/<slice>.dcm``. Output depends only on the arguments."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= prevalence <= 1.0:
+        raise ValueError(f"prevalence must be between 0 and 1, got {prevalence}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    rng = np.random.default_rng([seed, 0xC7])
+    labels = _labels(rng, n, prevalence)
+    when = dt.datetime(2024, 3, 4, 8, 0, 0)
+    volumes = []
+    for index, positive in enumerate(labels):
+        family, given, sex = _NAMES[int(rng.integers(len(_NAMES)))]
+        study_uid, series_uid = _uid(seed, "ct-study", index), _uid(seed, "ct-series", index)
+        builder = CTSeriesBuilder(
+            rows=shape[1],
+            columns=shape[2],
+            spacing=CT_SPACING_MM,
+            patient_id=f"SYNCT{seed}-{index:05d}",
+            patient_name=f"{family}^{given}",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            study_datetime=when + dt.timedelta(hours=index),
+            accession=_accession(study_uid),
+            study_id=str(index + 1),
+            patient_sex=sex,
+            manufacturer=MANUFACTURER,
+            model_name="Phantom CT",
+        )
+        hu = adrenal_phantom(np.random.default_rng([seed, 0xAD7, index]), shape, positive)
+        folder = out_dir / study_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for z in range(shape[0]):
+            ds = builder.slice(z, hu[z], sop_instance_uid=_uid(seed, "ct-sop", f"{index}.{z}"))
+            path = folder / f"{z:03d}.dcm"
+            pydicom.dcmwrite(path, ds, enforce_file_format=True)
+            paths.append(path)
+        patient_id = str(builder.dataset.PatientID)
+        volumes.append(SyntheticVolume(tuple(paths), study_uid, series_uid, patient_id, positive))
+    return volumes

@@ -56,6 +56,7 @@ def _score(rt: Runtime, task_name: str, ids: list[int] | None = None) -> scoring
         threads=rt.settings.torch_threads or None,
         rules=rules_for(rt.settings),
         cache_dir=rt.settings.cache_dir,
+        max_voxels=rt.settings.max_volume_voxels,
         ids=ids,
     )
 

@@ -10,8 +10,11 @@ import streamlit as st
 from numpy.typing import NDArray
 
 from dashboard import context, text
+from dashboard.viewer import volume_viewer
 from dashboard.views import mask_review
+from radflow.errors import NotAVolume
 from radflow.services.review import (
+    ReviewTask,
     Verdict,
     next_unreviewed,
     review_task,
@@ -19,13 +22,14 @@ from radflow.services.review import (
     submit_review,
 )
 from radflow.services.study_view import (
+    VOLUME_SUFFIX,
+    InstanceRef,
     ObjectNotFound,
     OverlayUnreadable,
     ResultView,
     SeriesView,
     StudyNotFound,
     StudyView,
-    Window,
     adjust_contrast,
     download_result,
     heatmap_overlay,
@@ -33,19 +37,21 @@ from radflow.services.study_view import (
     view_study,
 )
 from radflow.services.users import Permission, Principal
+from radflow.services.volume_view import (
+    Layer,
+    LayerUnreadable,
+    VolumeTooLarge,
+    VolumeView,
+    preset_window,
+    window_presets,
+)
 
 user = context.require_page(Permission.VIEW_STUDIES)
 
-# Common windows as (center, width) in modality units (HU for CT).
-WINDOWS: dict[str, Window | None] = {
-    "From the image": None,
-    "Lung": (-600.0, 1500.0),
-    "Mediastinum": (50.0, 350.0),
-    "Bone": (400.0, 1800.0),
-    "Brain": (40.0, 80.0),
-    "Abdomen": (40.0, 400.0),
-}
 VIEWED_KEY = "radflow_viewed"
+# Whether a verdict opens the next study: the reader's choice for this browser session. (A
+# comment, not a docstring: Streamlit would show a bare string of a page script.)
+ADVANCE_KEY = "radflow_advance"
 
 
 def _back_link() -> None:
@@ -77,8 +83,12 @@ def _choose_series(view: StudyView) -> SeriesView | None:
     return view.series[0] if view.series else None
 
 
-def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], str] | None:
-    """The displayed image (slice, frame, window, contrast) and its caption."""
+def _picture(
+    view: StudyView, series: SeriesView
+) -> tuple[NDArray[np.uint8], str, InstanceRef] | None:
+    """The series image by image, rendered by the server: a radiograph, or a series that is
+    not one volume."""
+    """The displayed image (slice, frame, window, contrast), its caption, and which it is."""
     instances = series.instances
     index = len(instances) // 2
     if len(instances) > 1:
@@ -99,15 +109,14 @@ def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], st
             - 1
         )
     controls = st.columns(2)
-    preset = controls[0].selectbox("Window / level", list(WINDOWS), key="window")
+    presets = window_presets(series.modality or view.modality)
+    preset = controls[0].selectbox("Window / level", presets, key="window")
     with controls[1].popover("Contrast", icon=":material/contrast:"):
         brightness = st.slider("Brightness", -0.5, 0.5, 0.0, 0.05, key="brightness")
         contrast = st.slider("Contrast", 0.5, 3.0, 1.0, 0.1, key="contrast")
         invert = st.toggle("Invert", key="invert")
     try:
-        image = context.rendered_image(
-            instance.object_key, WINDOWS[preset or "From the image"], frame
-        )
+        image = context.rendered_image(instance.object_key, preset_window(preset or ""), frame)
     except ObjectNotFound:
         st.warning("This image is missing from the object store:")
         st.text(text.plain(instance.object_key))
@@ -116,11 +125,11 @@ def _picture(view: StudyView, series: SeriesView) -> tuple[NDArray[np.uint8], st
     where = [f"slice {index + 1}/{len(instances)}"] if len(instances) > 1 else []
     where += [f"frame {frame + 1}/{instance.frames}"] if frame is not None else []
     caption = " · ".join([series.description or series.series_uid, *where])
-    return image, caption
+    return image, caption, instance
 
 
 def _with_overlays(
-    view: StudyView, image: NDArray[np.uint8]
+    view: StudyView, image: NDArray[np.uint8], instance: InstanceRef
 ) -> tuple[NDArray[np.uint8], list[str]]:
     latest = view.latest
     notes: list[str] = []
@@ -134,7 +143,7 @@ def _with_overlays(
     elif toggles[0].toggle("Grad-CAM heat map", value=True, key="gradcam"):
         opacity = toggles[0].slider("Heat map opacity", 0.0, 1.0, 0.5, 0.05, key="gradcam_opacity")
         try:
-            heat = load_overlay(store, latest.gradcam_key, image.shape[:2])
+            heat = load_overlay(store, latest.gradcam_key, image.shape[:2], instance)
             shown = heatmap_overlay(shown, heat, opacity)
             notes.append(f"Grad-CAM of {latest.model}")
         except (ObjectNotFound, OverlayUnreadable) as exc:
@@ -145,19 +154,101 @@ def _with_overlays(
     return shown, notes
 
 
+def _volume(series: SeriesView) -> tuple[bool, str | None]:
+    """Whether the viewer shows the series (then its packing starts now, while the page renders);
+    if not, why a series of several images is shown image by image (a single image, a cine,
+    need no reason)."""
+    if len(series.instances) == 1 and series.instances[0].frames == 1:
+        return False, None
+    keys = _keys(series)
+    try:
+        preview = context.volume_preview(series.series_uid, keys)
+        packing = context.volume_packing(series.series_uid, keys)
+        # No preview: the first view needs the whole series (one multi-frame object). Packed:
+        # loading it may have found what the index could not tell.
+        if preview is None or packing.done():
+            packing.result()
+    except (NotAVolume, VolumeTooLarge) as exc:
+        return False, f"shown image by image ({exc})" if len(series.instances) > 1 else None
+    except ObjectNotFound:
+        return False, "shown image by image (an image of the series is missing from the store)"
+    return True, None
+
+
+@st.fragment
+def _viewer(view: StudyView, series: SeriesView) -> None:
+    """The volume viewer: first a preview (the slice it opens on, small: on the screen within a
+    second), then, when the viewer asks for it, the whole series (tens of MB, even when it is
+    already packed). The viewer asks as soon as it has the preview, which reruns only this
+    fragment, not the page (and a fragment's rerun waits for a page run in progress, never
+    interrupts it)."""
+    key = f"viewer:{series.series_uid}"
+    keys = _keys(series)
+    preview = context.volume_preview(series.series_uid, keys)
+    packing = context.volume_packing(series.series_uid, keys)
+    shown = preview
+    if preview is None or st.session_state.get(key) == "whole":
+        try:
+            shown = packing.result()
+        except (VolumeTooLarge, NotAVolume, ObjectNotFound):
+            st.rerun(scope="app")  # the page then shows the series image by image, and why
+    if shown is None:
+        return
+    layers, names = _layers(view, series, shown)
+    volume_viewer(
+        shown,
+        layers=layers,
+        caption=" · ".join([series.description or series.series_uid, *names]),
+        key=key,
+    )
+
+
+def _keys(series: SeriesView) -> tuple[str, ...]:
+    return tuple(i.object_key for i in series.instances)
+
+
+def _layers(
+    view: StudyView, series: SeriesView, volume: VolumeView
+) -> tuple[list[Layer], list[str]]:
+    """The latest prediction's volume maps as the viewer's layers, and what they are."""
+    latest = view.latest
+    if latest is None:
+        return [], []
+    layers, notes = [], []
+    for kind, key, name in (
+        ("heat", latest.gradcam_key, f"Grad-CAM of {latest.model}"),
+        ("labels", latest.mask_key, f"Segmentation of {latest.model}"),
+    ):
+        if key is None or not key.endswith(VOLUME_SUFFIX):
+            continue
+        try:
+            layers.append(context.volume_layer(key, kind, name, _keys(series), volume))
+            notes.append(name)
+        except (ObjectNotFound, LayerUnreadable) as exc:
+            st.warning(f"{name} could not be shown: {exc}")
+    if latest.gradcam_key is None:
+        text.caption("No Grad-CAM heat map for this prediction.")
+    return layers, notes
+
+
 def _show_image(view: StudyView) -> None:
+    """The chosen series in the viewer if it is one volume, else image by image."""
     series = _choose_series(view)
     if series is None or not series.instances:
         st.warning("This study has no stored images.")
         return
+    volume, why = _volume(series)
+    if volume:
+        _viewer(view, series)
+        return
     picture = _picture(view, series)
     if picture is None:
         return
-    image, caption = picture
-    shown, notes = _with_overlays(view, image)
+    image, caption, instance = picture
+    shown, notes = _with_overlays(view, image, instance)
     # Not st.image's caption: that is Markdown, and the series description comes from DICOM.
     st.image(shown, width="stretch")
-    text.caption(" · ".join([caption, *notes]))
+    text.caption(" · ".join([caption, *notes, *([why] if why else [])]))
 
 
 def _show_result(view: StudyView) -> None:
@@ -178,20 +269,34 @@ def _show_result(view: StudyView) -> None:
             st.badge("Above threshold", icon=":material/flag:", color="red")
         else:
             st.badge("Below threshold", icon=":material/check:", color="green")
-    if view.status_reason:
+    if view.not_scored:
+        for task, reason in view.not_scored.items():
+            text.caption(f"{task}: {reason}")
+    elif view.status_reason:
         text.caption(f"Status reason: {view.status_reason}")
 
 
 def _review_form(principal: Principal, view: StudyView) -> None:
+    """Agree (key A), disagree (D) or set the label, for the tasks that apply to the study;
+    with "next study after a verdict" on, a verdict opens the next unreviewed study."""
     latest = view.latest
     st.subheader("Review")
-    task_name = latest.task if latest else None
-    if task_name is None:
-        task_name = st.selectbox("Task", [t.name for t in review_tasks()], key="review_task")
-    task = review_task(task_name or review_tasks()[0].name)
+    with context.session() as session:
+        tasks = review_tasks(session, context.runtime().settings, view.study_uid)
+    if not tasks:
+        st.caption("No task applies to this study: there is no label to set.")
+        return
+    task = _choose_task(tasks)
     if task.masks:
         mask_review.form(principal, view, task)
         return
+    advance = st.toggle(
+        "Next study after a verdict",
+        value=st.session_state.get(ADVANCE_KEY, False),
+        help="After Agree, Disagree or Set label, open the next unreviewed study",
+    )
+    st.session_state[ADVANCE_KEY] = advance
+    verdicts = latest is not None and latest.task == task.name
     with st.form("review", clear_on_submit=True):
         comment = st.text_area("Comment", max_chars=1024, placeholder="Optional")
         buttons = st.columns(2)
@@ -199,11 +304,18 @@ def _review_form(principal: Principal, view: StudyView) -> None:
             "Agree",
             icon=":material/thumb_up:",
             type="primary",
-            disabled=latest is None,
+            disabled=not verdicts,
             width="stretch",
+            shortcut="A",
+            help="A",
         )
         disagree = buttons[1].form_submit_button(
-            "Disagree", icon=":material/thumb_down:", disabled=latest is None, width="stretch"
+            "Disagree",
+            icon=":material/thumb_down:",
+            disabled=not verdicts,
+            width="stretch",
+            shortcut="D",
+            help="D",
         )
         value = st.selectbox("Or set the label", list(task.labels), key="review_label")
         set_label = st.form_submit_button("Set label", icon=":material/label:", width="stretch")
@@ -228,7 +340,29 @@ def _review_form(principal: Principal, view: StudyView) -> None:
             value=value,
             comment=comment,
         )
-    context.saved(result.task, f"Saved: {result.task} = {result.value} ({result.verdict})")
+    context.saved(
+        result.task, f"Saved: {result.task} = {result.value} ({result.verdict})", rerun=not advance
+    )
+    if advance and not _next_study(view.study_uid):
+        st.session_state[context.SAVED_KEY] += ". Every scored study has been reviewed."
+        st.rerun()
+
+
+def _choose_task(tasks: list[ReviewTask]) -> ReviewTask:
+    if len(tasks) == 1:
+        return tasks[0]
+    name = st.selectbox("Task", [t.name for t in tasks], key="review_task")
+    return next((t for t in tasks if t.name == name), tasks[0])
+
+
+def _next_study(study_uid: str) -> bool:
+    """Open the most urgent unreviewed study after this one; False if there is none."""
+    with context.session() as session:
+        upcoming = next_unreviewed(session, after=study_uid)
+    if upcoming is None:
+        return False
+    _open(upcoming)
+    return True
 
 
 uid = st.query_params.get(context.STUDY_PARAM)
@@ -251,15 +385,12 @@ except StudyNotFound:
 top = st.columns([3, 1], vertical_alignment="center")
 with top[0]:
     _back_link()
-if user.can(Permission.REVIEW) and top[1].button(
-    "Next unreviewed", icon=":material/skip_next:", shortcut="alt+n", help="Alt+N"
+if (
+    user.can(Permission.REVIEW)
+    and top[1].button("Next unreviewed", icon=":material/skip_next:", shortcut="N", help="N")
+    and not _next_study(view.study_uid)
 ):
-    with context.session() as session:
-        upcoming = next_unreviewed(session, after=view.study_uid)
-    if upcoming is None:
-        st.toast("Every scored study has been reviewed.")
-    else:
-        _open(upcoming)
+    st.toast("Every scored study has been reviewed.")
 
 text.title(f"Study {view.accession or view.study_uid}")
 text.caption(

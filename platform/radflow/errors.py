@@ -62,6 +62,22 @@ class Unprocessable(InvalidInstance):
 VALUE_DROPPED = "value-dropped"
 
 
+class NotAVolume(RadflowError, ValueError):
+    """A series is not one volume (or, for a sequence task, one ordered stack of images).
+
+    Shown on the study like "no applicable model" (the task does not apply to it), never a
+    failure. ``reason`` is a stable code (radflow.dicom.geometry): ``no-instances``,
+    ``too-few-slices``, ``multi-frame-series``, ``localizer``, ``too-many-voxels``,
+    ``mixed-sizes``, ``no-geometry``, ``mixed-orientations``, ``duplicate-positions``,
+    ``tilted-stack``, ``missing-slices``, ``non-uniform-spacing``; ``not-a-volume`` for what
+    only loading the pixels shows (radflow.dicom.volume).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
 class NoChampion(RadflowError):
     def __init__(self, task: str) -> None:
         super().__init__(

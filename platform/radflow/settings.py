@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from radflow.errors import RadflowError
 
+MAX_VOLUME_VOXELS = 512 * 512 * 1024
+"""Default of ``max_volume_voxels``: 1 GiB as float32, a 1,024-slice 512x512 CT."""
+
 DEVELOPMENT_PSEUDONYM_KEY = "radflow-development-key"
 """The public default: anyone can recompute pseudonyms made with it, so it is refused for real
 data (``Settings.require_pseudonym_key``)."""
@@ -110,6 +113,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         default=4096 * 4096 * 2048,
         description="Largest Rows*Columns*Frames accepted; bigger images are rejected.",
+    )
+    max_volume_voxels: int = Field(
+        default=MAX_VOLUME_VOXELS,
+        ge=1,
+        description="Largest series (voxels) assembled into a volume for a volume task; a bigger "
+        "one is shown as not applicable (too-many-voxels). A float32 voxel takes 4 bytes.",
     )
     dashboard_port: int = 8501
     receiver_port: int = Field(

@@ -25,24 +25,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 from certificates import LOOPBACK, issue
-from factories import PASSWORD, make_study, make_user
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from factories import PASSWORD, make_model_version, make_study, make_user
+from playwright.sync_api import Browser, Frame, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from sqlalchemy import select
 
 from demo.synthetic import chest_phantom
+from demo.synthetic_ct import ct_phantom, write_ct_series
 from radflow.db import (
     AuditEvent,
     Label,
     ModelStatus,
     ModelVersion,
+    Prediction,
     Study,
     StudyStatus,
     unit_of_work,
 )
+from radflow.ingest.index import ingest_files, mark_stable
+from radflow.learning.heatmaps import heatmap_volume
 from radflow.runtime import Runtime
 from radflow.services.users import Role
 from radflow.settings import Settings
+from radflow.store import keys
 
 pytestmark = pytest.mark.browser
 
@@ -59,6 +64,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCORED = {"ACC-HIGH": 0.91, "ACC-MID": 0.55, "ACC-LOW": 0.12}
+CT_ACCESSION, CT_SLICES, CT_SIZE, CT_SPACING = "ACC-CT", 40, 128, (2.5, 0.7, 0.7)
 HOSTILE_ACCESSION = ":red[NORMAL]"
 HOSTILE_DESCRIPTION = "![x](http://evil.example/s.png)"
 STARTUP_TIMEOUT_S = 60.0
@@ -82,8 +88,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite data dir: three scored chest radiographs with heat maps, one waiting, one failed;
-    a radiologist and an ML engineer."""
+    """A SQLite data dir: three scored chest radiographs with heat maps, one waiting, one failed,
+    a scored CT volume; a radiologist and an ML engineer."""
     path = tmp_path_factory.mktemp("dashboard") / "data"
     settings = Settings(data_dir=path, database_url="", store_url="")
     rng = np.random.default_rng(7)
@@ -109,7 +115,45 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         make_user(session, "rita", Role.RADIOLOGIST)
         make_user(session, "max", Role.ML_ENGINEER)
+    _scored_ct(settings, path.parent / "ct", rng)
     return path
+
+
+def _scored_ct(settings: Settings, folder: Path, rng: np.random.Generator) -> None:
+    """An abdominal CT volume, received through the normal ingest path, scored below the
+    threshold by adrenal-ct-3d with a Grad-CAM volume hot around the phantom's blob."""
+    hu = ct_phantom(rng, CT_SLICES, CT_SIZE)
+    study_uid, paths = write_ct_series(folder, hu, spacing=CT_SPACING, accession=CT_ACCESSION)
+    depth, row, column = CT_SPACING
+    affine = np.array([[0, 0, column, 0], [0, row, 0, 0], [depth, 0, 0, 0], [0, 0, 0, 1.0]])
+    i, r, c = (
+        np.mgrid[0:CT_SLICES, 0:CT_SIZE, 0:CT_SIZE]
+        / np.array([CT_SLICES, CT_SIZE, CT_SIZE])[:, None, None, None]
+    )
+    heat = np.exp(-(((i - 0.5) / 0.15) ** 2 + ((r - 0.55) / 0.1) ** 2 + ((c - 0.4) / 0.1) ** 2))
+    with Runtime.open(settings) as rt:
+        report = ingest_files(
+            paths, settings=settings, session_factory=rt.session_factory, store=rt.store
+        )
+        assert not report.rejected, report.rejected
+        with unit_of_work(rt.session_factory) as session:
+            mark_stable(session, [study_uid])
+            study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+            model = make_model_version(session, task="adrenal-ct-3d")
+            gradcam = keys.derived(study_uid, model.task, model.version, "gradcam.npz")
+            rt.store.put_bytes(gradcam, heatmap_volume(heat, affine))
+            session.add(
+                Prediction(
+                    study_id=study.id,
+                    model_version_id=model.id,
+                    task=model.task,
+                    score=0.3,
+                    scores={"mass": 0.3},
+                    derived_keys={"gradcam": gradcam},
+                    latency_ms=50.0,
+                )
+            )
+            study.status = StudyStatus.SCORED
 
 
 def _wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
@@ -260,7 +304,8 @@ def test_radiologist_reviews_a_study_from_the_worklist(
         expect(cells.filter(has_text=f"{score:g}").first).to_be_attached()
     accession_column = table.locator('[role="gridcell"][aria-colindex="2"]')
     expect(accession_column.first).to_have_text("ACC-HIGH")  # flagged, waiting longest
-    expect(page.get_by_test_id("stMetric").filter(has_text="Scored")).to_contain_text("3")
+    scored = page.get_by_test_id("stMetric").filter(has_text="Scored")
+    expect(scored).to_contain_text(str(len(SCORED) + 1))  # and the CT
     _screenshot(page, "worklist")
 
     # Click the selection checkbox of the first row: it sits in the leftmost column of the
@@ -283,7 +328,7 @@ def test_radiologist_reviews_a_study_from_the_worklist(
     _screenshot(page, "study")
 
     page.get_by_label("Comment").fill("patchy opacity, right lower zone")
-    page.get_by_role("button", name="Agree", exact=True).click()
+    page.get_by_role("button", name=re.compile(r"^Agree")).click()  # "Agree A": its key
     expect(page.get_by_text("Saved: pneumonia-cxr = pneumonia")).to_be_visible()
 
     settings = Settings(data_dir=data_dir, database_url="", store_url="")
@@ -318,13 +363,14 @@ def test_ml_engineer_sees_the_models_page(server: str, page: Page, data_dir: Pat
     _log_in(page, server, "max")
     page.get_by_role("link", name="Models").click()
     expect(page.get_by_role("heading", name="Models")).to_be_visible()
-    expect(page.get_by_text("Labels since last training")).to_be_visible()
+    # One per task with a model: the chest radiographs' and the CT's.
+    expect(page.get_by_text("Labels since last training")).to_have_count(2)
     expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible()
     _screenshot(page, "models")
     settings = Settings(data_dir=data_dir, database_url="", store_url="")
     with Runtime.open(settings) as rt, rt.session_factory() as session:
-        status = session.scalars(select(ModelVersion.status)).one()
-    assert status == ModelStatus.CHALLENGER  # the factory's version; nothing promoted by looking
+        statuses = set(session.scalars(select(ModelVersion.status)))
+    assert statuses == {ModelStatus.CHALLENGER}  # the factory's versions; nothing promoted
 
 
 def test_unknown_study_link_explains_itself(server: str, page: Page) -> None:
@@ -455,3 +501,80 @@ def test_behind_a_trusted_proxy_cookies_are_secure_and_clients_told_apart(
             select(AuditEvent).where(AuditEvent.action == "login-failed")
         ).all()
     assert [(e.object_id, e.details["client"]) for e in failed] == [("max", "203.0.113.7")]
+
+
+def _viewer(page: Page) -> tuple[Frame, Locator]:
+    """The volume viewer's frame, and its root element once the whole series is in."""
+    page.wait_for_selector("iframe[src*='/component/dashboard.viewer']")
+    (frame,) = [f for f in page.frames if "/component/dashboard.viewer" in f.url]
+    root = frame.locator("#viewer")
+    expect(root).to_have_attribute("data-state", "ready")
+    return frame, root
+
+
+def _index(root: Locator) -> int:
+    return int(root.get_attribute("data-index") or 0)
+
+
+def test_a_ct_scrolls_in_the_browser_and_shows_its_reformats(
+    server: str, page: Page, data_dir: Path
+) -> None:
+    _log_in(page, server, "rita", f"study?study={_study_uid(data_dir, CT_ACCESSION)}")
+    frame, root = _viewer(page)
+    expect(root).to_have_attribute("data-plane", "axial")
+    expect(root).to_have_attribute("data-count", str(CT_SLICES))
+    expect(frame.get_by_text("Grad-CAM of adrenal-ct-3d:v1", exact=True)).to_be_visible()
+    windows = frame.get_by_label("Window").locator("option").all_inner_texts()
+    assert windows == ["From the image", "Lung", "Mediastinum", "Bone", "Brain", "Abdomen"]
+    start = _index(root)
+
+    canvas = frame.locator("#canvas")
+    canvas.hover()
+    for _ in range(5):
+        page.mouse.wheel(0, 120)
+    expect(root).to_have_attribute("data-index", str(start + 5))
+    canvas.click()  # the viewer has the focus: its own arrow keys
+    for _ in range(3):
+        page.keyboard.press("ArrowUp")
+    expect(root).to_have_attribute("data-index", str(start + 2))
+    page.get_by_role("heading", name=f"Study {CT_ACCESSION}").click()  # the page has it
+    page.keyboard.press("PageDown")
+    expect(root).to_have_attribute("data-index", str(start + 12))
+    # Each step's time is taken at the frame after it: wait for the last one.
+    frame.wait_for_function("() => window.radflowViewer.steps.length === 9")
+    steps = frame.evaluate("window.radflowViewer.steps")
+    print(f"per-slice step in the browser: median {np.median(steps):.1f} ms, max {max(steps):.1f}")
+    assert np.median(steps) < 100
+    _screenshot(page, "viewer-axial")
+
+    frame.get_by_role("button", name="Coronal").click()
+    expect(root).to_have_attribute("data-plane", "coronal")
+    expect(root).to_have_attribute("data-count", str(CT_SIZE))
+    # The coronal image shows the body: bright pixels in the middle of the canvas.
+    centre = frame.evaluate(
+        """() => { const c = document.getElementById("canvas");
+        const d = c.getContext("2d").getImageData(c.width / 2 - 5, c.height / 2 - 5, 10, 10).data;
+        return d.reduce((a, v) => a + v, 0); }"""
+    )
+    assert centre > 10 * 10 * 255  # more than the alpha channel alone: not black
+    _screenshot(page, "viewer-coronal")
+
+
+def test_agree_by_key_labels_the_study_and_opens_the_next(
+    server: str, page: Page, data_dir: Path
+) -> None:
+    """With "next study after a verdict" on, A (pressed with the viewer focused: it passes the
+    key on to the page) agrees with the model and the next unreviewed study opens."""
+    _log_in(page, server, "rita", f"study?study={_study_uid(data_dir, CT_ACCESSION)}")
+    frame, _ = _viewer(page)
+    page.get_by_text("Next study after a verdict").click()
+    frame.locator("#canvas").click()
+    page.keyboard.press("a")
+    expect(page.get_by_role("heading", name=f"Study {CT_ACCESSION}")).to_have_count(0)
+    expect(page.get_by_text("Saved: adrenal-ct-3d = ")).to_be_visible()
+    settings = Settings(data_dir=data_dir, database_url="", store_url="")
+    with Runtime.open(settings) as rt, rt.session_factory() as session:
+        label = session.scalars(
+            select(Label).join(Study).where(Study.accession_number == CT_ACCESSION)
+        ).one()
+        assert (label.task, label.author, label.source) == ("adrenal-ct-3d", "rita", "review")

@@ -54,7 +54,14 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime
 def client(runtime: Runtime) -> Iterator[TestClient]:
     stand_ins = [
         Route(path, _streamlit)
-        for path in ("/", "/study", "/media/{id}", "/_stcore/metrics", "/static/app.js")
+        for path in (
+            "/",
+            "/study",
+            "/media/{id}",
+            "/_stcore/metrics",
+            "/static/app.js",
+            "/component/{path:path}",
+        )
     ]
     stand_ins.append(Route("/_stcore/upload_file/{session}/{file}", _streamlit, methods=["PUT"]))
     app = Starlette(routes=[*gate.routes(), *stand_ins], middleware=[Middleware(gate.Guard)])
@@ -197,3 +204,16 @@ def test_uploads_only_from_a_live_session_that_may_review(
     _log_in(client, "rita", PASSWORD)
     answer = client.put(upload, content=b"mask")
     assert answer.status_code == 200 and answer.text == f"streamlit served {upload}"
+
+
+def test_a_component_may_be_framed_by_the_app_alone(client: TestClient) -> None:
+    """The volume viewer is a custom component: Streamlit shows its files in an iframe of the
+    app's own page, so they (and nothing else) may be framed, by this origin only."""
+    viewer = client.get("/component/dashboard.viewer.viewer/index.html", headers=HTML)
+    assert viewer.status_code == 200  # the viewer's code; its pixels come over the WebSocket
+    policy = viewer.headers["content-security-policy"]
+    assert "frame-ancestors 'self'" in policy
+    assert "script-src 'self' " in policy  # no inline script: viewer.js is a file
+    assert viewer.headers["x-frame-options"] == "SAMEORIGIN"
+    page = client.get("/login")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

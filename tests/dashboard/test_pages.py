@@ -10,6 +10,7 @@ itself is tested in test_gate.py and test_browser.py).
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import streamlit as st
+from dicom_sources import ct_series, ingest
 from factories import (
     add_prediction,
     add_variant,
@@ -339,6 +341,57 @@ def test_agree_writes_a_review_label_and_audit_event(runtime: Runtime) -> None:
     assert "Saved: pneumonia-cxr = pneumonia" in at.success[0].value
     next(b for b in at.button if b.label == "Next unreviewed").click().run()
     assert shown(at, "h1") == ["Study NEXT"]
+
+
+def volume_study(runtime: Runtime, folder: Path, modality: str) -> str:
+    """A four-slice abdominal volume of ``modality``, received through the normal ingest path."""
+    series = ct_series(4, 16)
+    for ds in series:
+        ds.Modality = modality
+    return ingest(
+        series, folder / modality, runtime.settings, runtime.session_factory, runtime.store
+    )
+
+
+def viewer_windows(at: AppTest) -> list[str]:
+    (viewer,) = at.get("component_instance")
+    return [w["name"] for w in json.loads(viewer.proto.json_args)["volume"]["windows"]]
+
+
+def test_window_presets_fit_the_modality(runtime: Runtime, tmp_path: Path) -> None:
+    """CT presets (lung, bone...) for CT only: in the viewer of a volume and on a single image."""
+    ct, mr = (volume_study(runtime, tmp_path, m) for m in ("CT", "MR"))
+    with unit_of_work(runtime.session_factory) as session:
+        mr_image = make_study(session, runtime.store, modality="MR").study_uid
+    assert viewer_windows(study_page(ct)) == [
+        "From the image",
+        "Lung",
+        "Mediastinum",
+        "Bone",
+        "Brain",
+        "Abdomen",
+    ]
+    assert viewer_windows(study_page(mr)) == ["From the image"]
+    at = study_page(mr_image)
+    assert not at.exception
+    assert at.selectbox(key="window").options == ["From the image"]
+
+
+def test_labels_are_offered_for_the_tasks_that_apply(runtime: Runtime, tmp_path: Path) -> None:
+    ct, mr = (volume_study(runtime, tmp_path, m) for m in ("CT", "MR"))
+    with unit_of_work(runtime.session_factory) as session:
+        radiograph = make_study(session, runtime.store).study_uid
+    at = study_page(radiograph)
+    assert not at.exception
+    assert not [s for s in at.selectbox if s.key == "review_task"]  # one task applies
+    assert at.selectbox(key="review_label").options == ["normal", "pneumonia"]
+    at = study_page(ct)
+    assert at.selectbox(key="review_task").options == ["adrenal-ct-3d", "adrenal-ct-seq"]
+    assert at.selectbox(key="review_label").options == ["normal", "mass"]
+    at = study_page(mr)
+    assert not at.exception
+    assert any("No task applies" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.label == "Set label"]
 
 
 def labelled(runtime: Runtime, labels: int, unlabelled: int) -> list[str]:

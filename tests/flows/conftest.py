@@ -44,3 +44,12 @@ def quick_task(monkeypatch: pytest.MonkeyPatch) -> str:
     quick = dataclasses.replace(task, plan=TrainingPlan(epochs=2, batch_size=8, min_labels=8))
     monkeypatch.setitem(tasks.TASKS, task.name, quick)
     return task.name
+
+
+@pytest.fixture
+def quick_volume_task(monkeypatch: pytest.MonkeyPatch) -> str:
+    """adrenal-ct-3d with a two-epoch plan that trains on 8 labels."""
+    task = tasks.get_task("adrenal-ct-3d")
+    quick = dataclasses.replace(task, plan=TrainingPlan(epochs=2, batch_size=8, min_labels=8))
+    monkeypatch.setitem(tasks.TASKS, task.name, quick)
+    return task.name

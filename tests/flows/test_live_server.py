@@ -119,6 +119,8 @@ def test_enough_label_events_start_the_retrain_deployment(
     retrain_deployment(train_flow, threshold=3).apply()
     since = utcnow()
     labels_recorded(quick_task, 3)
+    # The deployment's hourly schedule makes runs of every task too (expected later, so they
+    # sort first): only the runs the events started count.
     runs = wait_until(
         lambda: [
             r

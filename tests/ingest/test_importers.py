@@ -143,3 +143,52 @@ def test_images_refused_by_ingest_stop_the_import_with_the_reason(
         r"\(uid-conflict: 4\); the first: uid-conflict: .* has other pixel data",
     ):
         import_npz(settings, session_factory, store, path, TASK, splits=["val"])
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_radflow_import_npz_of_volumes_makes_ct_series(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cli.main import main
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "volumes.npz"
+    np.savez(
+        path,
+        train_images=rng.integers(0, 256, (2, 5, 6, 7), dtype=np.uint8),
+        train_labels=np.array([[0], [1]], dtype=np.uint8),
+    )
+    monkeypatch.setenv("RADFLOW_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("RADFLOW_PSEUDONYM_KEY", settings.pseudonym_key.get_secret_value())
+
+    assert main(["import", "npz", str(path), "--task", "adrenal-ct-3d"]) == 0
+
+    assert "2 studies (train: 2); stored 10" in capsys.readouterr().out
+    with session_factory() as session:
+        slices = session.scalars(select(Instance).order_by(Instance.id)).all()
+        labels = session.scalars(select(Label).order_by(Label.id)).all()
+    assert [lb.value for lb in labels] == ["normal", "mass"]
+    assert {(s.rows, s.columns, tuple(s.pixel_spacing or ())) for s in slices} == {(6, 7, (1, 1))}
+    assert [s.image_position for s in slices[:3]] == [[0, 0, 0], [0, 0, 1], [0, 0, 2]]
+    assert slices[0].image_orientation == [1, 0, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+def test_images_and_volumes_each_need_a_task_of_their_kind(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    tmp_path: Path,
+) -> None:
+    images = _npz(tmp_path / "images.npz")
+    volumes = tmp_path / "volumes.npz"
+    np.savez(volumes, train_images=np.zeros((1, 4, 4, 4), np.uint8), train_labels=[[0]])
+
+    with pytest.raises(ValueError, match=r"\(N, D, H, W\) uint8 volumes .* got uint8 of shape"):
+        import_npz(settings, session_factory, store, images, "adrenal-ct-3d")
+    with pytest.raises(ValueError, match="import volumes with a task on volumes"):
+        import_npz(settings, session_factory, store, volumes, TASK)

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow import ingest
-from radflow.db import Prediction, Study, StudyStatus, unit_of_work
+from radflow.db import ModelVersion, Prediction, Study, StudyStatus, TaskOutcome, unit_of_work
 from radflow.db.base import utcnow
 from radflow.ingest.stability import promote_stable
 from radflow.learning.scoring import _pending
@@ -102,6 +102,16 @@ def test_late_instance_reopens_a_scored_study_and_it_is_scored_again(
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         first = add_prediction(session, study, model, 0.2)
         study.status = StudyStatus.SCORED
+        # Another task found it not applicable: the complete study is routed again too.
+        session.add(
+            TaskOutcome(
+                study_id=study.id,
+                task="other-task",
+                model_version_id=model.id,
+                status=StudyStatus.NO_MODEL,
+                reason="no series for other-task",
+            )
+        )
         first_id, model_id = first.id, model.id
 
     _send(tmp_path, settings, session_factory, store, study_uid, series_uid)  # late instance
@@ -116,9 +126,12 @@ def test_late_instance_reopens_a_scored_study_and_it_is_scored_again(
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         assert sum(len(s.instances) for s in study.series) == 2
         assert session.get(Prediction, first_id).superseded  # type: ignore[union-attr]
-        assert [s.study_uid for s in _pending(session, model_id, 10)] == [study_uid]
+        assert session.scalars(select(TaskOutcome)).all() == []
+        version = session.get(ModelVersion, model_id)
+        assert version is not None
+        assert [s.study_uid for s in _pending(session, version, 10)] == [study_uid]
         add_prediction(session, study, model, 0.7)
-        assert _pending(session, model_id, 10) == []
+        assert _pending(session, version, 10) == []
 
     # Still at most one current prediction per study and model: the database refuses a second.
     with pytest.raises(IntegrityError), unit_of_work(session_factory) as session:

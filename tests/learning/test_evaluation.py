@@ -95,3 +95,8 @@ def test_operating_point_policies() -> None:
     assert choose_threshold(OperatingPoint("target-sensitivity", 0.75), y, s) == pytest.approx(0.7)
     youden = choose_threshold(OperatingPoint("youden"), y, s)
     assert youden in (pytest.approx(0.4), pytest.approx(0.7))
+    # Rare positives: the most accurate cut calls fewer positives than Youden's.
+    rare_y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    rare_s = np.array([0.1, 0.2, 0.25, 0.28, 0.29, 0.5, 0.55, 0.6, 0.3, 0.32, 0.7])
+    assert choose_threshold(OperatingPoint("youden"), rare_y, rare_s) == pytest.approx(0.3)
+    assert choose_threshold(OperatingPoint("max-accuracy"), rare_y, rare_s) == pytest.approx(0.7)

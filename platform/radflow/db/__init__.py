@@ -14,7 +14,7 @@ from radflow.db.registry import (
     TrainingRun,
     VariantRuntime,
 )
-from radflow.db.results import Label, Prediction
+from radflow.db.results import Label, Prediction, TaskOutcome
 from radflow.db.session import (
     ensure_schema,
     make_engine,
@@ -47,6 +47,7 @@ __all__ = [
     "Series",
     "Study",
     "StudyStatus",
+    "TaskOutcome",
     "TrainingRun",
     "User",
     "VariantRuntime",

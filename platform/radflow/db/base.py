@@ -33,6 +33,7 @@ class Base(DeclarativeBase):
         float: Double(),
         dict[str, Any]: JSON,
         list[str]: JSON,
+        list[float]: JSON,
     }
 
 

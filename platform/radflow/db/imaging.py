@@ -103,5 +103,14 @@ class Instance(Base):
     columns: Mapped[int | None]
     frames: Mapped[int] = mapped_column(default=1)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The geometry read at ingest (radflow.dicom.instance.InstanceHeader), so that a series can
+    # be checked and ordered as a volume from the index alone, without reading its files
+    # (radflow.dicom.geometry). NULL when the instance does not have it (multi-frame instances
+    # keep it per frame, read when the volume is loaded).
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    image_position: Mapped[list[float] | None]
+    image_orientation: Mapped[list[float] | None]
+    pixel_spacing: Mapped[list[float] | None]
+    temporal_position: Mapped[int | None]
 
     series: Mapped[Series] = relationship(back_populates="instances")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, false, text
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from radflow.db.base import Base, utcnow, value_enum
-from radflow.db.imaging import Study
+from radflow.db.imaging import Study, StudyStatus
 from radflow.db.registry import ModelVersion, VariantRuntime
 
 
@@ -70,3 +70,26 @@ class Label(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     study: Mapped[Study] = relationship()
+
+
+class TaskOutcome(Base):
+    """Why a task gave a study no prediction: it does not apply (``no_model``, e.g. a chest task
+    on a CT, or a CT series that is not one volume) or its input failed (``failed``).
+
+    One row per study and task, so that with several tasks each one routes a study once: the
+    study's own status is what all tasks together say (scored by any of them: SCORED), and
+    this row keeps each task's reason. Deleted when the study is reopened by a late instance
+    (radflow.ingest.stability.promote), so the complete study is routed again.
+    """
+
+    __tablename__ = "task_outcome"
+    # Also the index of the lookups by study (pending studies, reopening, the study page).
+    __table_args__ = (UniqueConstraint("study_id", "task"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    task: Mapped[str] = mapped_column(String(64))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"))
+    status: Mapped[StudyStatus] = mapped_column(value_enum(StudyStatus))
+    reason: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

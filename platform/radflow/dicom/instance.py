@@ -16,6 +16,7 @@ ones) becomes None and is listed in ``InstanceHeader.unusable``; the image itsel
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
@@ -86,6 +88,13 @@ class InstanceHeader:
     size_bytes: int
     sha256: str
     image_type: str | None = None  # ImageType values joined by "\\", for routing rules
+    # Where a single-frame image lies in the patient (mm, LPS), for assembling a series into a
+    # volume from the index alone (radflow.dicom.geometry); None when absent or not numbers.
+    # A multi-frame instance keeps these per frame in its functional groups, read on loading.
+    image_position: tuple[float, ...] | None = None  # ImagePositionPatient (x, y, z)
+    image_orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6 cosines)
+    pixel_spacing: tuple[float, ...] | None = None  # PixelSpacing (row, column spacing)
+    temporal_position: int | None = None  # TemporalPositionIndex: the order of a time series
     # Keywords of values the file has but the header drops (None above): not one integer, or
     # outside the 32-bit range the index stores.
     unusable: tuple[str, ...] = ()
@@ -149,6 +158,10 @@ def read_header(
         size_bytes=size,
         sha256=(digest or (lambda: file_sha256(path)))(),
         image_type=_image_type(values),
+        image_position=_numbers(values, "ImagePositionPatient", 3),
+        image_orientation=_numbers(values, "ImageOrientationPatient", 6),
+        pixel_spacing=_numbers(values, "PixelSpacing", 2, positive=True),
+        temporal_position=_int32(walked.elements, "TemporalPositionIndex", unusable),
         unusable=tuple(unusable),
     )
 
@@ -180,6 +193,10 @@ _TAGS = {
         "Rows",
         "Columns",
         "BitsAllocated",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "TemporalPositionIndex",
     )
 }
 _WANTED = frozenset(_TAGS.values())
@@ -470,6 +487,32 @@ def _image_type(values: _Values) -> str | None:
             return None
         parts = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
     return "\\".join(str(v).strip().upper() for v in parts)[:128] or None
+
+
+def _numbers(
+    values: _Values, name: str, count: int, *, positive: bool = False
+) -> tuple[float, ...] | None:
+    """A DS value of exactly ``count`` finite numbers (all > 0 with ``positive``), else None:
+    geometry that is missing or malformed is as unusable as geometry that is absent."""
+    fast = values.ascii(name, "DS", multi=True)
+    parts: list[object] = []
+    if fast:
+        parts = list(fast.split("\\"))
+    elif fast is None:
+        converted = values.converted(name)
+        if isinstance(converted, MultiValue):
+            parts = list(converted)
+        elif converted is not None:
+            parts = [converted]
+    try:
+        numbers = tuple(float(str(part).strip()) for part in parts)
+    except ValueError:
+        return None
+    if len(numbers) != count or not all(math.isfinite(n) for n in numbers):
+        return None
+    if positive and not all(n > 0 for n in numbers):
+        return None
+    return numbers
 
 
 def file_sha256(path: Path) -> str:

@@ -197,6 +197,148 @@ def display_window(pixels: np.ndarray) -> tuple[float, float]:
     return float(low), float(high + 0.05 * (high - low))
 
 
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+"""CT Image Storage: one slice per instance, as scanners send a series."""
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+"""Image Orientation (Patient) of an axial slice: rows run to the patient's left, columns back."""
+
+CT_HU_RANGE = (-1024, 3071)
+"""Hounsfield units a slice can hold: 12 bits stored, Rescale Intercept -1024."""
+
+ABDOMEN_WINDOW = (40.0, 400.0)
+"""The abdominal soft-tissue window (center, width in HU): fat dark, glands and masses bright."""
+
+
+def window_range(window: tuple[float, float]) -> tuple[float, float]:
+    """A (center, width) window as the (lowest, highest) value it shows."""
+    center, width = window
+    return center - width / 2, center + width / 2
+
+
+def _ds(value: float) -> str:
+    """A DS value (at most 16 characters) for a coordinate in mm."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text[:16]
+
+
+class CTSeriesBuilder:
+    """The single-frame CT Image instances of one volume, slice after slice (CT Image IOD).
+
+    The header is built once per series; a slice changes only its UID, number, position and
+    pixels, so a 28-slice series costs little more than its pixels. :meth:`slice` returns the
+    same dataset object every time: write it before asking for the next slice.
+
+    Geometry: slice ``i`` lies at ``origin + i * spacing[0] * normal``, where ``normal`` is the
+    cross product of the orientation's row and column directions; ``spacing`` is (between
+    slices, between rows, between columns) in mm.
+    """
+
+    def __init__(
+        self,
+        *,
+        rows: int,
+        columns: int,
+        spacing: tuple[float, float, float],
+        patient_id: str,
+        patient_name: str,
+        study_uid: str,
+        series_uid: str,
+        orientation: tuple[float, ...] = AXIAL,
+        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        study_datetime: dt.datetime | None = None,
+        accession: str = "",
+        study_id: str = "1",
+        series_number: int = 1,
+        study_description: str = "CT ABDOMEN",
+        series_description: str = "AXIAL",
+        body_part: str = "ABDOMEN",
+        window: tuple[float, float] = ABDOMEN_WINDOW,
+        patient_sex: str = "O",
+        institution: str = "Radflow Demo Hospital",
+        manufacturer: str = MANUFACTURER,
+        model_name: str = "Radflow",
+    ) -> None:
+        if not patient_id:
+            raise ValueError("patient_id must not be empty")
+        if len(orientation) != 6:
+            raise ValueError(f"orientation needs 6 direction cosines, got {len(orientation)}")
+        if min(spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing}")
+        row_direction, column_direction = np.array(orientation[:3]), np.array(orientation[3:])
+        self.normal = np.cross(row_direction, column_direction)
+        self.origin, self.spacing = np.array(origin, dtype=np.float64), spacing
+        self.rows, self.columns = rows, columns
+        when = study_datetime or dt.datetime(2024, 1, 1, 9, 0, 0)
+        date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "RADFLOW_SYN_1"
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        # Patient, study, series, equipment
+        ds.PatientName, ds.PatientID = patient_name, patient_id
+        ds.PatientBirthDate, ds.PatientSex = "", patient_sex
+        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, date, time
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = accession, "", study_id
+        ds.StudyDescription = study_description
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series_uid, series_number
+        ds.SeriesDate, ds.SeriesTime = date, time
+        ds.SeriesDescription, ds.BodyPartExamined = series_description, body_part
+        ds.PatientPosition = "FFS"
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["radflow-ct-frame", series_uid])
+        ds.PositionReferenceIndicator = ""
+        ds.Manufacturer, ds.ManufacturerModelName = manufacturer, model_name
+        ds.InstitutionName, ds.SoftwareVersions = institution, "radflow 1"
+        # Image, CT image
+        ds.ContentDate, ds.ContentTime = date, time
+        ds.AcquisitionDate, ds.AcquisitionTime = date, time
+        ds.AcquisitionNumber = 1
+        ds.ImageOrientationPatient = [_ds(v) for v in orientation]
+        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[2])]
+        ds.SliceThickness = _ds(spacing[0])
+        ds.KVP = 120
+        ds.BurnedInAnnotation, ds.LossyImageCompression = "NO", "00"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, columns
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = CT_HU_RANGE[0], 1, "HU"
+        ds.WindowCenter, ds.WindowWidth = _ds(window[0]), _ds(window[1])
+        self.dataset = ds
+
+    def position(self, index: int) -> tuple[float, float, float]:
+        """Image Position (Patient) of slice ``index`` (mm)."""
+        x, y, z = self.origin + index * self.spacing[0] * self.normal
+        return float(x), float(y), float(z)
+
+    def slice(
+        self,
+        index: int,
+        hu: np.ndarray,
+        *,
+        sop_instance_uid: str,
+        instance_number: int | None = None,
+    ) -> pydicom.Dataset:
+        """Slice ``index`` of the volume, ``hu`` (rows x columns, Hounsfield units, rounded and
+        clipped to :data:`CT_HU_RANGE`)."""
+        if hu.shape != (self.rows, self.columns):
+            raise ValueError(f"a slice must be {self.rows}x{self.columns}, got {hu.shape}")
+        ds = self.dataset
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+        ds.InstanceNumber = index + 1 if instance_number is None else instance_number
+        position = self.position(index)
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.SliceLocation = _ds(float(np.dot(position, self.normal)))
+        stored = np.clip(np.rint(hu), *CT_HU_RANGE) - CT_HU_RANGE[0]
+        ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
+        return ds
+
+
 VL_PHOTOGRAPHIC_IMAGE = UID("1.2.840.10008.5.1.4.1.1.77.1.4")
 """VL Photographic Image Storage. Chosen over Ophthalmic Photography 8 Bit (a multi-frame IOD)
 because highdicom (0.28) builds a SEG over a multi-frame source only from its shared functional

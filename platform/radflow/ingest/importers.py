@@ -1,7 +1,8 @@
 """Importing labelled datasets through the front door: npz arrays -> DICOM studies -> ingest.
 
 A MedMNIST-format npz (``<split>_images`` / ``<split>_labels`` arrays) becomes one DX study per
-image, written as real DICOM and ingested by the same code a modality's C-STORE goes through, so
+image, or, for a task on volumes (MedMNIST 3D: (N, D, H, W) arrays), one CT study per volume,
+written as real DICOM and ingested by the same code a modality's C-STORE goes through, so
 imported studies are indistinguishable from received ones. Labels are recorded with source
 ``import`` and the split name kept, which is what training uses to honour the dataset's own
 train/validation split.
@@ -11,6 +12,12 @@ their short side: routing rightly refuses images under 32 px (no radiograph is t
 files are thumbnails or localizers), and 64 px keeps every source pixel's information (an
 integer-free 2.3x interpolation, no detail invented beyond smoothing). The task's own
 preprocessing then resizes, the same way for imported and received studies.
+
+A volume becomes a series of single-frame CT Image instances (radflow.dicom.writer.CTSeriesBuilder)
+with real geometry: axial slices, :data:`VOLUME_SPACING_MM` apart, the first array axis running
+from inferior to superior. Its 8-bit values are mapped linearly onto the abdominal soft-tissue
+window (radflow.dicom.writer.ABDOMEN_WINDOW, 400 HU over 256 values, so every source value keeps
+a Hounsfield unit of its own), which a volume task's windowing undoes.
 
 Everything is deterministic in the file's content: importing the same file again stores nothing
 twice and adds no label twice.
@@ -25,6 +32,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pydicom
@@ -37,7 +45,13 @@ from radflow import ingest
 from radflow.db import Label, Study, unit_of_work
 from radflow.db.audit import record
 from radflow.dicom.instance import read_header
-from radflow.dicom.writer import cxr_dataset, display_window
+from radflow.dicom.writer import (
+    ABDOMEN_WINDOW,
+    CTSeriesBuilder,
+    cxr_dataset,
+    display_window,
+    window_range,
+)
 from radflow.learning.tasks import Task, get_task
 from radflow.settings import Settings
 from radflow.store import ObjectStore
@@ -45,6 +59,8 @@ from radflow.store import ObjectStore
 logger = logging.getLogger(__name__)
 
 IMPORT_SOURCE = "import"
+IMPORT_INSTITUTION = "Radflow dataset import"
+IMPORT_DATETIME = dt.datetime(2020, 1, 1, 0, 0, 0)
 # Files are written and ingested in chunks: bounded temporary disk, and progress in the log.
 _CHUNK = 1000
 
@@ -70,12 +86,15 @@ class ImportReport:
 @dataclass(frozen=True)
 class NpzSplit:
     name: str
-    images: np.ndarray  # (N, H, W) uint8 or uint16
+    images: np.ndarray  # (N, H, W) uint8 or uint16 images, or (N, D, H, W) uint8 volumes
     labels: np.ndarray | None  # (N,) class indices
 
 
-def read_npz(path: Path, splits: Sequence[str] | None = None) -> tuple[str, list[NpzSplit]]:
-    """The file's content digest and the requested splits (default: every split it has)."""
+def read_npz(
+    path: Path, splits: Sequence[str] | None = None, *, volumes: bool = False
+) -> tuple[str, list[NpzSplit]]:
+    """The file's content digest and the requested splits (default: every split it has):
+    (N, H, W) images, or with ``volumes`` (N, D, H, W) volumes."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; give the path of a MedMNIST .npz file")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -91,13 +110,24 @@ def read_npz(path: Path, splits: Sequence[str] | None = None) -> tuple[str, list
         out = []
         for name in wanted:
             images = np.asarray(data[f"{name}_images"])
-            if images.ndim != 3:
-                raise ValueError(
-                    f"{name}_images must be (N, H, W) grey-scale images, got shape {images.shape}"
-                )
+            _check_shape(name, images, volumes)
             labels = data.get(f"{name}_labels")
             out.append(NpzSplit(name, images, None if labels is None else _class_indices(labels)))
     return digest, out
+
+
+def _check_shape(name: str, images: np.ndarray, volumes: bool) -> None:
+    if volumes and (images.ndim != 4 or images.dtype != np.uint8):
+        raise ValueError(
+            f"{name}_images must be (N, D, H, W) uint8 volumes for a task on volumes (MedMNIST "
+            f"3D layout), got {images.dtype} of shape {images.shape}; import 2D images with a "
+            "2D task"
+        )
+    if not volumes and images.ndim != 3:
+        raise ValueError(
+            f"{name}_images must be (N, H, W) grey-scale images, got shape {images.shape}"
+            + ("; import volumes with a task on volumes" if images.ndim == 4 else "")
+        )
 
 
 def _class_indices(labels: np.ndarray) -> np.ndarray:
@@ -125,6 +155,34 @@ def _to_12_bit(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values), 0, 4095).astype(np.uint16)
 
 
+@dataclass(frozen=True)
+class _Identity:
+    """Deterministic UIDs and a pseudonymous patient per imported item: MedMNIST carries no
+    patient identity, so each image (or volume) is its own patient."""
+
+    digest: str
+    split: str
+
+    def uid(self, index: int, kind: str) -> UID:
+        return generate_uid(
+            entropy_srcs=["radflow-import", self.digest, self.split, str(index), kind]
+        )
+
+    def patient(self, index: int) -> str:
+        text = f"{self.digest}:{self.split}:{index}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12].upper()
+
+
+def _accession(patient: str) -> str:
+    return f"IMP{int(patient[:8], 16) % 10**12:012d}"
+
+
+class _Writer(Protocol):
+    def write(self, index: int, image: np.ndarray, folder: Path) -> tuple[str, list[Path]]:
+        """Write item ``index`` as DICOM files in ``folder``: its study UID and the files."""
+        ...
+
+
 class _StudyWriter:
     """Writes one DX file per image from a header template.
 
@@ -132,41 +190,86 @@ class _StudyWriter:
     between imported images, so the template is built once and those are replaced per image.
     """
 
-    def __init__(self, digest: str, split: str, image: np.ndarray) -> None:
-        self.digest, self.split = digest, split
+    def __init__(self, identity: _Identity, image: np.ndarray) -> None:
+        self.identity = identity
         self.template = cxr_dataset(
             _to_12_bit(image),
             patient_id="IMP-TEMPLATE",
             patient_name="IMPORT^TEMPLATE",
-            study_datetime=dt.datetime(2020, 1, 1, 0, 0, 0),
-            institution="Radflow dataset import",
-            model_name="Radflow dataset import",
+            study_datetime=IMPORT_DATETIME,
+            institution=IMPORT_INSTITUTION,
+            model_name=IMPORT_INSTITUTION,
         )
 
-    def write(self, index: int, image: np.ndarray, path: Path) -> str:
-        def uid(kind: str) -> UID:
-            parts = ["radflow-import", self.digest, self.split, str(index), kind]
-            return generate_uid(entropy_srcs=parts)
-
-        # MedMNIST carries no patient identity: each image is its own pseudonymous patient.
-        patient = hashlib.sha256(f"{self.digest}:{self.split}:{index}".encode()).hexdigest()
-        patient = patient[:12].upper()
+    def write(self, index: int, image: np.ndarray, folder: Path) -> tuple[str, list[Path]]:
+        patient = self.identity.patient(index)
         pixels = _to_12_bit(image)
         ds = self.template
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("sop")
-        ds.StudyInstanceUID = uid("study")
-        ds.SeriesInstanceUID = uid("series")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = self.identity.uid(
+            index, "sop"
+        )
+        ds.StudyInstanceUID = self.identity.uid(index, "study")
+        ds.SeriesInstanceUID = self.identity.uid(index, "series")
         ds.PatientID = f"IMP-{patient}"
         ds.PatientName = f"IMPORT^{patient}"
-        ds.AccessionNumber = f"IMP{int(patient[:8], 16) % 10**12:012d}"
+        ds.AccessionNumber = _accession(patient)
         ds.StudyID = str(index + 1)
         ds.Rows, ds.Columns = pixels.shape
         low, high = display_window(pixels)
         ds.WindowCenter = f"{(low + high) / 2:.1f}"
         ds.WindowWidth = f"{max(high - low, 1.0):.1f}"
         ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+        path = folder / f"{index:06d}.dcm"
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        return str(ds.StudyInstanceUID)
+        return str(ds.StudyInstanceUID), [path]
+
+
+VOLUME_SPACING_MM = 1.0
+"""Voxel size given to imported volumes (MedMNIST 3D resamples its sources to a cube and keeps
+no spacing): isotropic, so the volume keeps its proportions."""
+
+
+class _VolumeWriter:
+    """Writes each (D, H, W) uint8 volume as one CT study: D axial slices, one file each."""
+
+    def __init__(self, identity: _Identity) -> None:
+        self.identity = identity
+
+    def write(self, index: int, volume: np.ndarray, folder: Path) -> tuple[str, list[Path]]:
+        patient = self.identity.patient(index)
+        study_uid = str(self.identity.uid(index, "study"))
+        builder = CTSeriesBuilder(
+            rows=volume.shape[1],
+            columns=volume.shape[2],
+            spacing=(VOLUME_SPACING_MM,) * 3,
+            patient_id=f"IMP-{patient}",
+            patient_name=f"IMPORT^{patient}",
+            study_uid=study_uid,
+            series_uid=str(self.identity.uid(index, "series")),
+            study_datetime=IMPORT_DATETIME,
+            accession=_accession(patient),
+            study_id=str(index + 1),
+            window=ABDOMEN_WINDOW,
+            institution=IMPORT_INSTITUTION,
+            model_name=IMPORT_INSTITUTION,
+        )
+        paths = []
+        for number, hu in enumerate(_abdominal_hu(volume)):
+            path = folder / f"{index:06d}-{number:04d}.dcm"
+            ds = builder.slice(
+                number, hu, sop_instance_uid=self.identity.uid(index, f"sop{number}")
+            )
+            pydicom.dcmwrite(path, ds, enforce_file_format=True)
+            paths.append(path)
+        return study_uid, paths
+
+
+def _abdominal_hu(volume: np.ndarray) -> np.ndarray:
+    """8-bit values spread linearly over the abdominal window, in whole Hounsfield units (400 HU
+    over 256 values: no two source values share one)."""
+    low, high = window_range(ABDOMEN_WINDOW)
+    hu: np.ndarray = np.rint(low + volume.astype(np.float32) * ((high - low) / 255.0))
+    return hu
 
 
 def import_npz(
@@ -182,17 +285,25 @@ def import_npz(
 ) -> ImportReport:
     """Import ``splits`` of the npz at ``path`` as studies for ``task_name``, with labels."""
     task = get_task(task_name)
-    digest, parts = read_npz(path, splits)
+    digest, parts = read_npz(path, splits, volumes=task.takes_series)
     report = ImportReport(dataset=f"{path.name}@{digest[:12]}")
     for part in parts:
         if not unlabeled and part.labels is None:
             raise ValueError(
                 f"split {part.name!r} of {path.name} has no labels; import it with --unlabeled"
             )
-        for start in range(0, len(part.images), _CHUNK):
-            stop = min(start + _CHUNK, len(part.images))
+        # About _CHUNK files per chunk: a volume is a file per slice.
+        chunk = max(1, _CHUNK // (part.images.shape[1] if task.takes_series else 1))
+        for start in range(0, len(part.images), chunk):
+            stop = min(start + chunk, len(part.images))
+            identity = _Identity(digest, part.name)
+            writer: _Writer = (
+                _VolumeWriter(identity)
+                if task.takes_series
+                else _StudyWriter(identity, part.images[start])
+            )
             uids = _ingest_chunk(
-                settings, session_factory, store, digest, part, start, stop, report
+                settings, session_factory, store, writer, part, start, stop, report
             )
             if not unlabeled and part.labels is not None:
                 values = [_label_value(task, int(c)) for c in part.labels[start:stop]]
@@ -230,19 +341,19 @@ def _ingest_chunk(
     settings: Settings,
     session_factory: sessionmaker[Session],
     store: ObjectStore,
-    digest: str,
+    writer: _Writer,
     part: NpzSplit,
     start: int,
     stop: int,
     report: ImportReport,
 ) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="radflow-import-") as tmp:
-        paths, uids = [], []
-        writer = _StudyWriter(digest, part.name, part.images[start])
+        paths: list[Path] = []
+        uids = []
         for index in range(start, stop):
-            file = Path(tmp) / f"{index:06d}.dcm"
-            uids.append(writer.write(index, part.images[index], file))
-            paths.append(file)
+            uid, files = writer.write(index, part.images[index], Path(tmp))
+            uids.append(uid)
+            paths += files
         ingest_written(
             settings,
             session_factory,

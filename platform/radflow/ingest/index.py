@@ -34,7 +34,8 @@ backends index the same way:
   refused, ``bad-dimensions``: without its geometry an image cannot be used at all.
 - Descriptive text (accession number, study date and description, series description,
   modality, body part, image type) with a NUL character or longer than its column, and Series
-  or Instance Numbers outside the INTEGER range (999999999999, or 20 digits: legal IS values):
+  or Instance Numbers or Temporal Position Indexes outside the INTEGER range (999999999999, or
+  20 digits: legal IS values):
   stored as NULL, and the instance indexed. The image is sound and may already be
   acknowledged; these values only describe and order it. NULL rather than a cleaned value,
   because a truncated accession number or number may match another study's or invent an
@@ -100,7 +101,11 @@ _TEXT_COLUMNS: dict[str, InstrumentedAttribute[str | None]] = {
     "body_part": Series.body_part,
     "image_type": Series.image_type,
 }
-_NUMBER_COLUMNS = {"series_number": Series.number, "instance_number": Instance.number}
+_NUMBER_COLUMNS = {
+    "series_number": Series.number,
+    "instance_number": Instance.number,
+    "temporal_position": Instance.temporal_position,
+}
 
 Item = tuple[Path, InstanceHeader]
 
@@ -615,7 +620,16 @@ def _instance_row(header: InstanceHeader, series: Series) -> Instance:
         rows=header.rows,
         columns=header.columns,
         frames=header.frames,
+        image_type=header.image_type,
+        image_position=_floats(header.image_position),
+        image_orientation=_floats(header.image_orientation),
+        pixel_spacing=_floats(header.pixel_spacing),
+        temporal_position=header.temporal_position,
     )
+
+
+def _floats(values: tuple[float, ...] | None) -> list[float] | None:
+    return list(values) if values is not None else None
 
 
 def _touch(study: Study) -> None:

@@ -12,6 +12,13 @@ A rule looks at a series' attributes and at its first image only. Scoring and tr
 thousands of studies at a time, so they read just that (:func:`candidates`: one query for a
 whole batch of studies, no ORM objects, never every instance of a 500-slice CT series);
 :func:`route` takes a loaded ORM study, for one study at hand.
+
+A task that takes a whole series (classification-3d, sequence-classification) goes one step
+further (:func:`route_studies`): each series a rule matches is checked to be one volume
+(radflow.dicom.geometry) from its instances' rows in the index, one query for the batch and no
+file read; the first that is one becomes the task's input, and a study where none is shows
+each series' reason (missing slices, mixed orientations...) like any other "no applicable
+model".
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from radflow.db import Instance, Series, Study
-from radflow.errors import RadflowError
+from radflow.dicom.geometry import SeriesPlan, Slice, plan_series
+from radflow.errors import NotAVolume, RadflowError
 from radflow.learning.tasks import TASKS, Task
-from radflow.settings import Settings
+from radflow.settings import MAX_VOLUME_VOXELS, Settings
 
 Size = Annotated[int, Field(ge=1)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
@@ -73,6 +81,8 @@ class SeriesAttributes(Protocol):
     def image_type(self) -> str | None: ...
     @property
     def number(self) -> int | None: ...
+    @property
+    def id(self) -> int: ...
 
 
 class Image(Protocol):
@@ -96,6 +106,7 @@ class SeriesView:
     description: str | None
     image_type: str | None
     number: int | None
+    id: int = 0  # the series' row, whose instances a series task plans as a volume
 
 
 @dataclass(frozen=True)
@@ -319,9 +330,10 @@ def default_rules() -> RoutingRules:
 
 @dataclass(frozen=True)
 class Routed:
-    instance: Image | None
+    instance: Image | None  # a 2D task's image; for a series task, the series' first image
     reason: str | None  # why nothing matched, when instance is None
     rule: Rule | None = None  # the rule that matched
+    plan: SeriesPlan | None = None  # a series task's input: the series as one stack
 
 
 def route(study: Study, task: Task, rules: RoutingRules | None = None) -> Routed:
@@ -340,19 +352,139 @@ def route_series(
 
     ``rules``: the site's rules (:func:`rules_for`); None means the packaged ones.
     """
+    matched, reasons = _matching(series, task, rules)
+    if matched is None:
+        return Routed(None, reasons[0])
+    if matched:
+        _, first, rule = matched[0]
+        return Routed(first, None, rule)
+    return _unrouted(task, reasons)
+
+
+def _unrouted(task: Task, reasons: Sequence[str]) -> Routed:
+    return Routed(None, f"no series for {task.name} (" + "; ".join(reasons) + ")")
+
+
+_Match = tuple["SeriesAttributes", "Image", "Rule"]
+"""A series a rule of the task matches: its attributes, its first image, the rule."""
+
+
+def _matching(
+    series: Sequence[Candidate], task: Task, rules: RoutingRules | None
+) -> tuple[list[_Match] | None, list[str]]:
+    """The series a rule of ``task`` matches, in order, and why each other one does not (None
+    and the reason when the task has no rule)."""
     task_rules = (rules or default_rules()).for_task(task.name)
     if not task_rules:
-        return Routed(None, f"no routing rule for {task.name}")
+        return None, [f"no routing rule for {task.name}"]
+    matched: list[_Match] = []
     reasons = []
     for attributes, first in series:
         why = []
         for rule in task_rules:
             mismatch = rule.mismatch(attributes, first)
             if mismatch is None and first is not None:
-                return Routed(first, None, rule)
+                matched.append((attributes, first, rule))
+                break
             why.append(f"{rule.name}: {mismatch or 'no instances'}")
-        reasons.append(f"series {attributes.number or '?'}: " + ", ".join(why))
-    return Routed(None, f"no series for {task.name} (" + "; ".join(reasons) + ")")
+        else:
+            reasons.append(f"series {attributes.number or '?'}: " + ", ".join(why))
+    return matched, reasons
+
+
+def route_studies(
+    session: Session,
+    study_ids: Sequence[int],
+    task: Task,
+    rules: RoutingRules | None = None,
+    *,
+    max_voxels: int = MAX_VOLUME_VOXELS,
+) -> dict[int, Routed]:
+    """Route each of ``study_ids`` for ``task``, a batch at a time (a few queries in all).
+
+    A 2D task gets each study's first matching image (:func:`route_series`); a series task the
+    first matching series that is one volume (or stack, for a sequence task), planned from the
+    index: ``max_voxels`` bounds its size (RADFLOW_MAX_VOLUME_VOXELS).
+    """
+    found = candidates(session, study_ids)
+    if not task.takes_series:
+        return {i: route_series(found.get(i, []), task, rules) for i in study_ids}
+    matched = {i: _matching(found.get(i, []), task, rules) for i in study_ids}
+    series_ids = [a.id for m, _ in matched.values() for a, _, _ in m or []]
+    slices = series_slices(session, series_ids)
+    routed = {}
+    for study_id, (series, reasons) in matched.items():
+        if series is None:
+            routed[study_id] = Routed(None, reasons[0])
+            continue
+        routed[study_id] = _first_volume(series, reasons, slices, task, max_voxels)
+    return routed
+
+
+def _first_volume(
+    series: Sequence[_Match],
+    reasons: list[str],
+    slices: dict[int, list[Slice]],
+    task: Task,
+    max_voxels: int,
+) -> Routed:
+    refused = []
+    for attributes, first, rule in series:
+        number = attributes.number or "?"
+        try:
+            plan = plan_series(
+                slices.get(attributes.id, []), time=task.takes_time_series, max_voxels=max_voxels
+            )
+        except NotAVolume as exc:
+            refused.append(f"series {number}: {exc}")
+            continue
+        return Routed(first, None, rule, plan)
+    return _unrouted(task, [*refused, *reasons])
+
+
+def series_slices(session: Session, series_ids: Sequence[int]) -> dict[int, list[Slice]]:
+    """Each series' instances as radflow.dicom.geometry sees them, by series id (one query)."""
+    if not series_ids:
+        return {}
+    rows = session.execute(
+        select(
+            Instance.series_id,
+            Instance.object_key,
+            Instance.sha256,
+            Instance.rows,
+            Instance.columns,
+            Instance.frames,
+            Instance.image_type,
+            Instance.image_position,
+            Instance.image_orientation,
+            Instance.pixel_spacing,
+            Instance.temporal_position,
+        )
+        .where(Instance.series_id.in_(list(series_ids)))
+        .order_by(Instance.series_id, Instance.number, Instance.id)
+    )
+    found: defaultdict[int, list[Slice]] = defaultdict(list)
+    for series_id, key, sha256, rows_, columns, frames, image_type, *geometry in rows:
+        position, orientation, spacing, temporal = geometry
+        found[series_id].append(
+            Slice(
+                key,
+                sha256,
+                rows_,
+                columns,
+                frames,
+                image_type,
+                _tuple(position),
+                _tuple(orientation),
+                _tuple(spacing),
+                temporal,
+            )
+        )
+    return dict(found)
+
+
+def _tuple(values: list[float] | None) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None else None
 
 
 def candidates(session: Session, study_ids: Sequence[int]) -> dict[int, list[Candidate]]:
@@ -380,6 +512,7 @@ def candidates(session: Session, study_ids: Sequence[int]) -> dict[int, list[Can
     rows = session.execute(
         select(
             Series.study_id,
+            Series.id,
             Series.modality,
             Series.body_part,
             Series.description,
@@ -395,11 +528,11 @@ def candidates(session: Session, study_ids: Sequence[int]) -> dict[int, list[Can
         .order_by(Series.study_id, Series.number, Series.id)
     )
     found: defaultdict[int, list[Candidate]] = defaultdict(list)
-    for study_id, modality, body_part, description, image_type, number, *image in rows:
+    for study_id, series_id, modality, body_part, description, image_type, number, *image in rows:
         rows_, columns, sha256, object_key = image
         found[study_id].append(
             (
-                SeriesView(modality, body_part, description, image_type, number),
+                SeriesView(modality, body_part, description, image_type, number, series_id),
                 FirstImage(rows_, columns, sha256, object_key) if object_key is not None else None,
             )
         )

@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, delete, update
 from sqlalchemy.orm import Session
 
-from radflow.db import Prediction, Study, StudyStatus
+from radflow.db import Prediction, Study, StudyStatus, TaskOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def promote(session: Session, where: ColumnElement[bool], now: datetime) -> list
     """Make the studies matching ``where`` STABLE at ``now`` in one statement.
 
     Their earlier predictions (made before the study was complete) become superseded: kept as
-    history, and scoring makes current ones for the whole study.
+    history, and scoring makes current ones for the whole study. What tasks concluded without a
+    score (TaskOutcome: not applicable, failed) is forgotten: the complete study is routed again.
     """
     rows = session.execute(
         update(Study)
@@ -74,6 +75,11 @@ def promote(session: Session, where: ColumnElement[bool], now: datetime) -> list
             update(Prediction)
             .where(Prediction.study_id.in_([p.id for p in promoted]), ~Prediction.superseded)
             .values(superseded=True)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            delete(TaskOutcome)
+            .where(TaskOutcome.study_id.in_([p.id for p in promoted]))
             .execution_options(synchronize_session=False)
         )
         logger.info("%d studies stable", len(promoted))

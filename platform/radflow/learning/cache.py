@@ -2,15 +2,20 @@
 
 Decoding DICOM and resizing dominates data loading; a retrain sees mostly the same images, and
 the studies a radiologist labels were scored (and so preprocessed) before. A tensor is stored
-under ``<cache_dir>/preprocessed/<task>/<transform digest>/<sha256>.npy``: the instance's content
-digest (``Instance.sha256``) and the task's preprocessing digest together say exactly what the
-tensor is, so a hit is always valid, a changed transform misses, and nothing needs invalidating.
-Only de-identified pixels after preprocessing are kept here, never DICOM headers. Training and
-scoring both read and fill it.
+under ``<cache_dir>/preprocessed/<task>/<transform digest>/<sha256>.npy``: the content digest of
+its input (``Instance.sha256`` for an image; for a series, the digest of its instances' digests
+in stack order, radflow.dicom.geometry.SeriesPlan.digest) and the task's preprocessing digest
+together say exactly what the tensor is, so a hit is always valid, a changed transform misses,
+and nothing needs invalidating. Only de-identified pixels after preprocessing are kept here,
+never DICOM headers. Training and scoring both read and fill it.
+
+A volume's tensor has a sidecar ``<sha256>.affine.npy``: where its voxels lie in the patient
+after preprocessing (from the MONAI MetaTensor), which places its Grad-CAM map on the series.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -24,9 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose
 from pydicom.errors import InvalidDicomError
 
+from radflow.dicom.geometry import SeriesPlan
+from radflow.dicom.volume import load_volume
 from radflow.learning.preprocess import load_image, plain_tensors
 from radflow.learning.tasks import Task
 from radflow.store import ObjectNotFound, ObjectStore
@@ -42,6 +50,8 @@ DECODE_ERRORS = (
     ObjectNotFound,
 )
 """What an unreadable or missing image raises while it is fetched, decoded and preprocessed."""
+
+_AFFINE = ".affine.npy"
 
 DECODE_THREADS = 4
 """Threads fetching and decoding cache misses. They mostly wait on the object store (an S3
@@ -62,8 +72,36 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class CachedImage:
+    """One stored image: the input of a 2D task."""
+
     sha256: str
     object_key: str
+
+    def load(self, store: ObjectStore) -> np.ndarray:
+        return load_image(store, self.object_key)
+
+
+@dataclass(frozen=True)
+class CachedSeries:
+    """A series planned as one stack: the input of a volume task, loaded with its affine."""
+
+    plan: SeriesPlan
+
+    @property
+    def sha256(self) -> str:
+        return self.plan.digest
+
+    def load(self, store: ObjectStore) -> torch.Tensor:
+        tensor: torch.Tensor = load_volume(store, self.plan).meta_tensor()
+        return tensor
+
+
+CacheItem = CachedImage | CachedSeries
+
+
+def cache_item(sha256: str, object_key: str, plan: SeriesPlan | None) -> CacheItem:
+    """A routed study's input: its series (``plan``, a series task) or its one image."""
+    return CachedSeries(plan) if plan is not None else CachedImage(sha256, object_key)
 
 
 class PreprocessCache:
@@ -74,9 +112,21 @@ class PreprocessCache:
         self.dir = root / "preprocessed" / task.name / task.preprocessing_digest() if root else None
         self._root = str(self.dir)
         self._layout: tuple[bytes, np.dtype[Any], tuple[int, ...]] | None = None
+        self._affines: dict[str, np.ndarray] = {}  # made in this process, by digest
 
-    def _path(self, sha256: str) -> Path | None:
-        return self.dir / sha256[:2] / f"{sha256}.npy" if self.dir else None
+    def _path(self, sha256: str, suffix: str = ".npy") -> Path | None:
+        return self.dir / sha256[:2] / f"{sha256}{suffix}" if self.dir else None
+
+    def affine(self, image: CacheItem) -> np.ndarray | None:
+        """Where a preprocessed volume's voxels lie (4x4, LPS mm), None for a 2D image or an
+        entry cached without one."""
+        if image.sha256 in self._affines:
+            return self._affines[image.sha256]
+        path = self._path(image.sha256, _AFFINE)
+        try:
+            return np.load(path) if path is not None else None
+        except (FileNotFoundError, ValueError, OSError, EOFError):
+            return None
 
     def _read_file(self, sha256: str) -> bytes:
         """A cached tensor file's bytes (FileNotFoundError: not cached).
@@ -93,7 +143,7 @@ class PreprocessCache:
             os.close(fd)
 
     def load(
-        self, store: ObjectStore, images: Sequence[CachedImage]
+        self, store: ObjectStore, images: Sequence[CacheItem]
     ) -> tuple[torch.Tensor, CacheStats]:
         """An (N, C, ...) batch of ``images``, decoding only those not cached yet.
 
@@ -112,18 +162,24 @@ class PreprocessCache:
         return torch.from_numpy(np.stack(arrays))
 
     def arrays(
-        self, store: ObjectStore, images: Sequence[CachedImage], *, threads: int = DECODE_THREADS
+        self, store: ObjectStore, images: Sequence[CacheItem], *, threads: int = DECODE_THREADS
     ) -> tuple[list[np.ndarray | Exception], CacheStats]:
         """Each image's preprocessed array, or the error that made it unreadable, in order.
 
         Hits are read from the cache; misses are fetched, decoded and preprocessed on
-        ``threads`` threads, then saved, so the next training or scoring reads them back.
+        ``threads`` threads, then saved, so the next training or scoring reads them back. A
+        volume task loads one series at a time (each fetches its slices on threads of its own):
+        a CT series decoded takes hundreds of MB.
         """
         started = time.perf_counter()
         out: list[np.ndarray | Exception | None] = [self._cached(image) for image in images]
         missing = [i for i, array in enumerate(out) if array is None]
+        if self.task.takes_series:
+            threads = 1
         if missing:
-            with plain_tensors():
+            # A volume keeps MONAI's metadata: Orientation needs the series' affine, and the
+            # preprocessed affine places the Grad-CAM map.
+            with contextlib.nullcontext() if self.task.takes_series else plain_tensors():
                 transform = self.task.preprocessing()
                 if threads > 1 and len(missing) > 1:
                     with ThreadPoolExecutor(min(threads, len(missing))) as pool:
@@ -141,7 +197,7 @@ class PreprocessCache:
         )
         return [a for a in out if a is not None], stats
 
-    def _cached(self, image: CachedImage) -> np.ndarray | None:
+    def _cached(self, image: CacheItem) -> np.ndarray | None:
         if self.dir is None:
             return None
         try:
@@ -173,13 +229,19 @@ class PreprocessCache:
         return np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
 
     def _make(
-        self, store: ObjectStore, image: CachedImage, transform: Compose
+        self, store: ObjectStore, image: CacheItem, transform: Compose
     ) -> np.ndarray | Exception:
         try:
-            array = np.asarray(transform(load_image(store, image.object_key)), dtype=np.float32)
+            out = transform(image.load(store))
         except DECODE_ERRORS as exc:
             return exc
+        array = np.asarray(out.numpy() if isinstance(out, torch.Tensor) else out, np.float32)
+        affine = out.affine.numpy() if isinstance(out, MetaTensor) else None
         path = self._path(image.sha256)
+        if affine is not None:
+            self._affines[image.sha256] = affine
+            if path is not None:
+                self._save(path.with_suffix(_AFFINE), affine)
         if path is not None:
             self._save(path, array)
         return array

@@ -33,6 +33,17 @@ def youden_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
     return float(min(max(thresholds[best], 0.0), 1.0))
 
 
+def max_accuracy_threshold(targets: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold with the highest accuracy (the highest such cut on a tie)."""
+    if len(np.unique(targets)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(targets, scores)
+    positives = float(np.sum(targets == 1))
+    correct = tpr * positives + (1.0 - fpr) * (len(targets) - positives)
+    best = int(np.argmax(correct))
+    return float(min(max(thresholds[best], 0.0), 1.0))
+
+
 def binary_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     """AUC, and accuracy, sensitivity and specificity at ``threshold``."""
     targets = targets.astype(int)
@@ -121,6 +132,8 @@ def choose_threshold(policy: OperatingPoint, targets: np.ndarray, scores: np.nda
     """The operating threshold the task's policy picks on validation scores."""
     if policy.policy == "youden":
         return youden_threshold(targets, scores)
+    if policy.policy == "max-accuracy":
+        return max_accuracy_threshold(targets, scores)
     if len(np.unique(targets)) < 2:
         return 0.5
     _fpr, tpr, thresholds = roc_curve(targets, scores)

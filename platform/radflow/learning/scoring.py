@@ -20,7 +20,14 @@ digest),
 
 The champion scores in the runtime chosen for it (radflow.learning.variants: PyTorch fp32 unless
 an ONNX variant that passed its non-inferiority check serves); each prediction records which.
-Grad-CAM maps always come from the PyTorch weights, whatever computed the score.
+Grad-CAM maps always come from the PyTorch weights, whatever computed the score. A segmentation
+task scores each image through its sliding window (radflow.learning.segmentation).
+
+A task on volumes routes each study to a series checked to be one volume from the index
+(radflow.ingest.routing.route_studies) and loads it whole (radflow.dicom.volume); its Grad-CAM
+map is a volume. With several tasks, each routes a study once: a task that does not apply (or
+whose input fails) records why in a TaskOutcome row, and the study's own status is what the
+tasks say together: SCORED if any scored it, else FAILED or NO_MODEL with their reasons.
 """
 
 from __future__ import annotations
@@ -55,20 +62,23 @@ from radflow.db import (
     Prediction,
     Study,
     StudyStatus,
+    TaskOutcome,
     VariantRuntime,
     triage,
     unit_of_work,
 )
 from radflow.db.base import utcnow
-from radflow.ingest.routing import Image, RoutingRules, candidates, route_series
-from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
+from radflow.errors import NotAVolume
+from radflow.ingest.routing import Image, RoutingRules, route_studies
+from radflow.learning.cache import CacheItem, CacheStats, PreprocessCache, cache_item
 from radflow.learning.device import cpu_threads, select_device
-from radflow.learning.explain import GRADCAM_NAME, Explainer, save_heatmaps
+from radflow.learning.explain import GRADCAM_NAME, GRADCAM_VOLUME_NAME, Explainer, save_heatmaps
 from radflow.learning.inference import Runner, TorchRunner, load_network, load_runner
 from radflow.learning.registry import require_champion
 from radflow.learning.segmentation import segment_studies
 from radflow.learning.tasks import Task, get_task
 from radflow.learning.variants import serving_variant
+from radflow.settings import MAX_VOLUME_VOXELS
 from radflow.store import ObjectStore, keys
 
 logger = logging.getLogger(__name__)
@@ -78,7 +88,9 @@ BATCHES_PER_TRANSACTION = 8
 chunk, and a failure loses at most one chunk's work (it is scored again on the next run)."""
 PENDING_PAGE = 4096
 """Study ids fetched per pending query; the query runs again until nothing is left."""
-SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED)
+SCORABLE = (StudyStatus.STABLE, StudyStatus.SCORED, StudyStatus.NO_MODEL, StudyStatus.FAILED)
+"""A study in one of these may still be pending for a task: another task may have scored it,
+or found it not applicable or unreadable (see TaskOutcome)."""
 
 
 @dataclass
@@ -128,6 +140,13 @@ class _Scorer:
     store: ObjectStore
     cache: PreprocessCache
     rules: RoutingRules | None
+    max_voxels: int = MAX_VOLUME_VOXELS
+
+
+def _pending_for(task: str, model_version_id: int) -> ColumnElement[bool]:
+    """Studies that may be scored and that ``task``'s version has neither scored nor set aside."""
+    set_aside = exists().where(TaskOutcome.study_id == Study.id, TaskOutcome.task == task)
+    return Study.status.in_(SCORABLE) & _not_scored_by(model_version_id) & ~set_aside
 
 
 def _not_scored_by(model_version_id: int) -> ColumnElement[bool]:
@@ -148,58 +167,57 @@ class _Pending(NamedTuple):
     study_uid: str
 
 
-def _pending(session: Session, model_version_id: int, limit: int) -> list[_Pending]:
-    """Stable studies without a current prediction from this model version, oldest first.
+def _pending(session: Session, champion: ModelVersion, limit: int) -> list[_Pending]:
+    """Stable studies without a current prediction from this model version (and without an
+    outcome of its task), oldest first.
 
-    A reopened study's earlier predictions are superseded (radflow.ingest.stability), so it is
-    scored again as one whole study; after a promotion, studies scored by an earlier champion
-    (and not reviewed yet) are pending again.
+    A reopened study's earlier predictions are superseded and its outcomes deleted
+    (radflow.ingest.stability), so it is scored again as one whole study; after a promotion,
+    studies scored by an earlier champion (and not reviewed yet) are pending again.
     """
     rows = session.execute(
         select(Study.id, Study.study_uid)
-        .where(Study.status.in_(SCORABLE), _not_scored_by(model_version_id))
+        .where(_pending_for(champion.task, champion.id))
         .order_by(Study.received_at, Study.id)
         .limit(limit)
     )
     return [_Pending(row.id, row.study_uid) for row in rows]
 
 
-def _load_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> list[_Pending]:
+def _load_pending(session: Session, champion: ModelVersion, ids: Sequence[int]) -> list[_Pending]:
     """The studies of ``ids`` still pending in this transaction, in the order of ``ids``."""
     found = session.execute(
         select(Study.id, Study.study_uid).where(
-            Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
+            Study.id.in_(ids), _pending_for(champion.task, champion.id)
         )
     )
     by_id = {row.id: _Pending(row.id, row.study_uid) for row in found}
     return [by_id[i] for i in ids if i in by_id]
 
 
-def _still_pending(session: Session, model_version_id: int, ids: Sequence[int]) -> set[int]:
+def _still_pending(session: Session, champion: ModelVersion, ids: Sequence[int]) -> set[int]:
     """Those of ``ids`` still pending in this transaction."""
     return set(
         session.scalars(
-            select(Study.id).where(
-                Study.id.in_(ids), Study.status.in_(SCORABLE), _not_scored_by(model_version_id)
-            )
+            select(Study.id).where(Study.id.in_(ids), _pending_for(champion.task, champion.id))
         )
     )
 
 
 def has_pending(session: Session, task_name: str) -> bool:
     """Whether any stable study waits for the task's champion (False without a champion)."""
-    champion_id = session.scalar(
-        select(ModelVersion.id).where(
+    champion = session.scalar(
+        select(ModelVersion).where(
             ModelVersion.task == task_name, ModelVersion.status == ModelStatus.CHAMPION
         )
     )
-    return champion_id is not None and bool(_pending(session, champion_id, 1))
+    return champion is not None and bool(_pending(session, champion, 1))
 
 
 def pending_ids(session: Session, task_name: str, limit: int = PENDING_PAGE) -> list[int]:
     """Ids of the studies waiting for the task's champion, oldest first (for sharding)."""
     champion = require_champion(session, task_name)
-    return [study.id for study in _pending(session, champion.id, limit)]
+    return [study.id for study in _pending(session, champion, limit)]
 
 
 def score_stable(
@@ -213,6 +231,7 @@ def score_stable(
     rules: RoutingRules | None = None,
     cache_dir: Path | None = None,
     ids: Sequence[int] | None = None,
+    max_voxels: int = MAX_VOLUME_VOXELS,
 ) -> ScoreReport:
     """Score every stable study with the task's champion, one chunk of batches per transaction.
 
@@ -225,6 +244,7 @@ def score_stable(
     ``cache_dir``: the preprocessing cache (``settings.cache_dir``); None decodes every image.
     ``ids``: only these studies (those still pending), once: a shard of a backlog scored on
     several machines at once (flows/process.py).
+    ``max_voxels``: the largest series a volume task assembles (``settings.max_volume_voxels``).
     """
     started = time.perf_counter()
     task = get_task(task_name)
@@ -252,6 +272,7 @@ def score_stable(
         store=store,
         cache=PreprocessCache(cache_dir, task),
         rules=rules,
+        max_voxels=max_voxels,
     )
     report = ScoreReport(model=champion.name, runtime=runner.runtime.value)
     with (
@@ -262,14 +283,14 @@ def score_stable(
     ):
         if ids is not None:
             with session_factory() as session:
-                shard = _load_pending(session, champion.id, ids)
+                shard = _load_pending(session, champion, ids)
             if shard:
                 _score_page(session_factory, scorer, shard, io, report)
             report.seconds = time.perf_counter() - started
             return report
         while True:
             with session_factory() as session:
-                page = _pending(session, champion.id, PENDING_PAGE)
+                page = _pending(session, champion, PENDING_PAGE)
             if not page:
                 report.seconds = time.perf_counter() - started
                 return report
@@ -351,6 +372,7 @@ class _Chunk:
     started: float
     studies: list[_Pending]
     images: torch.Tensor | list[np.ndarray]  # a list for segmentation: sizes differ
+    items: list[CacheItem] = field(default_factory=list)  # each study's input, as cached
     sources: list[str] = field(default_factory=list)  # each study's routed image (object key)
     ended: list[_Ended] = field(default_factory=list)  # studies that end unscored
     no_model: int = 0
@@ -369,22 +391,30 @@ def _read_chunk(
     """
     started = time.perf_counter()
     with session_factory() as session:
-        series = candidates(session, [study.id for study in pending])
+        routes = route_studies(
+            session,
+            [study.id for study in pending],
+            scorer.task,
+            scorer.rules,
+            max_voxels=scorer.max_voxels,
+        )
     ended: list[_Ended] = []
-    routable: list[tuple[_Pending, Image]] = []
+    routable: list[tuple[_Pending, Image, CacheItem]] = []
     for study in pending:
-        routed = route_series(series.get(study.id, []), scorer.task, scorer.rules)
+        routed = routes[study.id]
         if routed.instance is None:
             ended.append(_Ended(study.id, StudyStatus.NO_MODEL, routed.reason or ""))
         else:
-            routable.append((study, routed.instance))
-    no_model = len(ended)
-    arrays, stats = scorer.cache.arrays(
-        scorer.store, [CachedImage(i.sha256, i.object_key) for _, i in routable]
-    )
-    failed, ok, images, sources = {}, [], [], []
-    for (study, image), array in zip(routable, arrays, strict=True):
-        if isinstance(array, Exception):
+            image = routed.instance
+            routable.append((study, image, cache_item(image.sha256, image.object_key, routed.plan)))
+    arrays, stats = scorer.cache.arrays(scorer.store, [item for _, _, item in routable])
+    failed, ok, images, items, sources = {}, [], [], [], []
+    for (study, image, item), array in zip(routable, arrays, strict=True):
+        if isinstance(array, NotAVolume):
+            # What only the pixels show (a multi-frame instance's frames): not applicable.
+            reason = f"no series for {scorer.task.name} (loading the series: {array})"
+            ended.append(_Ended(study.id, StudyStatus.NO_MODEL, reason))
+        elif isinstance(array, Exception):
             # One undecodable image fails its own study, visibly, and not the chunk.
             ended.append(_Ended(study.id, StudyStatus.FAILED, f"preprocessing: {array}"))
             failed[study.study_uid] = str(array)
@@ -392,9 +422,11 @@ def _read_chunk(
         else:
             ok.append(study)
             images.append(array)
+            items.append(item)
             sources.append(image.object_key)
+    no_model = sum(e.status == StudyStatus.NO_MODEL for e in ended)
     batch = images if scorer.task.kind == "segmentation" else scorer.cache.stack(images)
-    return _Chunk(started, ok, batch, sources, ended, no_model, failed, stats)
+    return _Chunk(started, ok, batch, items, sources, ended, no_model, failed, stats)
 
 
 class _Ended(NamedTuple):
@@ -403,15 +435,6 @@ class _Ended(NamedTuple):
     id: int
     status: StudyStatus
     reason: str
-
-    def row(self) -> dict[str, object]:
-        """As a row of an ORM bulk UPDATE by primary key."""
-        return {
-            "id": self.id,
-            "status": self.status,
-            "status_reason": self.reason[:255],
-            "updated_at": utcnow(),
-        }
 
 
 class _Scored(NamedTuple):
@@ -431,7 +454,7 @@ def _infer_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> _Scored
     if isinstance(chunk.images, list):
         scores, derived = _segment(scorer, chunk.studies, chunk.sources, chunk.images)
     else:
-        scores, derived = _infer(scorer, chunk.studies, chunk.images)
+        scores, derived = _infer(scorer, chunk.studies, chunk.images, chunk.items)
     report.network_seconds += time.perf_counter() - inferring
     return _Scored(scores, derived)
 
@@ -446,9 +469,9 @@ def _write_chunk(
     """
     with unit_of_work(session_factory) as session:
         ids = [study.id for study in chunk.studies] + [study.id for study in chunk.ended]
-        still = _still_pending(session, scorer.champion.id, ids)
-        if ended := [study.row() for study in chunk.ended if study.id in still]:
-            session.execute(update(Study), ended)
+        still = _still_pending(session, scorer.champion, ids)
+        if ended := [study for study in chunk.ended if study.id in still]:
+            _set_aside(session, scorer.champion, ended)
         keep = [i for i, study in enumerate(chunk.studies) if study.id in still]
         if keep:
             # The chunk's time shared by its studies: what one study costs in a backlog.
@@ -462,6 +485,53 @@ def _write_chunk(
                 latency_ms,
             )
     return len(keep)
+
+
+def _set_aside(session: Session, champion: ModelVersion, ended: Sequence[_Ended]) -> None:
+    """Record why ``champion``'s task gives these studies no score, and set each study's
+    status to what all tasks say together: a study another task scored stays SCORED; a failure
+    of any task makes FAILED; else NO_MODEL. The status reason lists every task's reason."""
+    now = utcnow()
+    session.execute(
+        insert(TaskOutcome),
+        [
+            {
+                "study_id": study.id,
+                "task": champion.task,
+                "model_version_id": champion.id,
+                "status": study.status,
+                "reason": study.reason[:1024],
+                "created_at": now,
+            }
+            for study in ended
+        ],
+    )
+    ids = [study.id for study in ended]
+    current = {
+        row.id: row.status
+        for row in session.execute(select(Study.id, Study.status).where(Study.id.in_(ids)))
+    }
+    outcomes: dict[int, list[tuple[StudyStatus, str]]] = {i: [] for i in ids}
+    for study_id, status, reason in session.execute(
+        select(TaskOutcome.study_id, TaskOutcome.status, TaskOutcome.reason)
+        .where(TaskOutcome.study_id.in_(ids))
+        .order_by(TaskOutcome.id)
+    ):
+        outcomes[study_id].append((status, reason))
+    rows = [
+        {
+            "id": study_id,
+            "status": StudyStatus.FAILED
+            if any(status == StudyStatus.FAILED for status, _ in said)
+            else StudyStatus.NO_MODEL,
+            "status_reason": "; ".join(reason for _, reason in said)[:255],
+            "updated_at": now,
+        }
+        for study_id, said in outcomes.items()
+        if current.get(study_id) != StudyStatus.SCORED
+    ]
+    if rows:
+        session.execute(update(Study), rows)
 
 
 def _segment(
@@ -489,7 +559,10 @@ def _segment(
 
 
 def _infer(
-    scorer: _Scorer, studies: Sequence[_Pending], batch: torch.Tensor
+    scorer: _Scorer,
+    studies: Sequence[_Pending],
+    batch: torch.Tensor,
+    items: Sequence[CacheItem],
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Scores, and with an explainer each study's stored heat map key."""
     if scorer.explainer is None:
@@ -503,8 +576,10 @@ def _infer(
         # Grad-CAM's forward pass gave the PyTorch scores; the served runtime gives the score.
         scores = [scorer.runner.predict(batch, scorer.batch_size)]
     task, version = scorer.task.name, scorer.champion.version
-    map_keys = [keys.derived(s.study_uid, task, version, GRADCAM_NAME) for s in studies]
-    save_heatmaps(scorer.store, map_keys, np.concatenate(maps))
+    name = GRADCAM_VOLUME_NAME if scorer.task.takes_series else GRADCAM_NAME
+    map_keys = [keys.derived(s.study_uid, task, version, name) for s in studies]
+    affines = [scorer.cache.affine(item) for item in items]
+    save_heatmaps(scorer.store, map_keys, np.concatenate(maps), affines)
     return np.concatenate(scores), [{"gradcam": key} for key in map_keys]
 
 

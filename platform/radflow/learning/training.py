@@ -27,10 +27,11 @@ from radflow.db import (
     unit_of_work,
 )
 from radflow.db.base import utcnow
+from radflow.dicom.geometry import SeriesPlan
 from radflow.errors import NotEnoughLabels
-from radflow.ingest.routing import RoutingRules, candidates, route_series, rules_for
+from radflow.ingest.routing import RoutingRules, route_studies, rules_for
 from radflow.learning import segmentation
-from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
+from radflow.learning.cache import CacheItem, CacheStats, PreprocessCache, cache_item
 from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_device
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
 from radflow.learning.inference import load_network, predict
@@ -44,7 +45,7 @@ from radflow.learning.retrain import (
 )
 from radflow.learning.tasks import Task, get_task
 from radflow.leases import LeaseState
-from radflow.settings import Settings
+from radflow.settings import MAX_VOLUME_VOXELS, Settings
 from radflow.store import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled image: what the network sees and what it should say."""
+    """One labelled image (or series): what the network sees and what it should say."""
 
     label_id: int
     object_key: str
@@ -63,12 +64,21 @@ class Example:
     split: str | None = None  # the dataset split the label came with (import), if any
     study_uid: str = ""
     value: str = ""  # the label as stored (a segmentation label names its mask)
+    series: SeriesPlan | None = None  # a series task's input, in place of the one image
+
+    def cached(self) -> CacheItem:
+        """The input as the preprocessing cache loads it."""
+        return cache_item(self.sha256, self.object_key, self.series)
 
 
 def labelled_examples(
-    session: Session, task: Task, rules: RoutingRules | None = None
+    session: Session,
+    task: Task,
+    rules: RoutingRules | None = None,
+    *,
+    max_voxels: int = MAX_VOLUME_VOXELS,
 ) -> list[Example]:
-    """The latest label of each labelled study for ``task`` that has a routable image."""
+    """The latest label of each labelled study for ``task`` that has a routable input."""
     labels = session.execute(
         select(
             Label.id,
@@ -84,10 +94,12 @@ def labelled_examples(
         .order_by(Label.study_id, Label.created_at.desc(), Label.id.desc())
     ).all()
     latest = list({label.study_id: label for label in reversed(labels)}.values())
-    series = candidates(session, [label.study_id for label in latest])
+    routes = route_studies(
+        session, [label.study_id for label in latest], task, rules, max_voxels=max_voxels
+    )
     examples = []
     for label in sorted(latest, key=lambda row: row.study_id):
-        routed = route_series(series.get(label.study_id, []), task, rules)
+        routed = routes[label.study_id]
         if routed.instance is not None:
             examples.append(
                 Example(
@@ -100,6 +112,7 @@ def labelled_examples(
                     split=label.split,
                     study_uid=label.study_uid,
                     value=label.value,
+                    series=routed.plan,
                 )
             )
     return examples
@@ -308,7 +321,9 @@ def _train(
     on_epoch: Callable[[dict[str, float]], None] | None,
 ) -> ModelVersion:
     with unit_of_work(session_factory) as session:
-        examples = labelled_examples(session, task, rules_for(settings))
+        examples = labelled_examples(
+            session, task, rules_for(settings), max_voxels=settings.max_volume_voxels
+        )
         _check_enough(task, examples)
         split = split_for_training(examples, evaluation_set(session, task, examples, settings.seed))
         _check_enough(task, split.val, what="evaluation-set")
@@ -448,7 +463,7 @@ def _check_enough(task: Task, examples: Sequence[Example], what: str = "labelled
 def _tensors(
     cache: PreprocessCache, store: ObjectStore, examples: Sequence[Example], stats: CacheStats
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images, loaded = cache.load(store, [CachedImage(e.sha256, e.object_key) for e in examples])
+    images, loaded = cache.load(store, [e.cached() for e in examples])
     stats.add(loaded)
     return images, torch.tensor([e.target for e in examples], dtype=torch.float32)
 

@@ -14,11 +14,13 @@ from sqlalchemy.orm import Session
 
 from radflow.db import Prediction, Study, StudyStatus
 from radflow.db.audit import record
+from radflow.ingest.routing import route_studies, rules_for
 from radflow.learning.labels import add_label
 from radflow.learning.tasks import TASKS, get_task
 from radflow.services.study_view import StudyNotFound
 from radflow.services.users import Permission, Principal, require
 from radflow.services.worklist import REVIEW_SOURCE, WorklistFilter, list_studies
+from radflow.settings import Settings
 
 MAX_COMMENT = 1024
 
@@ -43,9 +45,27 @@ class ReviewTask:
     """Reviewed as masks (a segmentation task: radflow.services.mask_review), not labels."""
 
 
-def review_tasks() -> list[ReviewTask]:
-    """The tasks a reviewer can label, in the registry's order (the first is the default)."""
-    return [review_task(name) for name in TASKS]
+def review_tasks(session: Session, settings: Settings, study_uid: str) -> list[ReviewTask]:
+    """The tasks a reviewer can label this study for: those that apply to it (routing: a rule
+    of the task matches one of its series, which for a volume task is one volume), the task of
+    its latest prediction first, then in the registry's order. Empty when none applies."""
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        raise StudyNotFound(study_uid)
+    latest = (
+        session.get(Prediction, study.latest_prediction_id) if study.latest_prediction_id else None
+    )
+    rules = rules_for(settings)
+    names = [latest.task] if latest is not None else []
+    for task in TASKS.values():
+        if task.name in names:
+            continue
+        routed = route_studies(
+            session, [study.id], task, rules, max_voxels=settings.max_volume_voxels
+        )[study.id]
+        if routed.instance is not None:
+            names.append(task.name)
+    return [review_task(name) for name in names]
 
 
 def review_task(name: str) -> ReviewTask:

@@ -15,21 +15,24 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_rescale, apply_voi_lut
 from pydicom.pixels.utils import pixel_array
-from scipy.ndimage import binary_erosion
+from scipy.ndimage import binary_erosion, map_coordinates
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from radflow.db import (
     Delivery,
     DeliveryStatus,
+    Instance,
     Prediction,
     ResultObject,
     Series,
     Study,
+    TaskOutcome,
     VariantRuntime,
 )
 from radflow.db.audit import record
 from radflow.errors import RadflowError
+from radflow.learning.heatmaps import read_heatmap_volume
 from radflow.learning.segmentation import PROBABILITY_KEY
 from radflow.services.users import Permission, Principal, require
 from radflow.store import ObjectNotFound as ObjectNotFound  # the pages catch it
@@ -56,6 +59,10 @@ class InstanceRef:
 
     object_key: str
     frames: int
+    # Where the image lies (as indexed): places a volume's heat map on it (heatmap_on_slice).
+    position: tuple[float, ...] | None = None
+    orientation: tuple[float, ...] | None = None
+    pixel_spacing: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,9 @@ class StudyView:
     series: list[SeriesView] = field(default_factory=list)
     predictions: list[PredictionView] = field(default_factory=list)
     """Newest first."""
+    not_scored: dict[str, str] = field(default_factory=dict)
+    """Why each task that gave no score did not (not applicable, e.g. a series that is not one
+    volume; or failed), by task: the full reasons ``status_reason`` abbreviates."""
     results: list[ResultView] = field(default_factory=list)
     """DICOM results (SR, SEG) sent to PACS, newest first."""
     unreported: list[str] = field(default_factory=list)
@@ -224,6 +234,14 @@ def get_study_view(session: Session, study_uid: str) -> StudyView:
         received_at=study.received_at,
         series=[_series_view(s) for s in study.series],
         predictions=_prediction_views(session, study.id),
+        not_scored={
+            task: reason
+            for task, reason in session.execute(
+                select(TaskOutcome.task, TaskOutcome.reason)
+                .where(TaskOutcome.study_id == study.id)
+                .order_by(TaskOutcome.task)
+            )
+        },
         results=_result_views(session, study.id),
         unreported=_unreported(session, study.id),
     )
@@ -239,8 +257,22 @@ def _series_view(series: Series) -> SeriesView:
         body_part=series.body_part,
         instance_count=len(instances),
         preview_key=instances[len(instances) // 2].object_key if instances else None,
-        instances=tuple(InstanceRef(i.object_key, i.frames) for i in instances),
+        instances=tuple(_instance_ref(i) for i in instances),
     )
+
+
+def _instance_ref(instance: Instance) -> InstanceRef:
+    return InstanceRef(
+        instance.object_key,
+        instance.frames,
+        _tuple(instance.image_position),
+        _tuple(instance.image_orientation),
+        _tuple(instance.pixel_spacing),
+    )
+
+
+def _tuple(values: list[float] | None) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None else None
 
 
 def _prediction_views(session: Session, study_id: int) -> list[PredictionView]:
@@ -447,12 +479,21 @@ class OverlayUnreadable(RadflowError, ValueError):
 
 
 def load_overlay(
-    store: ObjectStore, object_key: str, shape: tuple[int, int]
+    store: ObjectStore,
+    object_key: str,
+    shape: tuple[int, int],
+    instance: InstanceRef | None = None,
 ) -> NDArray[np.float64]:
-    """A stored heat map or mask (PNG or any PIL format) as floats in [0, 1], resized to ``shape``.
+    """A stored heat map or mask (PNG or any PIL format) as floats in [0, 1], resized to ``shape``;
+    a volume task's heat map where it crosses the shown image ``instance``
+    (:func:`heatmap_on_slice`).
 
     Raises ObjectNotFound if it is missing and OverlayUnreadable if it is not an image.
     """
+    if object_key.endswith(VOLUME_SUFFIX):
+        if instance is None:
+            raise OverlayUnreadable(f"{object_key} is a volume: say which image it is shown on")
+        return heatmap_on_slice(store, object_key, instance, shape)
     try:
         picture = Image.open(io.BytesIO(store.get_bytes(object_key)))
         picture.load()
@@ -470,6 +511,46 @@ def load_overlay(
         )
         values = np.asarray(resized, dtype=np.float64)
     return np.clip(values, 0.0, 1.0)
+
+
+VOLUME_SUFFIX = ".npz"
+"""A derived object stored under a name ending so is a volume (radflow.learning.heatmaps)."""
+
+
+def heatmap_on_slice(
+    store: ObjectStore, object_key: str, instance: InstanceRef, shape: tuple[int, int]
+) -> NDArray[np.float64]:
+    """A volume task's heat map where it crosses the image ``instance`` (``shape``: its rows
+    and columns), in [0, 1]: each pixel's place in the patient (Image Position/Orientation
+    (Patient), Pixel Spacing) looked up in the map through its affine, trilinearly; outside the
+    map, 0. Raises ObjectNotFound, or OverlayUnreadable if the map or the image's geometry is
+    not usable."""
+    try:
+        heat, affine = read_heatmap_volume(store.get_bytes(object_key))
+    except ValueError as exc:
+        raise OverlayUnreadable(f"{object_key}: {exc}") from exc
+    if instance.position is None or instance.orientation is None or instance.pixel_spacing is None:
+        raise OverlayUnreadable(
+            f"{instance.object_key} has no indexed geometry (Image Position/Orientation, Pixel "
+            "Spacing) to place the heat map volume on"
+        )
+    rows, columns = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    row_direction, column_direction = (
+        np.array(instance.orientation[:3]),
+        np.array(instance.orientation[3:]),
+    )
+    row_spacing, column_spacing = instance.pixel_spacing
+    # A column step moves along the row direction cosines; a row step along the column ones.
+    points = (
+        np.asarray(instance.position)[:, None, None]
+        + row_direction[:, None, None] * (columns * column_spacing)
+        + column_direction[:, None, None] * (rows * row_spacing)
+    )
+    to_voxels = np.linalg.inv(affine)
+    voxels = np.tensordot(to_voxels[:3, :3], points, axes=1) + to_voxels[:3, 3, None, None]
+    sampled = map_coordinates(heat, voxels, order=1, mode="constant", cval=0.0)
+    out: NDArray[np.float64] = np.clip(sampled.astype(np.float64), 0.0, 1.0)
+    return out
 
 
 def heatmap_overlay(

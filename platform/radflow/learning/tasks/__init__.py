@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from radflow.errors import UnknownTask
-from radflow.learning.tasks import pneumonia_cxr, retina_vessels
+from radflow.learning.tasks import adrenal_ct_3d, adrenal_ct_seq, pneumonia_cxr, retina_vessels
 from radflow.learning.tasks.base import (
     EvaluationPolicy,
     NetworkSpec,
@@ -15,7 +15,10 @@ from radflow.learning.tasks.base import (
     TrainingPlan,
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (pneumonia_cxr.TASK, retina_vessels.TASK)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (pneumonia_cxr.TASK, retina_vessels.TASK, adrenal_ct_3d.TASK, adrenal_ct_seq.TASK)
+}
 """Every task, in declaration order; the first is the default."""
 
 __all__ = [

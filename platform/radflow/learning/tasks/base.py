@@ -3,11 +3,13 @@
 A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows, the CLI and the
 dashboard never hard-code task details.
 
-The seams for the task kinds still to come are here, not in the callers: ``kind`` names the
-family (``binary-classification`` and 2D ``segmentation`` are built end to end), ``network`` is
-a MONAI config (so a bundle can be exported and re-imported for any network), ``inference`` and
-``window`` say how a network sees an image (whole, or through a sliding window for images larger
-than a patch), and ``operating_point`` / ``evaluation`` say how a version is judged.
+The seams for the task kinds are here, not in the callers: ``kind`` names the family
+(``binary-classification`` on one 2D image and 2D ``segmentation``; ``classification-3d`` and
+``sequence-classification`` on a series assembled into a volume, radflow.dicom.volume; the
+others are declared, not built), ``network`` is a MONAI config (so a bundle can be exported and
+re-imported for any network), ``inference`` and ``window`` say how a network sees an image
+(whole, or through a sliding window for images larger than a patch), and ``operating_point`` /
+``evaluation`` say how a version is judged.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ if TYPE_CHECKING:
 from radflow.dicom.codes import ResultCoding
 
 TaskKind = Literal[
-    "binary-classification",
+    "binary-classification",  # one 2D image (the middle frame of a multi-frame instance)
     "segmentation",  # 2D: a mask per image (radflow.learning.segmentation)
+    "classification-3d",  # a series as one volume
+    "sequence-classification",  # a series as an ordered stack: slices in space, or frames in time
     # Declared so that configuration and code paths can name them; not built yet.
-    "classification-3d",
     "segmentation-3d",
-    "sequence-classification",
     "image-enhancement",
 ]
+
+SERIES_KINDS = frozenset({"classification-3d", "sequence-classification"})
+"""The kinds whose input is a whole series (radflow.dicom.geometry), not one image."""
 
 
 @dataclass(frozen=True)
@@ -165,10 +170,12 @@ def compose(configs: tuple[TransformConfig, ...]) -> Compose:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """How the score threshold is chosen on validation data."""
+    """How the score threshold is chosen on validation data: balancing sensitivity and
+    specificity (``youden``), the most accurate cut (``max-accuracy``), the highest cut that
+    reaches ``target_sensitivity``, or (segmentation) the pixel threshold with the best Dice
+    (``max-dice``)."""
 
-    # max-dice: the pixel threshold with the best Dice on validation (segmentation)
-    policy: Literal["youden", "target-sensitivity", "max-dice"] = "youden"
+    policy: Literal["youden", "max-accuracy", "target-sensitivity", "max-dice"] = "youden"
     target_sensitivity: float = 0.9
 
     def __post_init__(self) -> None:
@@ -215,6 +222,16 @@ class Task:
 
     def build_network(self) -> nn.Module:
         return self.network.build()
+
+    @property
+    def takes_series(self) -> bool:
+        """Whether the task's input is a whole series assembled into a volume."""
+        return self.kind in SERIES_KINDS
+
+    @property
+    def takes_time_series(self) -> bool:
+        """Whether images at one position in time order (a cine) are an input too."""
+        return self.kind == "sequence-classification"
 
     def preprocessing(self) -> Compose:
         return compose(self.preprocessing_config)
