@@ -27,6 +27,7 @@ from radflow.db import unit_of_work
 from radflow.db.base import utcnow
 from radflow.db.registry import champion_tasks
 from radflow.ingest.stability import Promoted, promote_stable
+from radflow.outages import describe, is_outage
 from radflow.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def stabilise_and_process(
         return result
     result.mode = mode or trigger_mode()
     if result.mode == "event":
-        if event_run_waiting():
+        if _run_waiting():
             logger.info(
                 "%d studies stable: a process run waiting to start takes them (no event)",
                 len(promoted),
@@ -92,6 +93,20 @@ def stabilise_and_process(
         for task_name in tasks:
             result.processed[task_name] = process_and_deliver(task_name)
     return result
+
+
+def _run_waiting() -> bool:
+    """``event_run_waiting``, or False when the server does not answer in time: the studies are
+    already promoted, so without an event they would wait for the minute schedule (after a
+    worker restart the server stalled for 30 s and more). An extra run costs a process start;
+    it finds nothing left if another run took the studies."""
+    try:
+        return event_run_waiting()
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        logger.warning("could not ask whether a process run waits (%s): emitting", describe(exc))
+        return False
 
 
 def _tasks_with_champion(rt: Runtime) -> list[str]:

@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 from servers import PrefectServer
 from sqlalchemy import select
 
+from flows import trigger
 from flows.deployments import stable_study_trigger
 from flows.trigger import STABLE_EVENT, stabilise_and_process, trigger_mode
 from radflow import ingest
@@ -69,6 +70,26 @@ def test_stable_studies_emit_events_for_the_deployment_trigger(
     assert trigger.expect == {STABLE_EVENT}
     assert trigger.match.matches(event)
     assert not trigger.parameters
+
+
+def test_a_server_too_slow_to_say_whether_a_run_waits_gets_the_event_anyway(
+    flow_env: Settings,
+    no_waiting_runs: PrefectServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a worker restart the server did not answer the "is a run waiting?" query within
+    its timeout for 30 s and more; the promoted studies got no event and waited for the minute
+    schedule (a trickle's p95 of 70 s)."""
+
+    def stalled() -> bool:
+        raise httpx.ReadTimeout("timed out")
+
+    monkeypatch.setattr(trigger, "event_run_waiting", stalled)
+    with Runtime.open(flow_env) as rt:
+        _receive(rt, tmp_path / "in", 1)
+        result = stabilise_and_process(rt, now=utcnow() + timedelta(seconds=6))
+    assert result.emitted and len(result.promoted) == 1
 
 
 def test_embedded_default_processes_directly(flow_env: Settings, tmp_path: Path) -> None:
