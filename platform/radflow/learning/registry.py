@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from importlib.metadata import version as package_version
 from typing import Any
 
 import numpy as np
 import torch
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
-from radflow.db import AuditEvent, ModelEvaluation, ModelStatus, ModelVersion, TrainingRun
+from radflow.db import (
+    AuditEvent,
+    ModelEvaluation,
+    ModelStatus,
+    ModelVersion,
+    TrainingRun,
+    unit_of_work,
+)
 from radflow.db.audit import record
 from radflow.errors import NoChampion, RadflowError
 from radflow.learning.evaluation import Decision, decide
@@ -233,3 +241,22 @@ def record_decision(
         promote(session, version, actor=actor, reason=decision.reason)
     session.flush()
     return evaluation
+
+
+def epoch_recorder(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> tuple[list[dict[str, float]], Callable[[dict[str, float]], None]]:
+    """The history of a training run and the callback that grows it: each epoch's row is saved
+    to the run as it comes (a long training shows its curve while it runs), then passed on."""
+    history: list[dict[str, float]] = []
+
+    def record_epoch(row: dict[str, float]) -> None:
+        history.append(row)
+        with unit_of_work(session_factory) as session:
+            session.get_one(TrainingRun, run_id).history = {"epochs": list(history)}
+        if on_epoch:
+            on_epoch(row)
+
+    return history, record_epoch

@@ -45,7 +45,7 @@ from radflow.learning.evaluation import (
 )
 from radflow.learning.inference import load_network
 from radflow.learning.masks import GroundTruth, load_mask
-from radflow.learning.registry import champion, record_decision, register
+from radflow.learning.registry import champion, epoch_recorder, record_decision, register
 from radflow.learning.tasks import SlidingWindow, Task
 from radflow.settings import Settings
 from radflow.store import ObjectStore, keys
@@ -265,14 +265,7 @@ def train_and_register(
     train, stats = _cases(cache, store, task, split.train)
     val, val_stats = _cases(cache, store, task, split.val)
     stats.add(val_stats)
-    history: list[dict[str, float]] = []
-
-    def record_epoch(row: dict[str, float]) -> None:
-        history.append(row)
-        with unit_of_work(session_factory) as session:
-            session.get_one(TrainingRun, run_id).history = {"epochs": list(history)}
-        if on_epoch:
-            on_epoch(row)
+    history, record_epoch = epoch_recorder(session_factory, run_id, on_epoch)
 
     device = select_device()
     with cpu_threads(settings.torch_threads or None):

@@ -35,7 +35,7 @@ from radflow.learning.cache import CacheItem, CacheStats, PreprocessCache, cache
 from radflow.learning.device import autocast, cpu_threads, grad_scaler, select_device
 from radflow.learning.evaluation import binary_metrics, choose_threshold, evaluate
 from radflow.learning.inference import load_network, predict
-from radflow.learning.registry import champion, judge, register
+from radflow.learning.registry import champion, epoch_recorder, judge, register
 from radflow.learning.retrain import (
     TRAINING_LEASE,
     TrainingInProgress,
@@ -377,15 +377,7 @@ def _train_and_register(
     stats = CacheStats()
     train = _tensors(cache, store, split.train, stats)
     val = _tensors(cache, store, split.val, stats)
-    history: list[dict[str, float]] = []
-
-    def record_epoch(row: dict[str, float]) -> None:
-        history.append(row)
-        # Saved as it goes: a long training shows its curve while it runs.
-        with unit_of_work(session_factory) as session:
-            session.get_one(TrainingRun, run_id).history = {"epochs": list(history)}
-        if on_epoch:
-            on_epoch(row)
+    history, record_epoch = epoch_recorder(session_factory, run_id, on_epoch)
 
     device = select_device()
     with cpu_threads(settings.torch_threads or None):
