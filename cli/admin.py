@@ -176,9 +176,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     def registered() -> None:
         # Whatever the database says is left (events lost while nothing listened, studies that
-        # waited for a champion, due retrains) starts now, not at the next event or schedule.
+        # waited for a champion, due retrains) starts now, not at the next event or schedule;
+        # the worker's own listener (flows/listener.py), when it has one, scores at once.
+        scoring = pool != "train" and not settings.worker_listens
         with Runtime.open(settings) as rt:
-            reconcile(rt, scoring=pool != "train", training=pool != "process")
+            reconcile(rt, scoring=scoring, training=pool != "process")
         print("radflow worker: deployments registered, serving", flush=True)
 
     print(

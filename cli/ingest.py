@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,7 +80,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_pseudonym_key()
-    from flows.trigger import stabilise_and_process
+    from flows.trigger import Handoff, stabilise_and_process
     from radflow.ingest.receiver.service import serve
     from radflow.runtime import Runtime
 
@@ -91,7 +92,7 @@ def cmd_receive(args: argparse.Namespace, settings: Settings) -> int:
             host=args.host,
             port=args.port,
             ae_title=args.ae_title,
-            tick=_periodic(stabilise_and_process, rt),
+            tick=_periodic(partial(stabilise_and_process, handoff=Handoff()), rt),
         )
     return 0
 
@@ -111,14 +112,14 @@ def _periodic(step: Callable[[Runtime], object], rt: Runtime) -> Callable[[], No
         try:
             step(rt)
         except Exception as exc:
-            failures.failed(f"periodic {step.__name__}", exc)
+            failures.failed(f"periodic {getattr(step, 'func', step).__name__}", exc)
 
     return tick
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_pseudonym_key()
-    from flows.trigger import stabilise_and_process
+    from flows.trigger import Handoff, stabilise_and_process
     from radflow.ingest.watch import watch_forever
     from radflow.runtime import Runtime
 
@@ -129,7 +130,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
                 settings,
                 rt.session_factory,
                 rt.store,
-                lambda: stabilise_and_process(rt),
+                partial(stabilise_and_process, rt, handoff=Handoff()),
                 passes=1 if args.once else None,
             )
         except KeyboardInterrupt:

@@ -30,6 +30,7 @@ from prefect.schedules import Interval
 from flows.deliver import deliver_flow
 from flows.ingest import ingest_flow
 from flows.launcher import LABEL_EVENT, SCORED_EVENT, STABLE_EVENT, STABLE_RESOURCE
+from flows.listener import Listener
 from flows.process import process_flow
 from flows.train import train_flow
 from radflow.learning.tasks import TASKS
@@ -100,7 +101,12 @@ def serve_all(
         runner.add_deployment(deployment)
     if registered is not None:
         registered()
-    asyncio.run(runner.start())
+    listener = Listener(settings).start() if pool != "train" and settings.worker_listens else None
+    try:
+        asyncio.run(runner.start())
+    finally:
+        if listener is not None:
+            listener.stop()
 
 
 def zombie_automation() -> Automation:

@@ -42,6 +42,7 @@ from radflow.errors import RadflowError
 from radflow.learning.retrain import retrain_status
 from radflow.learning.tasks import TASKS
 from radflow.leases import LeaseState, this_process
+from radflow.leases import read as read_lease
 from radflow.runtime import Runtime
 from radflow.services.users import Permission, Principal, require
 from radflow.settings import Settings
@@ -65,6 +66,13 @@ CLOCK_SKEW = timedelta(seconds=5)
 PENDING_GRACE = timedelta(seconds=20)
 """How long a run may stay Pending (a worker starting its process: seconds) before it counts as
 stuck: the worker that claimed it died before the run began, and nothing will start it."""
+LISTENING_LEASE = "process:listening"
+"""Held by the one process run that lingers after scoring (flows/process.py): while it is live,
+the receiver hands it newly stable studies without an event (flows/trigger.py)."""
+LISTENING_TTL = timedelta(seconds=6)
+"""The listening run renews its lease every third of this; a dead one is noticed within it."""
+LISTENING_MARGIN = timedelta(seconds=1)
+"""A listener whose lease runs out sooner than this is taken for dead: the event goes out."""
 
 
 class NoPrefectServer(RadflowError):
@@ -152,6 +160,16 @@ def crash_dead_run(dead: LeaseState) -> None:
         logger.warning("could not mark flow run %s crashed: %s", run_id, exc)
         return
     logger.warning("flow run %s marked Crashed: %s", run_id, message)
+
+
+def listening_run(rt: Runtime) -> LeaseState | None:
+    """The process run lingering for newly stable studies, if one is live (and stays live for
+    at least :data:`LISTENING_MARGIN`), else None."""
+    with rt.session_factory() as session:
+        lease = read_lease(session, LISTENING_LEASE)
+    if lease is None or not lease.live(datetime.now(UTC) + LISTENING_MARGIN):
+        return None
+    return lease
 
 
 def emit(event: str, resource: dict[str, str], count: int = 1) -> None:

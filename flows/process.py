@@ -18,6 +18,9 @@ server: each reads images from the store through its own local preprocessing cac
 With ``RADFLOW_DASK_ADDRESS`` set, a backlog is cut into shards of ``dask_shard_studies``
 studies scored on the Dask cluster's workers at once (Prefect's Dask task runner); the run
 holding the lease waits for them, so the shards never overlap another run's.
+
+The process deployment's runs start for events and the schedule; a process-pool worker also
+runs the flow in its own warm process, for studies its listener finds (flows/listener.py).
 """
 
 from __future__ import annotations
@@ -137,22 +140,21 @@ def score_task(rt: Runtime, task_name: str, who: str) -> scoring.ScoreReport:
 
 
 @flow(name="process")
-def process_flow(task_name: str | None = None) -> dict[str, object]:
+def process_flow(task_name: str | None = None, announce: bool = True) -> dict[str, object]:
     """Score every stable study with the champion of ``task_name``, or of every task that has
-    one (None). Totals at the top level; each task's own report under ``tasks``."""
+    one (None). Totals at the top level; each task's own report under ``tasks``. With a server
+    and ``announce``, an event starts the deliver deployment for what was scored (the worker's
+    listener delivers in its own process instead)."""
     logger = get_run_logger()
     with Runtime.open(Settings()) as rt:
-        if task_name is None:
-            with rt.session_factory() as session:
-                names = champion_tasks(session)
-        else:
-            names = [task_name]
+        with rt.session_factory() as session:
+            names = [task_name] if task_name is not None else champion_tasks(session)
         who = holder()
         reports = {name: score_task(rt, name, who) for name in names}
     for report in reports.values():
         logger.info(report.summary())
     scored = sum(r.scored for r in reports.values())
-    if scored and orchestrated():
+    if scored and announce and orchestrated():
         emit(SCORED_EVENT, {"prefect.resource.id": "radflow.predictions"})
     return {
         "scored": scored,

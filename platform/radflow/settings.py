@@ -316,6 +316,12 @@ class Settings(BaseSettings):
         description="How often `radflow worker` asks the Prefect server for runs to start: "
         "part of every study's latency (Prefect's own default is 10 s)",
     )
+    worker_listens: bool = Field(
+        default=True,
+        description="A process-pool `radflow worker` scores stable studies in its own, warm, "
+        "process (one worker at a time, flows/listener.py) instead of starting a flow run "
+        "process (~8 s of imports on 2 cores) per event; false: every study waits for a run",
+    )
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

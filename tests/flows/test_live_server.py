@@ -32,16 +32,15 @@ from flows.deployments import (
     retrain_deployment,
 )
 from flows.launcher import (
-    FLOW_RUN_HOLDER,
+    LISTENING_TTL,
     PROCESS_DEPLOYMENT,
-    event_run_waiting,
     labels_recorded,
+    listening_run,
     recent_flow_runs,
 )
-from flows.process import scoring_lease
 from flows.train import train_flow
-from flows.trigger import StabiliseResult, stabilise_and_process
-from radflow import ingest, leases
+from flows.trigger import Handoff, StabiliseResult, stabilise_and_process
+from radflow import ingest
 from radflow.db import Prediction, Study, StudyStatus, unit_of_work
 from radflow.db.base import utcnow
 from radflow.learning.labels import add_label
@@ -226,12 +225,12 @@ def test_workers_on_two_machines_score_bursts_once_and_recover_from_a_kill(
     """The production shape: PostgreSQL, S3, a Prefect server, two workers with separate data
     directories (two machines share nothing else).
 
-    - studies stable before any worker ran are scored by a worker's start-up reconcile;
-    - a burst arriving over several receiver passes starts one run per pass, none cancelled,
-      and every study is scored exactly once;
-    - killing the worker running a process run delays scoring by seconds: the other takes
-      over and marks the dead run Crashed (defect 3: the dead run held the deployment's only
-      slot for 5 minutes, and stayed Running).
+    - studies stable before any worker ran are scored as soon as a worker listens;
+    - a burst arriving over several receiver passes is scored by the listening worker, no run
+      is cancelled, and every study is scored exactly once;
+    - killing the worker whose listener scores delays scoring by seconds: the studies handed
+      to it get their event once its lease runs out, and the other worker scores them
+      (defect 3: a dead run held the deployment's only slot for 5 minutes).
     """
     with Runtime.open(flow_env) as rt:
         waiting = _labelled_studies(rt, quick_task, tmp_path / "first", 12)
@@ -254,39 +253,26 @@ def test_workers_on_two_machines_score_bursts_once_and_recover_from_a_kill(
         assert len([r for r in runs if r.state_name == "Completed"]) <= 3 + 2  # + schedule
         _assert_scored_once(rt)
 
-        # The machine of the worker running a process run dies (SIGKILL of the worker and its
-        # flow run); the other worker takes over the dead run's lease, marks it Crashed and
-        # scores what it left and what arrived since.
+        # One worker's listener scores in its own process (flows/listener.py). That machine
+        # dies (SIGKILL of the worker and its flow runs). Studies handed to its listener
+        # meanwhile get their event once its lease runs out (the receiver's Handoff); the other
+        # worker's listener takes the lease over, and every study is scored once.
+        listener = wait_until(lambda: listening_run(rt), SCORED_WITHIN, "no worker listens")
+        (busy,) = [w for w in workers if listener.holder.endswith(f"/pid-{w.pid}")]
+        busy.kill()
+        handoff = Handoff()
         late = _receive(rt, tmp_path / "late", 5)
-        # A run the burst's events started and that has not started yet would take the late
-        # studies without a new event (flows/trigger.py): wait until none does.
-        wait_until(lambda: not event_run_waiting(), SCORED_WITHIN, "a process run never started")
-        since = utcnow()
-        assert _stabilise(rt, late).emitted
-        running = wait_until(
-            lambda: [r for r in flow_runs(PROCESS_DEPLOYMENT, since) if r.state_name == "Running"],
-            SCORED_WITHIN,
-            "no process run started for the late studies",
+        _stabilise(rt, late, handoff)
+        wait_until(
+            lambda: handoff.listener is None or stabilise_and_process(rt, handoff=handoff).emitted,
+            LISTENING_TTL.total_seconds() + 30,
+            "the studies handed to the dead listener never got their event",
         )
-        name = f"'{running[0].name}'"  # the runner logs each run it starts by name
-        busy = wait_until(
-            lambda: [w for w in workers if name in w.output()],
-            30,
-            f"no worker's log names the running run {name}",
-        )
-        busy[0].kill()
-        with rt.session_factory() as session:
-            lease = leases.read(session, scoring_lease(quick_task))
         after = _receive(rt, tmp_path / "after", 5)
-        _stabilise(rt, after)
+        _stabilise(rt, after, handoff)
         _wait_scored(rt, late + after)
         _assert_scored_once(rt)
         states = {r.id: r.state_name for r in flow_runs(PROCESS_DEPLOYMENT, since)}
-        if lease is not None and lease.holder == f"{FLOW_RUN_HOLDER}{running[0].id}":
-            # Killed while scoring: whoever took its lease over marked it Crashed. (Killed
-            # before taking the lease, or after letting it go, it stays Running: no lease
-            # tells that it died.)
-            assert states[running[0].id] == "Crashed", states
         assert "Cancelled" not in states.values(), states
 
 
@@ -318,9 +304,9 @@ def _receive(rt: Runtime, folder: Path, n: int) -> list[str]:
     return [s.study_uid for s in studies]
 
 
-def _stabilise(rt: Runtime, uids: list[str]) -> StabiliseResult:
+def _stabilise(rt: Runtime, uids: list[str], handoff: Handoff | None = None) -> StabiliseResult:
     """One receiver pass after the quiet period: these studies become stable."""
-    result = stabilise_and_process(rt, now=utcnow() + timedelta(seconds=30))
+    result = stabilise_and_process(rt, now=utcnow() + timedelta(seconds=30), handoff=handoff)
     assert {p.study_uid for p in result.promoted} >= set(uids) and result.mode == "event"
     return result
 

@@ -3,6 +3,7 @@ per study), run process without."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,14 +13,21 @@ from factories import dicom_bytes
 from live import server_events, wait_until
 from pydicom.uid import generate_uid
 from servers import PrefectServer
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from demo.synthetic import write_cxr_studies
 from flows import trigger
 from flows.deployments import stable_study_trigger
-from flows.trigger import STABLE_EVENT, stabilise_and_process, trigger_mode
-from radflow import ingest
-from radflow.db import Study, StudyStatus
+from flows.launcher import LISTENING_LEASE, listening_run
+from flows.listener import Listener
+from flows.trigger import STABLE_EVENT, Handoff, stabilise_and_process, trigger_mode
+from radflow import ingest, leases
+from radflow.db import Study, StudyStatus, unit_of_work
 from radflow.db.base import utcnow
+from radflow.db.delivery import ResultKind, ResultObject
+from radflow.ingest.stability import promote_stable
+from radflow.learning.labels import add_label
+from radflow.learning.training import train_task
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
@@ -122,3 +130,116 @@ def test_an_event_the_server_never_got_leaves_the_studies_for_the_reconciler(
         with rt.session_factory() as session:
             statuses = dict(session.execute(select(Study.study_uid, Study.status)).tuples().all())
     assert statuses == {uid: StudyStatus.STABLE for uid in uids}
+
+
+SQLITE_ONLY = pytest.mark.parametrize("settings", ["sqlite-local"], indirect=True)
+
+
+@SQLITE_ONLY
+def test_the_workers_listener_scores_stable_studies_in_its_own_process(
+    flow_env: Settings, quick_task: str, no_waiting_runs: PrefectServer, tmp_path: Path
+) -> None:
+    """A flow run costs a new process importing PyTorch and MONAI (~8 s of CPU on 2 cores, most
+    of a study's latency in benchmarks/pipeline.py). The worker's listener scores studies that
+    become stable in the worker's process, with no event and no new process, writes their SRs,
+    and lets go of its lease when stopped."""
+    with Runtime.open(flow_env) as rt:
+        _train_champion(rt, quick_task, tmp_path / "labelled")
+        listener = Listener(flow_env).start()
+        try:
+            live = wait_until(lambda: listening_run(rt), 60, "the listener never listened")
+            assert live.holder == listener.holder
+            _wait_statuses(rt, {StudyStatus.SCORED})  # what was stable already
+            uids = _receive(rt, tmp_path / "late", 3)
+            handoff = Handoff()
+            now = utcnow() + timedelta(seconds=6)
+            result = stabilise_and_process(rt, now=now, handoff=handoff)
+            assert result.listener == listener.holder and not result.emitted
+            assert handoff.listener is not None and len(handoff.studies) == 3
+            statuses = _wait_statuses(rt, {StudyStatus.SCORED})
+            wait_until(lambda: _reports(rt) == len(statuses), 60, "the SRs were never written")
+        finally:
+            listener.stop()
+        assert listening_run(rt) is None  # let go
+        # The next pass sees the listener let go (after its last look): nothing to follow.
+        assert not stabilise_and_process(rt, handoff=handoff).emitted
+        assert handoff.listener is None
+    assert set(uids) <= set(statuses) and len(statuses) == 12 + 3
+
+
+def _wait_statuses(rt: Runtime, wanted: set[StudyStatus]) -> dict[str, StudyStatus]:
+    def statuses() -> dict[str, StudyStatus] | None:
+        with rt.session_factory() as session:
+            found = dict(session.execute(select(Study.study_uid, Study.status)).tuples().all())
+        return found if set(found.values()) == wanted else None
+
+    found: dict[str, StudyStatus] = wait_until(statuses, 60, f"studies never all {wanted}")
+    return found
+
+
+def _reports(rt: Runtime) -> int:
+    with rt.session_factory() as session:
+        return int(
+            session.scalar(select(func.count()).where(ResultObject.kind == ResultKind.SR)) or 0
+        )
+
+
+@SQLITE_ONLY
+def test_studies_handed_to_a_listener_that_died_get_their_event(
+    flow_env: Settings, no_waiting_runs: PrefectServer, tmp_path: Path
+) -> None:
+    """A listener whose worker is killed stops renewing its lease: the studies handed to it
+    would wait for the minute schedule. The receiver's next pass after the lease ran out
+    emits their event."""
+    with Runtime.open(flow_env) as rt:
+        ttl = timedelta(seconds=2.5)
+        assert leases.try_acquire(rt.session_factory, LISTENING_LEASE, "flow-run/alive", ttl).ok
+        _receive(rt, tmp_path / "first", 1)
+        handoff = Handoff()
+        result = stabilise_and_process(rt, now=utcnow() + timedelta(seconds=6), handoff=handoff)
+        assert result.listener == "flow-run/alive" and not result.emitted
+        # Renewed after the handoff: the listener lives, and takes the study.
+        assert leases.renew(rt.session_factory, LISTENING_LEASE, "flow-run/alive", ttl)
+        assert not stabilise_and_process(rt, handoff=handoff).emitted
+        assert handoff.listener is None
+
+        since = utcnow()
+        _receive(rt, tmp_path / "second", 2)
+        result = stabilise_and_process(rt, now=utcnow() + timedelta(seconds=6), handoff=handoff)
+        assert result.listener == "flow-run/alive" and not result.emitted
+        assert not stabilise_and_process(rt, handoff=handoff).emitted  # still live: waits
+        time.sleep(ttl.total_seconds())  # no renewal: its worker died
+        assert stabilise_and_process(rt, handoff=handoff).emitted
+        assert handoff.listener is None
+        with rt.session_factory() as session:
+            ids = sorted(session.scalars(select(Study.id).order_by(Study.id)))[-2:]
+    wait_until(
+        lambda: [
+            e
+            for e in server_events(no_waiting_runs, STABLE_EVENT, since)
+            if e["radflow.study-ids"] == ",".join(map(str, ids))
+        ],
+        30,
+        "the handed-over studies' event never reached the server",
+    )
+
+
+def _train_champion(rt: Runtime, task: str, folder: Path) -> None:
+    studies = write_cxr_studies(folder, 12, seed=5, size=64)
+    ingest.ingest_files(
+        ingest.find_files(folder),
+        settings=rt.settings,
+        session_factory=rt.session_factory,
+        store=rt.store,
+    )
+    _promote_now(rt)
+    with unit_of_work(rt.session_factory) as session:
+        for study in studies:
+            value = "pneumonia" if study.positive else "normal"
+            add_label(session, study.study_uid, task, value, source="test", author="tester")
+    train_task(rt.settings, rt.session_factory, rt.store, task, progress=False)
+
+
+def _promote_now(rt: Runtime) -> None:
+    with unit_of_work(rt.session_factory) as session:
+        promote_stable(session, utcnow() + timedelta(seconds=60), rt.settings.stable_after_seconds)
