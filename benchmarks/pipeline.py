@@ -209,7 +209,9 @@ def train_champion(rt: Runtime, work: Path) -> None:
 
 
 class Killer(threading.Thread):
-    """Once a process run is Running (after ``after`` s), kill the worker and start it again."""
+    """Once a process run is Running (after ``after`` s), kill the worker and start it again:
+    the worker's listener runs the process flow in the worker's own process, so the kill takes
+    the scoring with it."""
 
     def __init__(self, workers: list[Worker], after: float, since: datetime) -> None:
         super().__init__(daemon=True)
@@ -226,7 +228,7 @@ class Killer(threading.Thread):
         time.sleep(self.after)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            running = [r for r in flow_runs(PROCESS, self.since) if r.state_name == "Running"]
+            running = _running_process_runs(self.since)
             if running:
                 self.running_run = running[0].name
                 break
@@ -236,6 +238,31 @@ class Killer(threading.Thread):
         self.killed_at = time.time()
         print(f"  worker killed during run {self.running_run}; started again", flush=True)
         self.workers.append(Worker(old.env, old.log.with_suffix(".restarted.log")).start())
+
+
+def _running_process_runs(since: datetime) -> list[Any]:
+    """Process flow runs Running: the deployment's, and those a worker's listener runs in its
+    own process (flows/listener.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["process"])),
+            flow_run_filter=FlowRunFilter(
+                expected_start_time=FlowRunFilterExpectedStartTime(after_=since),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            ),
+            limit=5,
+        )
 
 
 def production_settings(pg: PostgresServer, s3: SeaweedS3, data_dir: Path) -> Settings:
@@ -523,11 +550,15 @@ def main() -> None:
             # are for the processes started here, the temporary settings for this one.
             os.environ.update(prefect.env())
             servers = (pg, s3, prefect)
-            with temporary_settings(updates={PREFECT_API_URL: prefect.api_url}):
-                if not args.skip_pipeline:
-                    result.update(pipeline(args, work, servers))
-                if args.dask_studies:
-                    result.update(dask_scaling(args.dask_studies, work, servers))
+            try:
+                with temporary_settings(updates={PREFECT_API_URL: prefect.api_url}):
+                    if not args.skip_pipeline:
+                        result.update(pipeline(args, work, servers))
+                    if args.dask_studies:
+                        result.update(dask_scaling(args.dask_studies, work, servers))
+            finally:
+                if args.keep:  # the server's own home goes with it
+                    shutil.copy(prefect.log_path, work / "prefect-server.log")
     finally:
         if args.keep:
             print(f"work directory kept: {work}", file=sys.stderr)

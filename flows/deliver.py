@@ -1,7 +1,8 @@
 """Deliver flow: an SR for every newly scored study, and results sent to their destinations.
 
 Started after each process flow run that recorded predictions (by its event with a Prefect
-server, flows/deployments.py; by flows.process.process_and_deliver on the embedded default), and
+server, flows/deployments.py; by flows.process.process_and_deliver on the embedded default; on
+its own thread by the worker's listener, flows/listener.py, for what it scored), and
 every minute by its deployment, which sends what is due again after a backoff. The logic lives
 in radflow.delivery and runs without Prefect.
 

@@ -95,14 +95,17 @@ def serve_all(
     """
     # Inherited by every flow run process the runner starts (Prefect's own setting).
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
-    ensure_zombie_automation()
-    runner = Runner(pause_on_shutdown=False, query_seconds=settings.worker_poll_seconds, limit=None)
-    for deployment in deployments(pool, settings):
-        runner.add_deployment(deployment)
-    if registered is not None:
-        registered()
+    # Listening first: a restarted worker scores what waits before registering its deployments.
     listener = Listener(settings).start() if pool != "train" and settings.worker_listens else None
     try:
+        ensure_zombie_automation()
+        runner = Runner(
+            pause_on_shutdown=False, query_seconds=settings.worker_poll_seconds, limit=None
+        )
+        for deployment in deployments(pool, settings):
+            runner.add_deployment(deployment)
+        if registered is not None:
+            registered()
         asyncio.run(runner.start())
     finally:
         if listener is not None:
