@@ -11,8 +11,9 @@ machine's), and ``radflow receive`` (events to the server). A champion is traine
 Then DCMTK ``storescu`` sends synthetic chest radiographs (one association per study, each
 timed until acknowledged): a single study, a burst of ``--burst`` back to back, and a trickle
 of ``--trickle`` one every ``--trickle-interval`` seconds. During the trickle, once a process
-run is Running, the worker is killed (SIGKILL of its process group: its flow runs die too) and
-started again at once, as a supervisor (systemd, ``restart: unless-stopped``) would.
+run is Running (the worker's listener runs them in the worker's own process), the worker is
+killed (SIGKILL of its process group: its flow runs die too) and started again at once, as a
+supervisor (systemd, ``restart: unless-stopped``) would.
 
 Side by side, every study also goes to Orthanc (Debian package) with ``StableAge`` equal to
 Radflow's quiet period: the moment Orthanc reports the study stable (its ``StableStudy``

@@ -18,8 +18,10 @@ earlier has promoted its studies by then.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -49,18 +51,20 @@ class Listener:
         self.settings = settings
         self.holder = f"worker/{leases.this_process()}"
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="radflow-listener", daemon=True)
+        self._thread: threading.Thread | None = None
         self._deliveries = _Deliveries()
         self._failures = FailureLog(logger)
 
     def start(self) -> Listener:
         self._deliveries.start()
+        self._thread = _thread(self._run, "radflow-listener")
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
         self._deliveries.stop(timeout)
 
     def _run(self) -> None:
@@ -116,10 +120,11 @@ class _Deliveries:
         self._wake = threading.Event()
         self._requested = False
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="radflow-deliveries", daemon=True)
+        self._thread: threading.Thread | None = None
         self._failures = FailureLog(logger)
 
     def start(self) -> None:
+        self._thread = _thread(self._run, "radflow-deliveries")
         self._thread.start()
 
     def request(self) -> None:
@@ -129,7 +134,8 @@ class _Deliveries:
     def stop(self, timeout: float) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -143,3 +149,11 @@ class _Deliveries:
                     self._failures.failed("delivering results", exc, then="left to the schedule")
             if self._stopping and not self._requested:
                 return
+
+
+def _thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """A daemon thread running ``target`` in a copy of the caller's context: Prefect keeps its
+    settings (a temporary API URL, say) in a context variable, which a new thread would not
+    see."""
+    context = contextvars.copy_context()
+    return threading.Thread(target=context.run, args=(target,), name=name, daemon=True)
