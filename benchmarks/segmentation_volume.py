@@ -1,0 +1,219 @@
+"""Sliding-window scoring of a CT volume through the process flow against bare MONAI.
+
+    python benchmarks/segmentation.py --volume [--slices 200] [--size 512]
+
+In a fresh data directory (SQLite, local object folder): trains ct-lesions briefly on small
+synthetic lesion volumes (a setup step: the model has to find lesions for the SEG to hold
+frames; its plan is shortened, the sliding window is the task's own), then writes a
+``--slices`` x ``--size`` x ``--size`` synthetic CT with lesions (demo.synthetic_ct.lesion_case)
+and ingests it. Timed, in this order:
+
+- bare: MONAI ``sliding_window_inference`` on the same preprocessed tensor with the same network
+  (the champion's weights), the task's roi size, overlap, Gaussian weighting and window batch;
+- flow: the process flow (store read, volume assembly, preprocessing, sliding-window inference,
+  the label map and the multi-frame DICOM SEG written and stored), then the deliver flow (the SR
+  with the lesion volume, stored);
+- bare again (the machine's speed drifts; the ratio uses the mean of both bare runs).
+
+Ratio = bare seconds / flow seconds (floor 0.6x, goal 0.85x). Prints a table; the last line is
+one JSON object. Peak RSS is the process's (VmHWM), training included.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TASK = "ct-lesions"
+TRAIN_CASES, TRAIN_SIZE = 6, 64
+
+
+def _environment(work: Path) -> None:
+    for name in ("RADFLOW_DATABASE_URL", "RADFLOW_STORE_URL", "RADFLOW_INBOX_DIR"):
+        os.environ.pop(name, None)
+    os.environ["RADFLOW_DATA_DIR"] = str(work / "data")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def _quick_plan() -> None:
+    """The task's training shortened (setup only); its window, the measured part, unchanged."""
+    from radflow.learning import tasks
+
+    task = tasks.get_task(TASK)
+    plan = dataclasses.replace(task.plan, epochs=8, validate_every=4, patches_per_image=8)
+    tasks.TASKS[TASK] = dataclasses.replace(task, plan=plan)
+
+
+def _bare(network: Any, tensor: Any) -> float:
+    """Seconds of bare MONAI sliding_window_inference over ``tensor`` (1, C, D, H, W)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from radflow.learning.tasks import get_task
+
+    window = get_task(TASK).window
+    assert window is not None
+    started = time.perf_counter()
+    with torch.no_grad():
+        sliding_window_inference(
+            tensor,
+            window.roi_size,
+            window.batch_size,
+            network,
+            overlap=window.overlap,
+            mode=window.mode,
+            sigma_scale=window.sigma_scale,
+        )
+    return time.perf_counter() - started
+
+
+def _big_series(work: Path, slices: int, size: int, seed: int) -> tuple[Path, np.ndarray]:
+    from demo.synthetic_ct import lesion_case, write_ct_series
+
+    hu, mask = lesion_case(
+        np.random.default_rng(seed + 1), slices, size, lesions=(3, 5), radius=(4.0, 12.0)
+    )
+    folder = work / "big"
+    write_ct_series(folder / "case", hu, patient_id="BENCH-LESIONS")
+    (folder / "dataset.json").write_text(json.dumps({"test": [{"image": "case"}]}))
+    return folder, mask
+
+
+def run(*, slices: int, size: int, seed: int) -> int:
+    work = Path(tempfile.mkdtemp(prefix="radflow-segmentation-volume-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    _environment(work)
+    _quick_plan()
+
+    import torch
+    from sqlalchemy import select
+
+    from demo.synthetic_ct import write_lesion_dataset
+    from flows.deliver import deliver_flow
+    from flows.process import process_flow
+    from radflow.db import Study
+    from radflow.dicom.volume import load_volume
+    from radflow.ingest.msd import import_segmentation
+    from radflow.ingest.routing import route_studies
+    from radflow.learning.inference import load_network
+    from radflow.learning.registry import require_champion
+    from radflow.learning.tasks import get_task
+    from radflow.learning.training import train_task
+    from radflow.runtime import Runtime
+    from radflow.settings import Settings
+
+    settings = Settings()
+    started = time.perf_counter()
+    write_lesion_dataset(work / "train", TRAIN_CASES, slices=TRAIN_SIZE, size=TRAIN_SIZE, seed=seed)
+    with Runtime.open(settings) as rt:
+        import_segmentation(settings, rt.session_factory, rt.store, work / "train", TASK)
+        version = train_task(settings, rt.session_factory, rt.store, TASK, progress=False)
+    setup = time.perf_counter() - started
+    print(f"trained {version.name} in {setup:.0f} s (Dice {version.metrics['dice']:.3f})")
+    # The first flow run starts Prefect's temporary server, and the training studies get
+    # scored and reported: not timed.
+    process_flow(TASK)
+    deliver_flow()
+
+    folder, truth = _big_series(work, slices, size, seed)
+    with Runtime.open(settings) as rt:
+        report = import_segmentation(
+            settings, rt.session_factory, rt.store, folder, TASK, which="test", unlabeled=True
+        )
+        with rt.session_factory() as session:
+            champion = require_champion(session, TASK)
+            study_id = session.scalars(
+                select(Study.id).where(Study.study_uid == report.study_uids[0])
+            ).one()
+            plan = route_studies(session, [study_id], get_task(TASK))[study_id].plan
+        assert plan is not None
+        network = load_network(rt.store, champion, torch.device("cpu")).eval()
+        tensor = get_task(TASK).preprocessing()(load_volume(rt.store, plan).meta_tensor())
+    tensor = torch.as_tensor(np.asarray(tensor, dtype=np.float32))[None]
+    print(
+        f"CT {tuple(tensor.shape[2:])} (slices, rows, columns); torch threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
+
+    bare = [_bare(network, tensor)]
+    del tensor
+    started = time.perf_counter()
+    processed = process_flow(TASK)
+    scored_at = time.perf_counter()
+    delivered = deliver_flow()
+    flow = time.perf_counter() - started
+    bare.append(_bare(network, load_tensor_again(settings, plan)))
+    result = _result(slices, size, bare, flow, scored_at - started, processed, delivered, truth)
+    result["setup_seconds"] = round(setup, 1)
+    _table(result)
+    print(json.dumps(result))
+    return 0
+
+
+def load_tensor_again(settings: Any, plan: Any) -> Any:
+    import torch
+
+    from radflow.dicom.volume import load_volume
+    from radflow.learning.tasks import get_task
+    from radflow.runtime import Runtime
+
+    with Runtime.open(settings) as rt:
+        tensor = get_task(TASK).preprocessing()(load_volume(rt.store, plan).meta_tensor())
+    return torch.as_tensor(np.asarray(tensor, dtype=np.float32))[None]
+
+
+def _result(
+    slices: int,
+    size: int,
+    bare: list[float],
+    flow: float,
+    process: float,
+    processed: dict[str, Any],
+    delivered: dict[str, Any],
+    truth: np.ndarray,
+) -> dict[str, Any]:
+    scored = processed["tasks"][TASK]
+    mean_bare = float(np.mean(bare))
+    return {
+        "shape": [slices, size, size],
+        "bare_seconds": [round(b, 2) for b in bare],
+        "flow_seconds": round(flow, 2),
+        "process_seconds": round(process, 2),
+        "scoring_network_seg_seconds": round(float(scored["network_seconds"]), 2),
+        "deliver_seconds": round(flow - process, 2),
+        "ratio": round(mean_bare / flow, 3),
+        "floor": 0.6,
+        "goal": 0.85,
+        "scored": scored["scored"],
+        "reports": delivered["reports"],
+        "truth_voxels": int(truth.sum()),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _table(result: dict[str, Any]) -> None:
+    rows = [
+        ("volume (slices x rows x columns)", "x".join(str(n) for n in result["shape"])),
+        ("bare MONAI sliding_window_inference (s)", ", ".join(map(str, result["bare_seconds"]))),
+        ("process flow + deliver flow (s)", result["flow_seconds"]),
+        ("  of it scoring (process flow)", result["process_seconds"]),
+        ("    of it network + label map + SEG", result["scoring_network_seg_seconds"]),
+        ("  of it SR (deliver flow)", result["deliver_seconds"]),
+        ("ratio bare / flow (floor 0.6, goal 0.85)", f"{result['ratio']:.3f}x"),
+        ("peak RSS (MB)", result["peak_rss_mb"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
