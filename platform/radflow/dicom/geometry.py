@@ -114,14 +114,15 @@ class SeriesPlan:
         radflow.dicom.volume.load_volume places them, from the index alone. None for a
         multi-frame instance or a time series (no geometry per frame in the index)."""
         first = self.slices[0]
-        if self.axis != "space" or None in (first.position, first.orientation, first.spacing):
+        position, orientation, spacing = first.position, first.orientation, first.spacing
+        if self.axis != "space" or position is None or orientation is None or spacing is None:
             return None
         geometry = hd.VolumeGeometry.from_attributes(
-            image_position=first.position,
-            image_orientation=first.orientation,
+            image_position=position,
+            image_orientation=orientation,
             rows=first.rows or 0,
             columns=first.columns or 0,
-            pixel_spacing=first.spacing,
+            pixel_spacing=spacing,
             spacing_between_slices=self.spacing,
             number_of_frames=len(self.slices),
             coordinate_system="PATIENT",

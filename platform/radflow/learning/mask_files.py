@@ -90,7 +90,7 @@ def read_mask(
             "unknown-format",
             f"{name} is no NIfTI or DICOM SEG; the mask of a volume is one of those",
         )
-    return _from_picture(name, data, shape, what)
+    return _from_picture(name, data, (shape[0], shape[1]), what)
 
 
 def check_size(found: tuple[int, ...], shape: tuple[int, ...], name: str, what: str) -> None:
@@ -210,7 +210,10 @@ def _volume_from_nifti(
     header = image.header
     oriented = int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0
     if oriented and affine is not None:
-        turn = ornt_transform(io_orientation(image.affine), io_orientation(_LPS_TO_RAS @ affine))
+        # nibabel's orientation functions carry no type hints.
+        found_ornt = io_orientation(image.affine)  # type: ignore[no-untyped-call]
+        grid_ornt = io_orientation(_LPS_TO_RAS @ affine)  # type: ignore[no-untyped-call]
+        turn = ornt_transform(found_ornt, grid_ornt)  # type: ignore[no-untyped-call]
     else:
         turn = np.array([[2, 1], [1, 1], [0, 1]])  # (columns, rows, slices) as they are
     found = [0, 0, 0]
@@ -218,7 +221,8 @@ def _volume_from_nifti(
         found[int(target)] = int(image.shape[axis])
     check_size(tuple(found), shape, name, what)  # before decoding
     values = _voxels(name, image).reshape(image.shape[:3])
-    return _binary(np.ascontiguousarray(apply_orientation(values, turn)), name, what)
+    turned = apply_orientation(values, turn)  # type: ignore[no-untyped-call]
+    return _binary(np.ascontiguousarray(turned), name, what)
 
 
 def _open_nifti(name: str, data: bytes) -> nib.Nifti1Image:
