@@ -80,17 +80,19 @@ def _train_quickly(settings: Any, work: Path, seed: int) -> Any:
         tasks.TASKS[TASK] = task
 
 
-def _bare(network: Any, tensor: Any) -> float:
-    """Seconds of bare MONAI sliding_window_inference over ``tensor`` (1, C, D, H, W)."""
+def _bare(network: Any, tensor: Any, threads: int | None) -> float:
+    """Seconds of bare MONAI sliding_window_inference over ``tensor`` (1, C, D, H, W), on as many
+    threads as the flow's scoring (RADFLOW_TORCH_THREADS)."""
     import torch
     from monai.inferers import sliding_window_inference
 
+    from radflow.learning.device import cpu_threads
     from radflow.learning.tasks import get_task
 
     window = get_task(TASK).window
     assert window is not None
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(threads):
         sliding_window_inference(
             tensor,
             window.roi_size,
@@ -162,21 +164,23 @@ def run(*, slices: int, size: int, seed: int) -> int:
     tensor = torch.as_tensor(np.asarray(tensor, dtype=np.float32))[None]
     print(
         f"CT {tuple(tensor.shape[2:])} (slices, rows, columns); torch threads "
-        f"{torch.get_num_threads()}",
+        f"{settings.torch_threads or torch.get_num_threads()} (RADFLOW_TORCH_THREADS)",
         flush=True,
     )
 
-    bare = [_bare(network, tensor)]
+    threads = settings.torch_threads or None
+    bare = [_bare(network, tensor, threads)]
     del tensor
     started = time.perf_counter()
     processed = process_flow(TASK)
     scored_at = time.perf_counter()
     delivered = deliver_flow()
     flow = time.perf_counter() - started
-    bare.append(_bare(network, load_tensor_again(settings, plan)))
+    bare.append(_bare(network, load_tensor_again(settings, plan), threads))
     result = _result(slices, size, bare, flow, scored_at - started, processed, delivered, truth)
     result["dice_vs_truth"], result["predicted_voxels"] = _dice(settings, study_id, truth)
     result["setup_seconds"] = round(setup, 1)
+    result["torch_threads"] = threads
     _table(result)
     print(json.dumps(result))
     return 0
