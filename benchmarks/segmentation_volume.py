@@ -14,7 +14,8 @@ and ingests it. Timed, in this order:
 - flow: the process flow (store read, volume assembly, preprocessing, sliding-window inference,
   the label map and the multi-frame DICOM SEG written and stored), then the deliver flow (the SR
   with the lesion volume, stored);
-- bare again (the machine's speed drifts; the ratio uses the mean of both bare runs).
+- bare again. The machine's speed drifts (a shared 2-core VM: one bare run took 18 s, the next
+  38 s); the ratio takes the faster bare run, the figure least kind to Radflow.
 
 Ratio = bare seconds / flow seconds (floor 0.6x, goal 0.85x). Prints a table; the last line is
 one JSON object. Peak RSS is the process's (VmHWM), training included.
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 TASK = "ct-lesions"
-TRAIN_CASES, TRAIN_SLICES, TRAIN_SIZE = 8, 32, 32
+TRAIN_CASES, TRAIN_SLICES, TRAIN_SIZE = 8, 32, 128
 
 
 def _environment(work: Path) -> None:
@@ -229,7 +230,7 @@ def _result(
     truth: np.ndarray,
 ) -> dict[str, Any]:
     scored = processed["tasks"][TASK]
-    mean_bare = float(np.mean(bare))
+    fastest = float(min(bare))
     return {
         "shape": [slices, size, size],
         "bare_seconds": [round(b, 2) for b in bare],
@@ -237,7 +238,7 @@ def _result(
         "process_seconds": round(process, 2),
         "scoring_network_seg_seconds": round(float(scored["network_seconds"]), 2),
         "deliver_seconds": round(flow - process, 2),
-        "ratio": round(mean_bare / flow, 3),
+        "ratio": round(fastest / flow, 3),
         "floor": 0.6,
         "goal": 0.85,
         "scored": scored["scored"],
@@ -255,7 +256,7 @@ def _table(result: dict[str, Any]) -> None:
         ("  of it scoring (process flow)", result["process_seconds"]),
         ("    of it network + label map + SEG", result["scoring_network_seg_seconds"]),
         ("  of it SR (deliver flow)", result["deliver_seconds"]),
-        ("ratio bare / flow (floor 0.6, goal 0.85)", f"{result['ratio']:.3f}x"),
+        ("ratio faster bare / flow (floor 0.6, goal 0.85)", f"{result['ratio']:.3f}x"),
         ("Dice of the stored mask vs the lesions drawn", result["dice_vs_truth"]),
         ("voxels: predicted / drawn", f"{result['predicted_voxels']} / {result['truth_voxels']}"),
         ("peak RSS (MB)", result["peak_rss_mb"]),
