@@ -18,7 +18,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from demo.synthetic_ct import SPACING, mask_nifti, write_lesion_dataset
-from radflow.db import Label, Prediction, ResultKind, ResultObject, Study, unit_of_work
+from radflow.db import (
+    Label,
+    ModelEvaluation,
+    Prediction,
+    ResultKind,
+    ResultObject,
+    Study,
+    unit_of_work,
+)
 from radflow.delivery.reports import write_reports
 from radflow.dicom.equipment import Algorithm
 from radflow.dicom.seg import SEG_KEY, build_segmentation, load_sources, part10, read_segmentation
@@ -157,6 +165,15 @@ def test_lesions_import_train_score_seg_sr_and_viewer(
     [measurement] = group.get_measurements()
     assert (measurement.name.meaning, measurement.unit.value) == ("Volume", "mm3")
     assert float(measurement.value) == pytest.approx(mask.sum() * VOXEL_MM3, rel=1e-4)
+
+    # A challenger is judged on per-study Dice of the same evaluation set, as in 2D.
+    second = train_task(settings, session_factory, store, TASK, progress=False)
+    with session_factory() as session:
+        decision = session.scalars(
+            select(ModelEvaluation).where(ModelEvaluation.model_version_id == second.id)
+        ).one()
+    assert "too small for the paired Wilcoxon test" in decision.reason, decision.reason
+    assert not decision.promoted and decision.champion_auc is not None
 
 
 def seg_frames(data: bytes) -> int:
