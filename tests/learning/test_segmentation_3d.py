@@ -142,8 +142,8 @@ def test_lesions_import_train_score_seg_sr_and_viewer(
 
     # The multi-frame SEG: valid, one frame per slice that holds the lesion, the same mask back.
     data = store.get_bytes(derived[SEG_KEY])
-    errors, _ = dciodvfy(data, tmp_path)
-    assert errors == []
+    errors, warnings = dciodvfy(data, tmp_path)
+    assert (errors, warnings) == ([], [])
     seg = read_segmentation(data, sources)  # type: ignore[arg-type]
     assert np.array_equal(seg.foreground()[..., 0], mask)
     assert int(seg_frames(data)) == int(mask.any(axis=(1, 2)).sum())
