@@ -295,6 +295,19 @@ def test_an_empty_volume_mask_writes_no_seg_and_the_sr_says_zero_volume(
     [measurement] = group.get_measurements()
     assert (measurement.name.meaning, float(measurement.value)) == ("Volume", 0.0)
 
+    # Accepting the (empty) predicted mask of the volume needs the reviewer's confirmation.
+    with unit_of_work(session_factory) as session:
+        rita = make_user(session, "rita")
+        uid = session.scalars(select(Study.study_uid)).one()
+    with pytest.raises(MaskError, match="no pixel of lesion"), unit_of_work(session_factory) as s:
+        review_mask(s, store, settings, rita, uid, TASK, MaskVerdict.ACCEPT)
+    with unit_of_work(session_factory) as session:
+        review_mask(session, store, settings, rita, uid, TASK, "accept", confirm_empty=True)
+    value = _label(session_factory, uid)
+    assert value is not None
+    accepted = load_mask(store, uid, TASK, value).mask
+    assert accepted.shape == (SIZE, SIZE, SIZE) and not accepted.any()
+
 
 def test_the_lesion_dataset_names_each_case_and_its_mask(tmp_path: Path) -> None:
     masks = write_lesion_dataset(tmp_path, 2, slices=12, size=24, seed=3)
