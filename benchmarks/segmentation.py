@@ -1,7 +1,12 @@
-"""Vessel segmentation (retina-vessels) through the platform's own flows, on a held-out set.
+"""Segmentation through the platform's own flows: vessels on a held-out set (DRIVE), or the
+speed of sliding-window scoring of a CT volume (``--volume``).
 
     python benchmarks/segmentation.py --train-dir ../shared/data/drive --test-dir DIR
     python benchmarks/segmentation.py --train-dir ../shared/data/drive --carve 5
+    python benchmarks/segmentation.py --volume [--slices 200] [--size 512]
+
+``--volume`` (benchmarks/segmentation_volume.py): a synthetic 512x512x200 CT with lesions scored
+by ct-lesions through the process flow against bare MONAI ``sliding_window_inference``.
 
 Both folders hold a ``dataset.json`` (Medical Segmentation Decathlon layout; the test one a
 ``test`` list with the same fields: image, label, fov). In a fresh data directory: imports the
@@ -48,11 +53,20 @@ def carve(train_dir: Path, count: int, seed: int, out_dir: Path) -> tuple[Path, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-dir", type=Path, required=True)
+    parser.add_argument("--train-dir", type=Path)
     parser.add_argument("--test-dir", type=Path)
     parser.add_argument("--carve", type=int, default=None, help="hold out N training images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--volume", action="store_true", help="CT volume scoring speed instead")
+    parser.add_argument("--slices", type=int, default=200, help="--volume: slices of the CT")
+    parser.add_argument("--size", type=int, default=512, help="--volume: rows and columns")
     args = parser.parse_args()
+    if args.volume:
+        from segmentation_volume import run
+
+        return run(slices=args.slices, size=args.size, seed=args.seed)
+    if args.train_dir is None:
+        parser.error("give --train-dir (DRIVE), or --volume")
     if args.test_dir is None and args.carve is None:
         parser.error("give --test-dir, or --carve N to hold out N training images")
 

@@ -386,7 +386,11 @@ def test_labels_are_offered_for_the_tasks_that_apply(runtime: Runtime, tmp_path:
     assert not [s for s in at.selectbox if s.key == "review_task"]  # one task applies
     assert at.selectbox(key="review_label").options == ["normal", "pneumonia"]
     at = study_page(ct)
-    assert at.selectbox(key="review_task").options == ["adrenal-ct-3d", "adrenal-ct-seq"]
+    assert at.selectbox(key="review_task").options == [
+        "adrenal-ct-3d",
+        "adrenal-ct-seq",
+        "ct-lesions",
+    ]
     assert at.selectbox(key="review_label").options == ["normal", "mass"]
     at = study_page(mr)
     assert not at.exception

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import highdicom as hd
 import numpy as np
 from highdicom.spatial import get_normal_vector, get_volume_positions
 
@@ -107,6 +108,26 @@ class SeriesPlan:
     @property
     def depth(self) -> int:
         return sum(s.frames for s in self.slices)
+
+    def affine(self) -> np.ndarray | None:
+        """Where the stack's voxels (slice, row, column) lie: 4x4 to LPS mm, as
+        radflow.dicom.volume.load_volume places them, from the index alone. None for a
+        multi-frame instance or a time series (no geometry per frame in the index)."""
+        first = self.slices[0]
+        position, orientation, spacing = first.position, first.orientation, first.spacing
+        if self.axis != "space" or position is None or orientation is None or spacing is None:
+            return None
+        geometry = hd.VolumeGeometry.from_attributes(
+            image_position=position,
+            image_orientation=orientation,
+            rows=first.rows or 0,
+            columns=first.columns or 0,
+            pixel_spacing=spacing,
+            spacing_between_slices=self.spacing,
+            number_of_frames=len(self.slices),
+            coordinate_system="PATIENT",
+        )
+        return np.asarray(geometry.affine, dtype=np.float64)
 
 
 def plan_series(

@@ -374,11 +374,14 @@ def ingest_written(
     study_uids: Sequence[str],
     report: ImportReport,
     what: str,
+    *,
+    immutable: bool = True,
 ) -> None:
     """Ingest files an importer wrote, then mark their studies stable (a set is complete).
 
     Validated like any received file, then indexed with one commit (the receiver's batch
-    path): a commit per image would dominate the import time.
+    path): a commit per image would dominate the import time. ``immutable``: False for files
+    the importer did not write (a dataset's own DICOM series), which the store then copies.
     """
     headers = [(p, read_header(p, settings.max_pixels)) for p in paths]
     ingested = ingest.ingest_batch(
@@ -386,7 +389,7 @@ def ingest_written(
         settings=settings,
         session_factory=session_factory,
         store=store,
-        immutable=True,  # written by the importer, only deleted afterwards
+        immutable=immutable,  # written by the importer, only deleted afterwards
     )
     if ingested.rejected:
         # Another encoding of an image imported before is a duplicate (a newer pydicom writes

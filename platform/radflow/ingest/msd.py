@@ -1,14 +1,19 @@
-"""Importing a 2D segmentation dataset in the Medical Segmentation Decathlon layout.
+"""Importing a segmentation dataset in the Medical Segmentation Decathlon layout.
 
 A folder with a ``dataset.json`` whose ``training`` (or ``test``) list names, per case, an
-``image`` (a colour photograph: TIFF, PNG, JPEG...), a ``label`` mask and optionally a ``fov``
-mask (the field of view: the pixels evaluation counts, as DRIVE gives): pictures or NIfTI,
-read by radflow.learning.mask_files. Each image becomes a VL
-Photographic Image study (RGB, modality XC; radflow.dicom.writer.photograph_dataset), written
-as real DICOM and ingested through the front door; its mask is stored (radflow.learning.masks)
-and recorded as an import label, with the list name as its split ("training" as "train").
-Everything is deterministic in the files' content: importing again stores nothing twice and
-adds no label twice.
+``image``, a ``label`` mask and optionally a ``fov`` mask (the field of view: the pixels
+evaluation counts, as DRIVE gives), read by radflow.learning.mask_files. Each mask is stored
+(radflow.learning.masks) and recorded as an import label, with the list name as its split
+("training" as "train"). Everything is deterministic in the files' content: importing again
+stores nothing twice and adds no label twice.
+
+- A 2D task: the image is a colour photograph (TIFF, PNG, JPEG...), which becomes a VL
+  Photographic Image study (RGB, modality XC; radflow.dicom.writer.photograph_dataset), written
+  as real DICOM and ingested through the front door; masks are pictures or NIfTI.
+- A volume task (``segmentation-3d``): the image is the CT series itself, a folder of its DICOM
+  files (or one multi-frame file), ingested as received files; the mask, a NIfTI (turned onto
+  the series' grid by its affine) or a DICOM SEG over those files, is read against the series
+  as the task routes and assembles it (radflow.dicom.geometry).
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ import pydicom
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from radflow.db import unit_of_work
+from radflow.db import Study, unit_of_work
 from radflow.db.audit import record
+from radflow.dicom.seg import load_sources
 from radflow.dicom.writer import photograph_dataset
 from radflow.ingest.importers import ImportReport, add_import_labels, ingest_written
+from radflow.ingest.routing import route_studies, rules_for
 from radflow.learning.mask_files import read_mask
 from radflow.learning.masks import GroundTruth, save_mask
-from radflow.learning.tasks import get_task
+from radflow.learning.tasks import Task, get_task
 from radflow.settings import Settings
 from radflow.store import ObjectStore
 
@@ -68,7 +76,7 @@ def read_dataset(folder: Path, which: str) -> list[Case]:
         item = {"image": entry} if isinstance(entry, str) else entry
         paths = {k: folder / str(item[k]) for k in ("image", "label", "fov") if item.get(k)}
         for name, path in paths.items():
-            if not path.is_file():
+            if not (path.is_file() or (name == "image" and path.is_dir())):
                 raise FileNotFoundError(f"{index} names {name} {path}, which does not exist")
         cases.append(Case(paths["image"], paths.get("label"), paths.get("fov")))
     return cases
@@ -120,26 +128,122 @@ def import_segmentation(
     """Import list ``which`` of ``folder/dataset.json`` as studies of ``task_name``, with their
     masks as labels (none with ``unlabeled``: a held-out test set is scored, never learnt)."""
     task = get_task(task_name)
-    if task.kind != "segmentation":
+    if not task.segmentation:
         raise ValueError(f"{task.name} is a {task.kind} task; import masks for a segmentation task")
     cases = read_dataset(folder, which)
     report = ImportReport(dataset=f"{folder.name}:{which}")
+    if task.takes_series:
+        _import_volumes(settings, session_factory, store, cases, folder, report)
+        labelled = _volume_masks(settings, session_factory, store, task, cases, report, unlabeled)
+        return _finish(session_factory, store, task, folder, which, report, labelled, actor)
     with tempfile.TemporaryDirectory(prefix="radflow-import-") as tmp:
         written = [_write(case, Path(tmp) / f"{i:05d}.dcm") for i, case in enumerate(cases)]
         uids = [uid for uid, _ in written]
         paths = [Path(tmp) / f"{i:05d}.dcm" for i in range(len(cases))]
         ingest_written(settings, session_factory, store, paths, uids, report, str(folder))
     labelled = [(uid, truth) for uid, truth in written if truth is not None and not unlabeled]
+    report.study_uids = uids
+    return _finish(session_factory, store, task, folder, which, report, labelled, actor)
+
+
+def _finish(
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    task: Task,
+    folder: Path,
+    which: str,
+    report: ImportReport,
+    labelled: list[tuple[str, GroundTruth]],
+    actor: str,
+) -> ImportReport:
+    """Store the masks, add their labels, audit the import."""
     if labelled:
         values = [save_mask(store, uid, task.name, truth) for uid, truth in labelled]
         split = "train" if which == "training" else which
         report.labels = add_import_labels(
             session_factory, task, [uid for uid, _ in labelled], values, split, actor
         )
-    report.studies, report.by_split, report.study_uids = len(cases), {which: len(cases)}, uids
+    report.studies, report.by_split = len(report.study_uids), {which: len(report.study_uids)}
     with unit_of_work(session_factory) as session:
         session.add(
             record(actor, "import", "dataset", report.dataset, task=task.name, labels=report.labels)
         )
     logger.info("imported %s: %s", report.dataset, report.summary())
     return report
+
+
+def _series_files(image: Path) -> list[Path]:
+    """A volume case's DICOM files: the folder's files (any depth), or the one file."""
+    if image.is_file():
+        return [image]
+    files = sorted(p for p in image.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{image} holds no files; give the folder of the case's series")
+    return files
+
+
+def _import_volumes(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    cases: list[Case],
+    folder: Path,
+    report: ImportReport,
+) -> None:
+    """Ingest each case's series as received files (validated like any other)."""
+    files = [_series_files(case.image) for case in cases]
+    uids = [
+        str(pydicom.dcmread(found[0], stop_before_pixels=True).StudyInstanceUID) for found in files
+    ]
+    paths = [path for found in files for path in found]
+    ingest_written(
+        settings, session_factory, store, paths, uids, report, str(folder), immutable=False
+    )
+    report.study_uids = uids
+
+
+def _volume_masks(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    task: Task,
+    cases: list[Case],
+    report: ImportReport,
+    unlabeled: bool,
+) -> list[tuple[str, GroundTruth]]:
+    """Each labelled case's mask, read against its series as the task assembles it."""
+    if unlabeled:
+        return []
+    wanted = [(uid, case) for uid, case in zip(report.study_uids, cases, strict=True) if case.label]
+    with session_factory() as session:
+        rows = session.execute(
+            select(Study.study_uid, Study.id).where(Study.study_uid.in_([u for u, _ in wanted]))
+        )
+        ids = {uid: study_id for uid, study_id in rows}
+        routes = route_studies(
+            session,
+            list(ids.values()),
+            task,
+            rules_for(settings),
+            max_voxels=settings.max_volume_voxels,
+        )
+    labelled = []
+    for uid, case in wanted:
+        assert case.label is not None
+        routed = routes[ids[uid]]
+        if routed.plan is None:
+            raise ValueError(
+                f"{case.image} gives no volume for {task.name} ({routed.reason}); give the "
+                "whole series"
+            )
+        sources = load_sources(store, [s.object_key for s in routed.plan.slices])
+        shape = (routed.plan.depth, int(sources[0].Rows), int(sources[0].Columns))
+        mask = read_mask(
+            case.label.name,
+            case.label.read_bytes(),
+            shape,
+            sources=sources,
+            affine=routed.plan.affine(),
+        )
+        labelled.append((uid, GroundTruth(mask)))
+    return labelled

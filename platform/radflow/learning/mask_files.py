@@ -15,6 +15,13 @@ NIfTI stores the first axis along the image's columns (x) and the second along i
 ITK, MONAI and dcm2niix write it: voxel (i, j) is column i of row j. Its affine is not applied
 (a photograph has no patient orientation to match); singleton axes are dropped, so a 2D mask
 may be (columns, rows) or (columns, rows, 1).
+
+A volume's mask (a series assembled in stack order, radflow.dicom.geometry) is
+(slices, rows, columns): a DICOM SEG over the series' instances, or a NIfTI whose affine says
+where its voxels lie (sform or qform code set, RAS as NIfTI defines it): its axes are turned and
+flipped onto the series' grid (nibabel.orientations; never resampled: a mask on another grid is
+refused by its size). A NIfTI without an orientation is read as (columns, rows, slices), slices
+in stack order.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 from nibabel.spatialimages import HeaderDataError
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
@@ -59,31 +67,48 @@ class MaskError(RadflowError, ValueError):
 def read_mask(
     name: str,
     data: bytes,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     *,
     sources: Sequence[Dataset] = (),
+    affine: NDArray[np.float64] | None = None,
     what: str = "mask",
 ) -> NDArray[np.bool_]:
-    """The (rows, columns) mask in ``data`` for an image of ``shape`` (rows, columns).
+    """The mask in ``data`` for an image of ``shape``: (rows, columns), or (slices, rows,
+    columns) for a volume.
 
-    ``name`` only names the file in messages; ``sources``: the image's header, against which a
-    DICOM SEG is read (without it a SEG is refused). Raises MaskError.
+    ``name`` only names the file in messages; ``sources``: the image's header (a volume's: its
+    slices in stack order), against which a DICOM SEG is read (without it a SEG is refused);
+    ``affine``: a volume's (voxel index to LPS mm), onto which an oriented NIfTI is turned.
+    Raises MaskError.
     """
     if data[128:132] == b"DICM":
         return _from_segmentation(name, data, shape, sources)
     if data[:2] == _GZIP or _nifti_class(data[:4]) is not None:
-        return _from_nifti(name, data, shape, what)
-    return _from_picture(name, data, shape, what)
+        return _from_nifti(name, data, shape, what, affine)
+    if len(shape) == 3:
+        raise MaskError(
+            "unknown-format",
+            f"{name} is no NIfTI or DICOM SEG; the mask of a volume is one of those",
+        )
+    return _from_picture(name, data, (shape[0], shape[1]), what)
 
 
-def check_size(found: tuple[int, ...], shape: tuple[int, int], name: str, what: str) -> None:
-    """Refuse a mask of another (rows, columns) than its image, naming both sizes."""
-    if tuple(found) != tuple(shape):
+def check_size(found: tuple[int, ...], shape: tuple[int, ...], name: str, what: str) -> None:
+    """Refuse a mask of another size than its image, naming both sizes."""
+    if tuple(found) == tuple(shape):
+        return
+    if len(shape) == 2 and len(found) == 2:
         raise MaskError(
             "mask-size",
             f"the {what} {name} is {found[1]}x{found[0]} but its image is {shape[1]}x{shape[0]} "
             "(columns x rows); give the mask of the same image",
         )
+    sizes = ["x".join(str(n) for n in size) for size in (found, shape)]
+    raise MaskError(
+        "mask-size",
+        f"the {what} {name} is {sizes[0]} but its volume is {sizes[1]} (slices x rows x "
+        "columns); give the mask of the same series, on its grid",
+    )
 
 
 def _binary(values: NDArray[np.generic], name: str, what: str) -> NDArray[np.bool_]:
@@ -137,9 +162,17 @@ def _nifti_class(head: bytes) -> type[nib.Nifti1Image] | None:
     return None
 
 
-def _from_nifti(name: str, data: bytes, shape: tuple[int, int], what: str) -> NDArray[np.bool_]:
+def _from_nifti(
+    name: str,
+    data: bytes,
+    shape: tuple[int, ...],
+    what: str,
+    affine: NDArray[np.float64] | None = None,
+) -> NDArray[np.bool_]:
     image = _open_nifti(name, data)
     axes = tuple(int(n) for n in image.shape if n != 1)
+    if len(shape) == 3:
+        return _volume_from_nifti(name, image, shape, what, affine)
     if len(axes) != 2:
         raise MaskError(
             "mask-size",
@@ -147,11 +180,49 @@ def _from_nifti(name: str, data: bytes, shape: tuple[int, int], what: str) -> ND
             "(columns, rows) besides axes of size 1",
         )
     check_size((axes[1], axes[0]), shape, name, what)  # before decoding
+    return _binary(_voxels(name, image).reshape(axes).T, name, what)
+
+
+def _voxels(name: str, image: nib.Nifti1Image) -> NDArray[np.generic]:
     try:
-        values = np.asanyarray(image.dataobj).reshape(axes).T
+        return np.asanyarray(image.dataobj)
     except (EOFError, OSError, ValueError) as exc:
         raise MaskError("unknown-format", f"{name} is cut short or damaged ({exc})") from exc
-    return _binary(values, name, what)
+
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _volume_from_nifti(
+    name: str,
+    image: nib.Nifti1Image,
+    shape: tuple[int, ...],
+    what: str,
+    affine: NDArray[np.float64] | None,
+) -> NDArray[np.bool_]:
+    """A volume's mask from a NIfTI: turned onto the volume's grid when both say where their
+    voxels lie, else read as (columns, rows, slices)."""
+    if len(image.shape) < 3 or any(n != 1 for n in image.shape[3:]):
+        raise MaskError(
+            "mask-size",
+            f"the {what} {name} has shape {image.shape}; a mask of a volume has three axes",
+        )
+    header = image.header
+    oriented = int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0
+    if oriented and affine is not None:
+        # nibabel's orientation functions carry no type hints.
+        found_ornt = io_orientation(image.affine)  # type: ignore[no-untyped-call]
+        grid_ornt = io_orientation(_LPS_TO_RAS @ affine)  # type: ignore[no-untyped-call]
+        turn = ornt_transform(found_ornt, grid_ornt)  # type: ignore[no-untyped-call]
+    else:
+        turn = np.array([[2, 1], [1, 1], [0, 1]])  # (columns, rows, slices) as they are
+    found = [0, 0, 0]
+    for axis, (target, _) in enumerate(turn[:3]):
+        found[int(target)] = int(image.shape[axis])
+    check_size(tuple(found), shape, name, what)  # before decoding
+    values = _voxels(name, image).reshape(image.shape[:3])
+    turned = apply_orientation(values, turn)  # type: ignore[no-untyped-call]
+    return _binary(np.ascontiguousarray(turned), name, what)
 
 
 def _open_nifti(name: str, data: bytes) -> nib.Nifti1Image:
@@ -177,7 +248,7 @@ def _open_nifti(name: str, data: bytes) -> nib.Nifti1Image:
 
 
 def _from_segmentation(
-    name: str, data: bytes, shape: tuple[int, int], sources: Sequence[Dataset]
+    name: str, data: bytes, shape: tuple[int, ...], sources: Sequence[Dataset]
 ) -> NDArray[np.bool_]:
     if not sources:
         raise MaskError(
@@ -197,8 +268,9 @@ def _from_segmentation(
             "segment-count", f"the SEG {name} has {segments} segments; give one with one segment"
         )
     if "Rows" in header and "Columns" in header:
-        check_size((int(header.Rows), int(header.Columns)), shape, name, "SEG")
-    if frames > len(sources):
+        found = (int(header.Rows), int(header.Columns))
+        check_size((*shape[:-2], *found), shape, name, "SEG")
+    if frames > len(sources) and len(shape) == 2:
         raise MaskError(
             "mask-size",
             f"the SEG {name} has {frames} frames but its image has {len(sources)}; give the SEG "
@@ -208,4 +280,5 @@ def _from_segmentation(
         mask = read_segmentation(data, sources)
     except SegmentationError as exc:
         raise MaskError(exc.reason, f"{name}: {exc}") from exc
-    return np.asarray(mask.foreground()[0, ..., 0])
+    foreground = np.asarray(mask.foreground()[..., 0])  # (frames, rows, columns)
+    return foreground if len(shape) == 3 else foreground[0]

@@ -23,14 +23,18 @@ DIGEST_CHARS = 24
 
 @dataclass(frozen=True)
 class GroundTruth:
-    """A study's mask; ``region``: the pixels that count (None: all of them)."""
+    """A study's mask: (rows, columns) for an image, (slices, rows, columns) for a series in
+    stack order (radflow.dicom.geometry.SeriesPlan); ``region``: the pixels that count (None:
+    all of them)."""
 
     mask: NDArray[np.bool_]
     region: NDArray[np.bool_] | None = None
 
     def __post_init__(self) -> None:
-        if self.mask.ndim != 2:
-            raise ValueError(f"a 2D mask is (rows, cols), not {self.mask.shape}")
+        if self.mask.ndim not in (2, 3):
+            raise ValueError(
+                f"a mask is (rows, cols) or (slices, rows, cols), not {self.mask.shape}"
+            )
         if self.region is not None and self.region.shape != self.mask.shape:
             raise ValueError(
                 f"the field of view {self.region.shape} and the mask {self.mask.shape} differ "

@@ -21,7 +21,8 @@ digest),
 The champion scores in the runtime chosen for it (radflow.learning.variants: PyTorch fp32 unless
 an ONNX variant that passed its non-inferiority check serves); each prediction records which.
 Grad-CAM maps always come from the PyTorch weights, whatever computed the score. A segmentation
-task scores each image through its sliding window (radflow.learning.segmentation).
+task scores each image or volume through its sliding window (radflow.learning.segmentation); a
+3D one a volume per chunk (a 512x512x200 CT is 200 MB preprocessed).
 
 A task on volumes routes each study to a series checked to be one volume from the index
 (radflow.ingest.routing.route_studies) and loads it whole (radflow.dicom.volume); its Grad-CAM
@@ -70,12 +71,18 @@ from radflow.db import (
 from radflow.db.base import utcnow
 from radflow.errors import NotAVolume
 from radflow.ingest.routing import Image, RoutingRules, route_studies
-from radflow.learning.cache import CacheItem, CacheStats, PreprocessCache, cache_item
+from radflow.learning.cache import (
+    CachedSeries,
+    CacheItem,
+    CacheStats,
+    PreprocessCache,
+    cache_item,
+)
 from radflow.learning.device import cpu_threads, select_device
 from radflow.learning.explain import GRADCAM_NAME, GRADCAM_VOLUME_NAME, Explainer, save_heatmaps
 from radflow.learning.inference import Runner, TorchRunner, load_network, load_runner
 from radflow.learning.registry import require_champion
-from radflow.learning.segmentation import segment_studies
+from radflow.learning.segmentation import Target, segment_studies
 from radflow.learning.tasks import Task, get_task
 from radflow.learning.variants import serving_variant
 from radflow.settings import MAX_VOLUME_VOXELS
@@ -311,7 +318,10 @@ def _score_page(
     predictions, in that order, one transaction per chunk (a failed write is raised here, at
     the latest one chunk later; its studies stay pending for the next run).
     """
-    size = scorer.batch_size * BATCHES_PER_TRANSACTION
+    # A volume segmentation holds a whole preprocessed series and its map per study: one study
+    # per chunk (the next one read ahead while this one is segmented).
+    volumes = scorer.task.segmentation and scorer.task.takes_series
+    size = 1 if volumes else scorer.batch_size * BATCHES_PER_TRANSACTION
     parts = [page[i : i + size] for i in range(0, len(page), size)]
     upcoming = io.submit(_read_chunk, session_factory, scorer, parts[0])
     writing: Future[int] | None = None
@@ -425,7 +435,7 @@ def _read_chunk(
             items.append(item)
             sources.append(image.object_key)
     no_model = sum(e.status == StudyStatus.NO_MODEL for e in ended)
-    batch = images if scorer.task.kind == "segmentation" else scorer.cache.stack(images)
+    batch = images if scorer.task.segmentation else scorer.cache.stack(images)
     return _Chunk(started, ok, batch, items, sources, ended, no_model, failed, stats)
 
 
@@ -452,7 +462,7 @@ def _infer_chunk(scorer: _Scorer, chunk: _Chunk, report: ScoreReport) -> _Scored
         return _Scored(np.zeros(0), [])
     inferring = time.perf_counter()
     if isinstance(chunk.images, list):
-        scores, derived = _segment(scorer, chunk.studies, chunk.sources, chunk.images)
+        scores, derived = _segment(scorer, chunk.studies, chunk.items, chunk.sources, chunk.images)
     else:
         scores, derived = _infer(scorer, chunk.studies, chunk.images, chunk.items)
     report.network_seconds += time.perf_counter() - inferring
@@ -537,23 +547,35 @@ def _set_aside(session: Session, champion: ModelVersion, ended: Sequence[_Ended]
 def _segment(
     scorer: _Scorer,
     studies: Sequence[_Pending],
+    items: Sequence[CacheItem],
     sources: Sequence[str],
     images: Sequence[np.ndarray],
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """Probability maps and SEGs (radflow.learning.segmentation), with the PyTorch weights:
-    segmentation versions have no compressed variants (evaluation.PRIMARY_METRIC)."""
+    """Maps and SEGs (radflow.learning.segmentation), with the PyTorch weights: segmentation
+    versions have no compressed variants (evaluation.PRIMARY_METRIC). A volume's SEG is over
+    its series' slices in stack order, the order of the volume's first axis."""
     if not isinstance(scorer.runner, TorchRunner):
         raise TypeError(
             f"{scorer.champion.name} serves {scorer.runner.runtime.value}; a segmentation model "
             "scores only with its PyTorch weights: `radflow model serve ... --runtime torch-fp32`"
         )
+    targets = [
+        Target(
+            study.study_uid,
+            tuple(s.object_key for s in item.plan.slices),
+            scorer.cache.affine(item),
+        )
+        if isinstance(item, CachedSeries)
+        else Target(study.study_uid, (key,))
+        for study, item, key in zip(studies, items, sources, strict=True)
+    ]
     return segment_studies(
         scorer.store,
         scorer.task,
         scorer.champion,
         scorer.runner.network,
         scorer.device,
-        [(s.study_uid, key) for s, key in zip(studies, sources, strict=True)],
+        targets,
         images,
     )
 

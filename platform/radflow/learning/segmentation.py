@@ -1,4 +1,8 @@
-"""The segmentation task kind (2D): masks -> a MONAI U-Net -> sliding-window masks as DICOM SEG.
+"""The segmentation kinds, 2D and 3D: masks -> a MONAI U-Net -> sliding-window masks as DICOM SEG.
+
+One code path for both: ``segmentation`` takes one image (C, H, W), ``segmentation-3d`` a series
+assembled into a volume (C, D, H, W; radflow.dicom.volume, in stack order); the spatial
+dimensions come from the task's window and network.
 
 Training draws patches of the task's window size from each training image (half centred on a
 pixel of the structure, half on any pixel of the region that counts), augments them, and fits
@@ -9,9 +13,13 @@ Evaluation counts the pixels inside each study's region (DRIVE's field of view) 
 and pixel AUC; the threshold is the one with the best Dice on the evaluation set; a version
 replaces the champion only on a paired per-study Dice test (radflow.learning.evaluation).
 
-Scoring writes each study's probability map (``derived_keys["probability"]``, float16 .npy) and
-its mask at the version's threshold as a DICOM SEG (``derived_keys["seg"]``), which delivery
-reports in an SR and sends on.
+Scoring writes each study's map (``derived_keys["probability"]``): for an image its
+probability map (float16 .npy); for a volume the mask at the version's threshold as a label map
+with the volume's affine (``labels.npz``, radflow.learning.heatmaps.label_volume: a float map
+of a 512x512x200 CT would take 100 MB a study), which the volume viewer draws over the series.
+The mask at the threshold becomes a DICOM SEG (``derived_keys["seg"]``) over the source
+instances (one frame per slice that holds the structure, for a volume), which delivery reports
+in an SR (area, or volume in mm^3) and sends on.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from radflow.db import ModelVersion, TrainingRun, unit_of_work
 from radflow.db.base import utcnow
 from radflow.dicom.equipment import Algorithm
 from radflow.dicom.seg import SEG_KEY, SegmentationError, load_sources, write_segmentation
-from radflow.learning.cache import CachedImage, CacheStats, PreprocessCache
+from radflow.learning.cache import CacheStats, PreprocessCache
 from radflow.learning.device import autocast, cpu_threads, select_device
 from radflow.learning.evaluation import (
     Pixels,
@@ -43,6 +51,7 @@ from radflow.learning.evaluation import (
     dice_threshold,
     segmentation_metrics,
 )
+from radflow.learning.heatmaps import label_volume, read_label_volume
 from radflow.learning.inference import load_network
 from radflow.learning.masks import GroundTruth, load_mask
 from radflow.learning.registry import champion, epoch_recorder, record_decision, register
@@ -67,7 +76,7 @@ def window_of(task: Task) -> SlidingWindow:
 
 @dataclass(frozen=True)
 class Case:
-    """A preprocessed image (C, H, W) and its ground truth."""
+    """A preprocessed image (C, H, W) or volume (C, D, H, W) and its ground truth."""
 
     image: np.ndarray
     truth: GroundTruth
@@ -80,22 +89,33 @@ class Case:
 def sample_patches(
     rng: np.random.Generator, case: Case, size: tuple[int, ...], count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` (image, mask) patches of ``size``: half centred on a foreground pixel (when the
-    mask has one), half on any pixel of the region that counts (the field of view: the black
-    surround of a fundus teaches nothing). Images smaller than a patch are padded with zeros."""
+    """``count`` (image, mask) patches of ``size`` (2D or 3D): half centred on a foreground
+    pixel (when the mask has one), half on any pixel of the region that counts (the field of
+    view: the black surround of a fundus teaches nothing). Images smaller than a patch are
+    padded with zeros."""
     image, mask = _padded(case.image, size), _padded(case.truth.mask[None], size)[0]
-    counted = case.truth.counted()
-    region = _padded((counted if counted.any() else np.ones_like(counted))[None], size)[0]
-    height, width = mask.shape
-    centres = (np.argwhere(mask), np.argwhere(region))
+    if case.truth.region is not None and case.truth.region.any():
+        anywhere = np.argwhere(_padded(case.truth.region[None], size)[0])
+    else:
+        anywhere = None  # every pixel counts: drawn uniformly, not listed (a CT has millions)
+    structure = np.argwhere(mask)
     images, masks = [], []
     for i in range(count):
-        pixels = centres[i % 2] if len(centres[i % 2]) else centres[1 - i % 2]
-        y, x = pixels[rng.integers(len(pixels))]
-        top = int(np.clip(y - size[0] // 2, 0, height - size[0]))
-        left = int(np.clip(x - size[1] // 2, 0, width - size[1]))
-        images.append(image[:, top : top + size[0], left : left + size[1]])
-        masks.append(mask[None, top : top + size[0], left : left + size[1]])
+        if i % 2 == 0 and len(structure):
+            centre = structure[rng.integers(len(structure))]
+        elif anywhere is not None:
+            centre = anywhere[rng.integers(len(anywhere))]
+        else:
+            centre = np.array([rng.integers(n) for n in mask.shape])
+        window = tuple(
+            slice(start, start + s)
+            for start, s in (
+                (int(np.clip(c - s // 2, 0, n - s)), s)
+                for c, s, n in zip(centre, size, mask.shape, strict=True)
+            )
+        )
+        images.append(image[(slice(None), *window)])
+        masks.append(mask[window][None])
     return np.stack(images), np.stack(masks).astype(np.float32)
 
 
@@ -120,7 +140,8 @@ def inferer(window: SlidingWindow) -> SlidingWindowInferer:
 def probability_map(
     network: nn.Module, image: np.ndarray, window: SlidingWindow, device: torch.device
 ) -> np.ndarray:
-    """The structure's probability per pixel of a preprocessed (C, H, W) image: (H, W)."""
+    """The structure's probability per pixel of a preprocessed (C, *spatial) image or volume:
+    (*spatial)."""
     network.eval()
     batch = torch.as_tensor(np.asarray(image, dtype=np.float32))[None].to(device)
     with autocast(device):
@@ -233,7 +254,7 @@ def evaluate(
 def _cases(
     cache: PreprocessCache, store: ObjectStore, task: Task, examples: Sequence[Example]
 ) -> tuple[list[Case], CacheStats]:
-    images, stats = cache.arrays(store, [CachedImage(e.sha256, e.object_key) for e in examples])
+    images, stats = cache.arrays(store, [e.cached() for e in examples])
     cases = []
     for example, image in zip(examples, images, strict=True):
         if isinstance(image, Exception):
@@ -317,35 +338,44 @@ def train_and_register(
     return version
 
 
+@dataclass(frozen=True)
+class Target:
+    """A study to segment: its UID, the stored instances its input comes from (one image, or a
+    series' slices in stack order: the SEG's source frames), and for a volume where its voxels
+    lie (4x4, voxel index to LPS mm; the viewer places the label map with it)."""
+
+    study_uid: str
+    sources: tuple[str, ...]
+    affine: np.ndarray | None = None
+
+
 def segment_studies(
     store: ObjectStore,
     task: Task,
     version: ModelVersion,
     network: nn.Module,
     device: torch.device,
-    studies: Sequence[tuple[str, str]],
+    targets: Sequence[Target],
     images: Sequence[np.ndarray],
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """Each study's score (its highest pixel probability) and derived objects: the probability
-    map and, unless the mask at the version's threshold is empty, its DICOM SEG.
+    """Each study's score (its highest pixel probability) and derived objects: its map (see the
+    module doc) and, unless the mask at the version's threshold is empty, its DICOM SEG.
 
-    ``studies``: (StudyInstanceUID, object key of the routed image) in the order of ``images``.
     A SEG that cannot be written is named in ``derived_keys["seg_error"]`` with its reason; the
-    study keeps its probability map and is scored.
+    study keeps its map and is scored.
     """
     window = window_of(task)
     algorithm = Algorithm.for_model(task.name, version.version)
     scores, derived = [], []
-    for (study_uid, object_key), image in zip(studies, images, strict=True):
-        # As stored (float16), so the SEG is exactly the stored map at the threshold.
+    for target, image in zip(targets, images, strict=True):
         probability = probability_map(network, image, window, device)
-        probability = probability.astype(np.float16).astype(np.float32)
-        out = {PROBABILITY_KEY: _save_map(store, study_uid, task, version, probability)}
+        mask, key = _store_map(store, target, task, version, probability)
+        out = {PROBABILITY_KEY: key}
         try:
             stored = write_segmentation(
                 store,
-                load_sources(store, [object_key]),
-                probability >= version.threshold,
+                load_sources(store, target.sources),
+                mask,
                 task.coding.segments,
                 algorithm,
                 task=task.name,
@@ -353,23 +383,46 @@ def segment_studies(
             )
             out[SEG_KEY] = stored.key
         except SegmentationError as exc:
-            logger.info("study %s: no SEG (%s): %s", study_uid, exc.reason, exc)
+            logger.info("study %s: no SEG (%s): %s", target.study_uid, exc.reason, exc)
             out["seg_error"] = exc.reason
         scores.append(float(probability.max()))
         derived.append(out)
     return np.asarray(scores, dtype=np.float32), derived
 
 
-def _save_map(
-    store: ObjectStore, study_uid: str, task: Task, version: ModelVersion, probability: np.ndarray
-) -> str:
-    key = keys.derived(study_uid, task.name, version.version, "probability.npy")
+def _store_map(
+    store: ObjectStore, target: Target, task: Task, version: ModelVersion, probability: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """Store the study's map; the mask at the threshold (exactly what the stored map gives)."""
+    if probability.ndim == 3:
+        mask = probability >= version.threshold
+        key = keys.derived(target.study_uid, task.name, version.version, LABELS_NAME)
+        data = label_volume(mask.view(np.uint8), target.affine)
+        store.put_bytes(key, data, content_type="application/octet-stream")
+        return mask, key
+    # As stored (float16), so the SEG is exactly the stored map at the threshold.
+    probability = probability.astype(np.float16)
+    key = keys.derived(target.study_uid, task.name, version.version, "probability.npy")
     buffer = io.BytesIO()
-    np.save(buffer, probability.astype(np.float16))
+    np.save(buffer, probability)
     store.put_bytes(key, buffer.getvalue(), content_type="application/octet-stream")
-    return key
+    return probability.astype(np.float32) >= version.threshold, key
+
+
+LABELS_NAME = "labels.npz"
+"""A volume's stored label map (its suffix is how radflow.services.study_view knows volumes)."""
 
 
 def load_probability(store: ObjectStore, key: str) -> np.ndarray:
     """A stored probability map (H, W), float32."""
     return np.asarray(np.load(io.BytesIO(store.get_bytes(key))), dtype=np.float32)
+
+
+def load_predicted_mask(store: ObjectStore, key: str, threshold: float) -> np.ndarray:
+    """The mask a prediction's stored map gives at ``threshold``: an image's probability map
+    thresholded, or a volume's label map (already the mask at its version's threshold).
+    ValueError for bytes that are neither."""
+    if key.endswith(LABELS_NAME):
+        labels, _ = read_label_volume(store.get_bytes(key))
+        return np.asarray(labels > 0)
+    return np.asarray(load_probability(store, key) >= threshold)

@@ -347,9 +347,7 @@ def _train(
         len(split.val),
         split.policy,
     )
-    trainer = (
-        segmentation.train_and_register if task.kind == "segmentation" else _train_and_register
-    )
+    trainer = segmentation.train_and_register if task.segmentation else _train_and_register
     try:
         version = trainer(
             settings, session_factory, store, task, run.id, split, progress, actor, on_epoch
@@ -436,7 +434,7 @@ def _train_and_register(
 
 def _check_enough(task: Task, examples: Sequence[Example], what: str = "labelled") -> None:
     least = task.plan.min_labels if what == "labelled" else 2
-    if task.kind == "segmentation":
+    if task.segmentation:
         if len(examples) < least:
             raise NotEnoughLabels(
                 f"{task.name} needs at least {least} {what} studies with a mask; found "

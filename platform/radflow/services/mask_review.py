@@ -30,12 +30,12 @@ from sqlalchemy.orm import Session, selectinload
 from radflow.db import Label, Prediction, Study, StudyStatus
 from radflow.db.audit import record
 from radflow.dicom.seg import load_sources
-from radflow.ingest.routing import candidates, route_series, rules_for
+from radflow.ingest.routing import candidates, route_series, route_studies, rules_for
 from radflow.learning.labels import add_label
 from radflow.learning.mask_files import MaskError as MaskError  # the page catches it
 from radflow.learning.mask_files import check_size, read_mask
 from radflow.learning.masks import GroundTruth, load_mask, save_mask
-from radflow.learning.segmentation import PROBABILITY_KEY, load_probability
+from radflow.learning.segmentation import PROBABILITY_KEY, load_predicted_mask
 from radflow.learning.tasks import Task, get_task
 from radflow.learning.tasks.base import MASK_PREFIX
 from radflow.services.review import clean_comment
@@ -95,10 +95,9 @@ def predicted_mask(store: ObjectStore, prediction: PredictionView) -> NDArray[np
 
 def _at_threshold(store: ObjectStore, key: str, threshold: float) -> NDArray[np.bool_]:
     try:
-        probability = load_probability(store, key)
+        return load_predicted_mask(store, key, threshold)
     except (ValueError, OSError, EOFError) as exc:
         raise OverlayUnreadable(f"{key} is not a readable probability map: {exc}") from exc
-    return np.asarray(probability >= threshold)
 
 
 def review_mask(
@@ -123,7 +122,7 @@ def review_mask(
     require(principal, Permission.REVIEW)
     verdict = MaskVerdict(verdict)
     segmentation = get_task(task)
-    if segmentation.kind != "segmentation":
+    if not segmentation.segmentation:
         raise ValueError(
             f"{segmentation.name} is a {segmentation.kind} task: review it with agree, "
             "disagree or a label, not with a mask"
@@ -218,14 +217,13 @@ def _mask(
     upload: MaskUpload | None,
 ) -> NDArray[np.bool_]:
     """The mask to store: the prediction's at its threshold, or the upload, checked against
-    the study's image for the task."""
-    image = _image(session, store, settings, study, task)
-    shape = (int(image.Rows), int(image.Columns))
+    the study's image (or volume) for the task."""
+    grid = _grid(session, store, settings, study, task)
     if verdict is MaskVerdict.ACCEPT:
         assert prediction is not None  # review_mask checked it
         key = str(prediction.derived_keys[PROBABILITY_KEY])
         mask = _at_threshold(store, key, prediction.model_version.threshold)
-        check_size(mask.shape, shape, f"of {task.name}", "predicted mask")
+        check_size(mask.shape, grid.shape, f"of {task.name}", "predicted mask")
         return mask
     if upload is None:
         raise MaskError("no-file", "choose the mask file to upload (PNG, NIfTI or DICOM SEG)")
@@ -236,24 +234,44 @@ def _mask(
             f"{settings.mask_upload_max_bytes / 2**20:.1f} MiB (RADFLOW_MASK_UPLOAD_MAX_BYTES): "
             "give a compressed PNG or .nii.gz",
         )
-    return read_mask(upload.name, upload.data, shape, sources=[image])
+    return read_mask(upload.name, upload.data, grid.shape, sources=grid.sources, affine=grid.affine)
 
 
-def _image(
+@dataclass(frozen=True)
+class _Grid:
+    """What a mask must fit: the image's (rows, columns) or the volume's (slices, rows,
+    columns), the headers a SEG is read against, and a volume's affine (an oriented NIfTI)."""
+
+    shape: tuple[int, ...]
+    sources: list[Dataset]
+    affine: NDArray[np.float64] | None = None
+
+
+def _grid(
     session: Session, store: ObjectStore, settings: Settings, study: Study, task: Task
-) -> Dataset:
-    """The header of the image the task looks at in this study (the one scoring and training
-    use): the mask must fit it."""
-    routed = route_series(
-        candidates(session, [study.id]).get(study.id, []), task, rules_for(settings)
-    )
+) -> _Grid:
+    """The image (or series) the task looks at in this study, as scoring and training see it:
+    the mask must fit it."""
+    if task.takes_series:
+        routed = route_studies(
+            session, [study.id], task, rules_for(settings), max_voxels=settings.max_volume_voxels
+        )[study.id]
+    else:
+        routed = route_series(
+            candidates(session, [study.id]).get(study.id, []), task, rules_for(settings)
+        )
     if routed.instance is None:
         raise MaskError(
             "no-image",
             f"this study has no image for {task.name} ({routed.reason}), so no mask can be "
             "checked against it",
         )
-    return load_sources(store, [routed.instance.object_key])[0]
+    if routed.plan is None:
+        image = load_sources(store, [routed.instance.object_key])[0]
+        return _Grid((int(image.Rows), int(image.Columns)), [image])
+    sources = load_sources(store, [s.object_key for s in routed.plan.slices])
+    shape = (routed.plan.depth, int(sources[0].Rows), int(sources[0].Columns))
+    return _Grid(shape, sources, routed.plan.affine())
 
 
 def _region(

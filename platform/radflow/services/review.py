@@ -71,7 +71,7 @@ def review_tasks(session: Session, settings: Settings, study_uid: str) -> list[R
 def review_task(name: str) -> ReviewTask:
     """One task of :func:`review_tasks` (UnknownTask if the registry has no such task)."""
     task = get_task(name)
-    return ReviewTask(task.name, tuple(task.labels), task.positive, task.kind == "segmentation")
+    return ReviewTask(task.name, tuple(task.labels), task.positive, task.segmentation)
 
 
 def clean_comment(comment: str | None) -> str | None:

@@ -118,8 +118,9 @@ class PredictionView:
 
     @property
     def mask_key(self) -> str | None:
-        """The probability map of a segmentation (radflow.services.mask_review.predicted_mask
-        makes the mask at the threshold from it)."""
+        """The map of a segmentation: an image's probability map, or a volume's label map
+        (``labels.npz``, drawn by the viewer over the series); radflow.services.mask_review.
+        predicted_mask makes the mask at the threshold from either."""
         return self.derived_keys.get(PROBABILITY_KEY)
 
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from radflow.errors import UnknownTask
-from radflow.learning.tasks import adrenal_ct_3d, adrenal_ct_seq, pneumonia_cxr, retina_vessels
+from radflow.learning.tasks import (
+    adrenal_ct_3d,
+    adrenal_ct_seq,
+    ct_lesions,
+    pneumonia_cxr,
+    retina_vessels,
+)
 from radflow.learning.tasks.base import (
     EvaluationPolicy,
     NetworkSpec,
@@ -17,7 +23,13 @@ from radflow.learning.tasks.base import (
 
 TASKS: dict[str, Task] = {
     t.name: t
-    for t in (pneumonia_cxr.TASK, retina_vessels.TASK, adrenal_ct_3d.TASK, adrenal_ct_seq.TASK)
+    for t in (
+        pneumonia_cxr.TASK,
+        retina_vessels.TASK,
+        adrenal_ct_3d.TASK,
+        adrenal_ct_seq.TASK,
+        ct_lesions.TASK,
+    )
 }
 """Every task, in declaration order; the first is the default."""
 

@@ -4,12 +4,12 @@ A task is declared once (see ``pneumonia_cxr.py``) and looked up by name; flows,
 dashboard never hard-code task details.
 
 The seams for the task kinds are here, not in the callers: ``kind`` names the family
-(``binary-classification`` on one 2D image and 2D ``segmentation``; ``classification-3d`` and
-``sequence-classification`` on a series assembled into a volume, radflow.dicom.volume; the
-others are declared, not built), ``network`` is a MONAI config (so a bundle can be exported and
-re-imported for any network), ``inference`` and ``window`` say how a network sees an image
-(whole, or through a sliding window for images larger than a patch), and ``operating_point`` /
-``evaluation`` say how a version is judged.
+(``binary-classification`` on one 2D image and 2D ``segmentation``; ``classification-3d``,
+``sequence-classification`` and ``segmentation-3d`` on a series assembled into a volume,
+radflow.dicom.volume; ``image-enhancement`` is declared, not built), ``network`` is a MONAI
+config (so a bundle can be exported and re-imported for any network), ``inference`` and
+``window`` say how a network sees an image (whole, or through a sliding window for images larger
+than a patch), and ``operating_point`` / ``evaluation`` say how a version is judged.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ TaskKind = Literal[
     "segmentation",  # 2D: a mask per image (radflow.learning.segmentation)
     "classification-3d",  # a series as one volume
     "sequence-classification",  # a series as an ordered stack: slices in space, or frames in time
-    # Declared so that configuration and code paths can name them; not built yet.
-    "segmentation-3d",
+    "segmentation-3d",  # a mask per series, voxel by voxel (radflow.learning.segmentation too)
+    # Declared so that configuration and code paths can name it; not built yet.
     "image-enhancement",
 ]
 
-SERIES_KINDS = frozenset({"classification-3d", "sequence-classification"})
+SERIES_KINDS = frozenset({"classification-3d", "sequence-classification", "segmentation-3d"})
 """The kinds whose input is a whole series (radflow.dicom.geometry), not one image."""
+SEGMENTATION_KINDS = frozenset({"segmentation", "segmentation-3d"})
+"""The kinds whose result is a mask: one code path (radflow.learning.segmentation) for both,
+the spatial dimensions from the task's window."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,11 @@ class Task:
         return self.kind in SERIES_KINDS
 
     @property
+    def segmentation(self) -> bool:
+        """Whether the task's result is a mask (2D or 3D), its labels stored masks."""
+        return self.kind in SEGMENTATION_KINDS
+
+    @property
     def takes_time_series(self) -> bool:
         """Whether images at one position in time order (a cine) are an input too."""
         return self.kind == "sequence-classification"
@@ -242,7 +250,7 @@ class Task:
 
     def target(self, label_value: str) -> float:
         """The training target for a stored label value (a segmentation label: always 1)."""
-        if self.kind == "segmentation":
+        if self.segmentation:
             if not label_value.startswith(MASK_PREFIX):
                 raise ValueError(
                     f"a label of segmentation task {self.name} is a stored mask "
