@@ -47,7 +47,8 @@ from radflow.settings import Settings
 from radflow.store import ObjectStore
 
 TASK = "ct-lesions"
-SIZE = 32  # voxels along each axis of the synthetic series
+SIZE = 24  # voxels along each axis of the synthetic series
+STUDIES = 6  # 4 to train on, 2 to evaluate
 VOXEL_MM3 = SPACING[0] * SPACING[1] * SPACING[2]
 # Where the voxels of a generated (slices, rows, columns) volume lie, as written: feet first.
 WRITTEN = np.array(
@@ -107,9 +108,9 @@ def test_lesions_import_train_score_seg_sr_and_viewer(
     quick: None,
     tmp_path: Path,
 ) -> None:
-    masks = write_lesion_dataset(tmp_path / "lesions", 8, slices=SIZE, size=SIZE)
+    masks = write_lesion_dataset(tmp_path / "lesions", STUDIES, slices=SIZE, size=SIZE)
     report = import_segmentation(settings, session_factory, store, tmp_path / "lesions", TASK)
-    assert (report.studies, report.stored, report.labels) == (8, 8 * SIZE, 8)
+    assert (report.studies, report.stored, report.labels) == (STUDIES, STUDIES * SIZE, STUDIES)
     value = _label(session_factory, report.study_uids[0])
     assert value is not None
     truth = load_mask(store, report.study_uids[0], TASK, value).mask
@@ -125,7 +126,7 @@ def test_lesions_import_train_score_seg_sr_and_viewer(
     scored = score_stable(
         session_factory, store, TASK, 8, rules=rules_for(settings), cache_dir=settings.cache_dir
     )
-    assert (scored.scored, scored.failed) == (8, {})
+    assert (scored.scored, scored.failed) == (STUDIES, {})
     with session_factory() as session:
         predictions = list(session.scalars(select(Prediction).order_by(Prediction.score.desc())))
         with_seg = [p for p in predictions if SEG_KEY in p.derived_keys]
@@ -166,7 +167,10 @@ def test_lesions_import_train_score_seg_sr_and_viewer(
     assert (measurement.name.meaning, measurement.unit.value) == ("Volume", "mm3")
     assert float(measurement.value) == pytest.approx(mask.sum() * VOXEL_MM3, rel=1e-4)
 
-    # A challenger is judged on per-study Dice of the same evaluation set, as in 2D.
+    # A challenger is judged on per-study Dice of the same evaluation set, as in 2D (one epoch:
+    # the judgement is tested, not the training).
+    brief = dataclasses.replace(tasks.get_task(TASK).plan, epochs=1, validate_every=1)
+    tasks.TASKS[TASK] = dataclasses.replace(tasks.get_task(TASK), plan=brief)
     second = train_task(settings, session_factory, store, TASK, progress=False)
     with session_factory() as session:
         decision = session.scalars(
@@ -190,7 +194,7 @@ def test_a_volume_mask_of_another_size_is_refused_and_nothing_is_lost(
     masks = write_lesion_dataset(folder, 2, slices=SIZE, size=SIZE)
     good = (folder / "case000.nii.gz").read_bytes()
     (folder / "case000.nii.gz").write_bytes(mask_nifti(masks[0][:16], WRITTEN))
-    with pytest.raises(MaskError, match=r"is 16x32x32 but its volume is 32x32x32") as refused:
+    with pytest.raises(MaskError, match=r"is 16x24x24 but its volume is 24x24x24") as refused:
         import_segmentation(settings, session_factory, store, folder, TASK)
     assert refused.value.reason == "mask-size"
     with session_factory() as session:
@@ -226,7 +230,7 @@ def test_review_takes_a_corrected_nifti_or_seg_of_a_volume_and_refuses_bad_ones(
             ).foreground
 
     small = mask_nifti(masks[0][:, :16], WRITTEN)
-    with pytest.raises(MaskError, match="is 32x16x32 but its volume is 32x32x32"):
+    with pytest.raises(MaskError, match="is 24x16x24 but its volume is 24x24x24"):
         review("small.nii.gz", small)
     empty = mask_nifti(np.zeros_like(masks[0]), WRITTEN)
     with pytest.raises(MaskError, match="no pixel of lesion") as refused:
