@@ -107,11 +107,20 @@ def test_after_a_promotion_unreviewed_studies_are_scored_again_and_history_is_ke
         studies[0].status = StudyStatus.REVIEWED  # a radiologist's call is not re-scored
         _register(session, store, threshold=0.5)
         v2 = _register(session, store, threshold=0.0)  # flags everything
+    with session_factory() as session:
+        assert scoring.has_pending(session, TASK.name)
+        assert not scoring.has_pending(session, "adrenal-ct-3d")  # no champion
     first = score_stable(session_factory, store, TASK.name, 4, cache_dir=settings.cache_dir)
+    with session_factory() as session:
+        assert not scoring.has_pending(session, TASK.name)
     with unit_of_work(session_factory) as session:
         promote(session, session.get_one(ModelVersion, v2.id), actor="test", reason="test")
+    with session_factory() as session:
+        assert scoring.has_pending(session, TASK.name)  # the new champion's turn
     again = score_stable(session_factory, store, TASK.name, 4, cache_dir=settings.cache_dir)
     assert score_stable(session_factory, store, TASK.name, 4).scored == 0  # nothing left
+    with session_factory() as session:
+        assert not scoring.has_pending(session, TASK.name)
 
     assert (first.scored, again.scored) == (2, 2)
     assert (again.cache_hits, again.cache_misses) == (2, 0)

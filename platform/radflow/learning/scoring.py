@@ -237,13 +237,20 @@ def _still_pending(session: Session, champion: ModelVersion, ids: Sequence[int])
 
 
 def has_pending(session: Session, task_name: str) -> bool:
-    """Whether any stable study waits for the task's champion (False without a champion)."""
-    champion = session.scalar(
-        select(ModelVersion).where(
+    """Whether any stable study waits for the task's champion (False without a champion).
+
+    Asked after every scoring run and by the reconciler every minute: one EXISTS, which stops
+    at the first pending study and sorts nothing, on the champion's id alone (not its row,
+    whose JSON config and metrics would be decoded for nothing).
+    """
+    champion_id = session.scalar(
+        select(ModelVersion.id).where(
             ModelVersion.task == task_name, ModelVersion.status == ModelStatus.CHAMPION
         )
     )
-    return champion is not None and bool(_pending(session, champion, 1))
+    if champion_id is None:
+        return False
+    return bool(session.scalar(select(exists().where(_pending_for(task_name, champion_id)))))
 
 
 def pending_ids(session: Session, task_name: str, limit: int = PENDING_PAGE) -> list[int]:
