@@ -1,15 +1,34 @@
-"""Prefect settings for flow runs on the embedded default (no Prefect server configured)."""
+"""Prefect settings for flow runs started in this process (the CLI, the receiver, the demo)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 
 @contextlib.contextmanager
 def run_settings() -> Iterator[None]:
+    """Flow runs started inside this block share one Prefect API client, and send no heartbeats
+    unless a Prefect server runs (:func:`no_heartbeats`).
+
+    One client: Prefect makes a client for each flow run that finds none in its context, and a
+    client's first act is loading the CA bundle into an SSL context (40-80 ms on 2 cores, even
+    for a plain-HTTP API), then opening a connection. The process flow scoring a few thousand
+    cached studies takes about a second, so that was a tenth of its run; a block that runs
+    the process flow and then the deliver flow (``process_and_deliver``) paid it twice. The
+    block's client is Prefect's own SyncClientContext, which every flow run in it picks up;
+    entering it checks the API version, as the first flow run would have (on the embedded
+    default, the temporary server starts here, as the first flow run would have started it).
+    """
+    with no_heartbeats(), SyncClientContext.get_or_create():
+        yield
+
+
+@contextlib.contextmanager
+def no_heartbeats() -> Iterator[None]:
     """Flow runs started inside this block send no heartbeats, unless a Prefect server runs.
 
     Heartbeats let a server mark a flow run whose process died as crashed. The embedded

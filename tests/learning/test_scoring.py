@@ -9,11 +9,13 @@ import pytest
 import torch
 from factories import make_study
 from monai.visualize import GradCAM
-from sqlalchemy import select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import ModelVersion, Prediction, Study, StudyStatus, unit_of_work
+from radflow.db.base import utcnow
 from radflow.db.triage import BELOW_THRESHOLD, FLAGGED
+from radflow.ingest import stability
 from radflow.learning import scoring, tasks
 from radflow.learning.cache import CachedImage, PreprocessCache
 from radflow.learning.explain import Explainer
@@ -105,11 +107,20 @@ def test_after_a_promotion_unreviewed_studies_are_scored_again_and_history_is_ke
         studies[0].status = StudyStatus.REVIEWED  # a radiologist's call is not re-scored
         _register(session, store, threshold=0.5)
         v2 = _register(session, store, threshold=0.0)  # flags everything
+    with session_factory() as session:
+        assert scoring.has_pending(session, TASK.name)
+        assert not scoring.has_pending(session, "adrenal-ct-3d")  # no champion
     first = score_stable(session_factory, store, TASK.name, 4, cache_dir=settings.cache_dir)
+    with session_factory() as session:
+        assert not scoring.has_pending(session, TASK.name)
     with unit_of_work(session_factory) as session:
         promote(session, session.get_one(ModelVersion, v2.id), actor="test", reason="test")
+    with session_factory() as session:
+        assert scoring.has_pending(session, TASK.name)  # the new champion's turn
     again = score_stable(session_factory, store, TASK.name, 4, cache_dir=settings.cache_dir)
     assert score_stable(session_factory, store, TASK.name, 4).scored == 0  # nothing left
+    with session_factory() as session:
+        assert not scoring.has_pending(session, TASK.name)
 
     assert (first.scored, again.scored) == (2, 2)
     assert (again.cache_hits, again.cache_misses) == (2, 0)
@@ -160,6 +171,66 @@ def test_a_study_reopened_while_its_chunk_is_in_the_network_is_not_written(
         assert scored == {studies[0].id, studies[2].id}
         study = session.get_one(Study, reopened)
         assert (study.status, study.latest_prediction_id) == (StudyStatus.RECEIVING, None)
+
+
+def test_a_backlog_of_pages_is_scored_in_one_pipeline_and_each_study_once(
+    settings: Settings,
+    engine: Engine,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages follow each other by place in the queue (received_at, id): the next page is read
+    while the previous one's last chunk is still being scored, and no study is read twice; a
+    study pending again behind the queue's end (reopened, stable again) gets another pass."""
+    monkeypatch.setattr(scoring, "PENDING_PAGE", 3)
+    monkeypatch.setattr(scoring, "BATCHES_PER_TRANSACTION", 1)  # batch 2: chunks [2, 1] a page
+    with unit_of_work(session_factory) as session:
+        studies = _studies(session, store, 7)
+        tied = studies[2].received_at
+        for study in studies[3:5]:  # received together: across the first page's end, by id
+            study.received_at = tied
+        _register(session, store, threshold=0.5)
+    first = studies[0].id
+    infer, calls = scoring._infer, []
+
+    def reopened_meanwhile(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:  # the first chunk is written by now: its first study comes back
+            with unit_of_work(session_factory) as session:
+                stability.promote(session, Study.id == first, utcnow())
+        return infer(*args, **kwargs)  # type: ignore[arg-type]
+
+    statements: list[str] = []
+
+    def executed(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("INSERT INTO prediction"):
+            statements.append("insert")
+        elif "ORDER BY study.received_at, study.id" in statement:
+            statements.append("page")
+
+    monkeypatch.setattr(scoring, "_infer", reopened_meanwhile)
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        report = score_stable(
+            session_factory, store, TASK.name, 2, explain=False, cache_dir=settings.cache_dir
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+
+    assert report.scored == 8  # 7, and the reopened one again
+    with session_factory() as session:
+        history = session.execute(
+            select(Prediction.study_id, Prediction.superseded).order_by(Prediction.id)
+        ).all()
+    assert sorted(study_id for study_id, _ in history) == sorted([s.id for s in studies] + [first])
+    assert [superseded for study_id, superseded in history if study_id == first] == [True, False]
+    # Pages: 3 studies, 3, 1, none; then the second pass: the reopened one, none; and a final
+    # pass that finds none. The second page was read after the first chunk was written and
+    # before the first page's last chunk was: one pipeline, not drained at each page's end.
+    pages = [i for i, what in enumerate(statements) if what == "page"]
+    assert len(pages) == 7
+    assert statements[: pages[1]].count("insert") == 1
 
 
 def test_a_cached_tensor_cut_short_is_made_again(

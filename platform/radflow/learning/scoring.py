@@ -4,7 +4,9 @@ Made for a backlog of thousands of studies as much as for the one that just arri
 cost per study is the network's and little else:
 
 - pending studies are found by one query per page of ids, then scored a chunk at a time, one
-  transaction per chunk (``BATCHES_PER_TRANSACTION`` network batches);
+  transaction per chunk (``BATCHES_PER_TRANSACTION`` network batches); a page starts where the
+  previous one ended in the queue (received_at, id), so the whole backlog is one pipeline that
+  never drains at a page's end;
 - a chunk is read as rows, not ORM objects: its studies' ids, then their series and each
   series' first image for routing (radflow.ingest.routing.candidates), in one query each;
 - images come from the preprocessing cache (radflow.learning.cache: content digest + transform
@@ -16,6 +18,7 @@ digest),
 - the database work runs beside the network: one thread reads the next chunk and writes the
   previous one while PyTorch computes (mostly outside the GIL); on 2 cores this took the time
   outside the network from ~20% of the network's to ~4% (the network itself slows a little);
+  the first chunk is read while the network is made ready (an ONNX Runtime session built);
 - Grad-CAM maps are computed per network batch and written by threads, without an fsync each.
 
 The champion scores in the runtime chosen for it (radflow.learning.variants: PyTorch fp32 unless
@@ -41,6 +44,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,12 +57,14 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.orm import Session, sessionmaker
 
 from radflow.db import (
     ModelStatus,
+    ModelVariant,
     ModelVersion,
     Prediction,
     Study,
@@ -135,19 +141,39 @@ class ScoreReport:
 
 
 @dataclass(frozen=True)
+class _Inputs:
+    """What reading a chunk needs (routing, the preprocessing cache): all but the network, so
+    the first chunk is read while the network is made ready."""
+
+    task: Task
+    store: ObjectStore
+    cache: PreprocessCache
+    rules: RoutingRules | None
+    max_voxels: int = MAX_VOLUME_VOXELS
+
+
+@dataclass(frozen=True)
 class _Scorer:
     """What every chunk of one scoring run uses."""
 
-    task: Task
+    inputs: _Inputs
     champion: ModelVersion
     runner: Runner
     explainer: Explainer | None  # Grad-CAM, always on the PyTorch weights
     device: torch.device
     batch_size: int
-    store: ObjectStore
-    cache: PreprocessCache
-    rules: RoutingRules | None
-    max_voxels: int = MAX_VOLUME_VOXELS
+
+    @property
+    def task(self) -> Task:
+        return self.inputs.task
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.inputs.store
+
+    @property
+    def cache(self) -> PreprocessCache:
+        return self.inputs.cache
 
 
 def _pending_for(task: str, model_version_id: int) -> ColumnElement[bool]:
@@ -172,33 +198,39 @@ def _not_scored_by(model_version_id: int) -> ColumnElement[bool]:
 class _Pending(NamedTuple):
     id: int
     study_uid: str
+    received_at: datetime  # with ``id``, the study's place in the queue (oldest first)
 
 
-def _pending(session: Session, champion: ModelVersion, limit: int) -> list[_Pending]:
+def _pending(
+    session: Session, champion: ModelVersion, limit: int, after: _Pending | None = None
+) -> list[_Pending]:
     """Stable studies without a current prediction from this model version (and without an
-    outcome of its task), oldest first.
+    outcome of its task), oldest first; with ``after``, only those queued after that study.
 
     A reopened study's earlier predictions are superseded and its outcomes deleted
     (radflow.ingest.stability), so it is scored again as one whole study; after a promotion,
     studies scored by an earlier champion (and not reviewed yet) are pending again.
     """
-    rows = session.execute(
-        select(Study.id, Study.study_uid)
-        .where(_pending_for(champion.task, champion.id))
-        .order_by(Study.received_at, Study.id)
-        .limit(limit)
+    query = select(Study.id, Study.study_uid, Study.received_at).where(
+        _pending_for(champion.task, champion.id)
     )
-    return [_Pending(row.id, row.study_uid) for row in rows]
+    if after is not None:
+        # The next page by its place in the queue: a page read while the previous one's last
+        # chunks are still in the network does not find them pending again. A row value
+        # (received_at, id), which the received_at index serves on SQLite and PostgreSQL.
+        query = query.where(tuple_(Study.received_at, Study.id) > (after.received_at, after.id))
+    rows = session.execute(query.order_by(Study.received_at, Study.id).limit(limit))
+    return [_Pending(row.id, row.study_uid, row.received_at) for row in rows]
 
 
 def _load_pending(session: Session, champion: ModelVersion, ids: Sequence[int]) -> list[_Pending]:
     """The studies of ``ids`` still pending in this transaction, in the order of ``ids``."""
     found = session.execute(
-        select(Study.id, Study.study_uid).where(
+        select(Study.id, Study.study_uid, Study.received_at).where(
             Study.id.in_(ids), _pending_for(champion.task, champion.id)
         )
     )
-    by_id = {row.id: _Pending(row.id, row.study_uid) for row in found}
+    by_id = {row.id: _Pending(row.id, row.study_uid, row.received_at) for row in found}
     return [by_id[i] for i in ids if i in by_id]
 
 
@@ -212,13 +244,20 @@ def _still_pending(session: Session, champion: ModelVersion, ids: Sequence[int])
 
 
 def has_pending(session: Session, task_name: str) -> bool:
-    """Whether any stable study waits for the task's champion (False without a champion)."""
-    champion = session.scalar(
-        select(ModelVersion).where(
+    """Whether any stable study waits for the task's champion (False without a champion).
+
+    Asked after every scoring run and by the reconciler every minute: one EXISTS, which stops
+    at the first pending study and sorts nothing, on the champion's id alone (not its row,
+    whose JSON config and metrics would be decoded for nothing).
+    """
+    champion_id = session.scalar(
+        select(ModelVersion.id).where(
             ModelVersion.task == task_name, ModelVersion.status == ModelStatus.CHAMPION
         )
     )
-    return champion is not None and bool(_pending(session, champion, 1))
+    if champion_id is None:
+        return False
+    return bool(session.scalar(select(exists().where(_pending_for(task_name, champion_id)))))
 
 
 def pending_ids(session: Session, task_name: str, limit: int = PENDING_PAGE) -> list[int]:
@@ -255,33 +294,14 @@ def score_stable(
     """
     started = time.perf_counter()
     task = get_task(task_name)
-    device = select_device()
     with unit_of_work(session_factory) as session:
         champion = require_champion(session, task.name)
         variant = serving_variant(session, champion)
-    runner = load_runner(store, champion, variant, device, threads)
-    cam_layer = champion.config.get("cam_layer", task.network.cam_layer)
-    explainer = None
-    if explain and cam_layer:
-        network = (
-            runner.network
-            if isinstance(runner, TorchRunner)
-            else load_network(store, champion, device)
-        )
-        explainer = Explainer(network, cam_layer)
-    scorer = _Scorer(
-        task=task,
-        champion=champion,
-        runner=runner,
-        explainer=explainer,
-        device=device,
-        batch_size=batch_size,
-        store=store,
-        cache=PreprocessCache(cache_dir, task),
-        rules=rules,
-        max_voxels=max_voxels,
-    )
-    report = ScoreReport(model=champion.name, runtime=runner.runtime.value)
+    inputs = _Inputs(task, store, PreprocessCache(cache_dir, task), rules, max_voxels)
+    # A volume segmentation holds a whole preprocessed series and its map per study: one study
+    # per chunk (the next one read ahead while this one is segmented).
+    size = 1 if task.segmentation and task.takes_series else batch_size * BATCHES_PER_TRANSACTION
+    report = ScoreReport(model=champion.name)
     with (
         cpu_threads(threads),
         _heap_frozen(),
@@ -289,52 +309,112 @@ def score_stable(
         ThreadPoolExecutor(1, thread_name_prefix="radflow-scoring-io") as io,
     ):
         if ids is not None:
-            with session_factory() as session:
-                shard = _load_pending(session, champion, ids)
-            if shard:
-                _score_page(session_factory, scorer, shard, io, report)
-            report.seconds = time.perf_counter() - started
-            return report
-        while True:
-            with session_factory() as session:
-                page = _pending(session, champion, PENDING_PAGE)
-            if not page:
-                report.seconds = time.perf_counter() - started
-                return report
-            _score_page(session_factory, scorer, page, io, report)
+            parts = _shard_parts(session_factory, champion, ids, size)
+        else:
+            parts = _pending_parts(session_factory, champion, size)
+        # The io thread finds and reads the first chunk while this one makes the network ready
+        # (an ONNX Runtime session builds and optimises its graph): both are a fixed cost of
+        # every run, which a run scoring a few thousand studies in a second notices.
+        first = io.submit(_read_next, session_factory, inputs, parts)
+        scorer = _make_scorer(inputs, champion, variant, batch_size, threads, explain=explain)
+        report.runtime = scorer.runner.runtime.value
+        read = _score_parts(session_factory, scorer, parts, first, io, report)
+        # Studies that became pending behind the queue's end while it was scored (a reopened
+        # study stable again): another pass, until one finds none. Not for a shard: once.
+        while read and ids is None:
+            parts = _pending_parts(session_factory, champion, size)
+            first = io.submit(_read_next, session_factory, inputs, parts)
+            read = _score_parts(session_factory, scorer, parts, first, io, report)
+    report.seconds = time.perf_counter() - started
+    return report
 
 
-def _score_page(
+def _make_scorer(
+    inputs: _Inputs,
+    champion: ModelVersion,
+    variant: ModelVariant | None,
+    batch_size: int,
+    threads: int | None,
+    *,
+    explain: bool,
+) -> _Scorer:
+    """The champion's network in its served runtime, and Grad-CAM's on its PyTorch weights."""
+    device = select_device()
+    runner = load_runner(inputs.store, champion, variant, device, threads)
+    cam_layer = champion.config.get("cam_layer", inputs.task.network.cam_layer)
+    explainer = None
+    if explain and cam_layer:
+        network = (
+            runner.network
+            if isinstance(runner, TorchRunner)
+            else load_network(inputs.store, champion, device)
+        )
+        explainer = Explainer(network, cam_layer)
+    return _Scorer(inputs, champion, runner, explainer, device, batch_size)
+
+
+def _pending_parts(
+    session_factory: sessionmaker[Session], champion: ModelVersion, size: int
+) -> Iterator[list[_Pending]]:
+    """One pass over the queue: the studies pending when their page is read, ``size`` at a
+    time, oldest first. Each page after the first starts after the previous one's last study,
+    so it may be read while that page's last chunks are still being scored."""
+    after: _Pending | None = None
+    while True:
+        with session_factory() as session:
+            page = _pending(session, champion, PENDING_PAGE, after)
+        if not page:
+            return
+        yield from (page[i : i + size] for i in range(0, len(page), size))
+        after = page[-1]
+
+
+def _shard_parts(
+    session_factory: sessionmaker[Session], champion: ModelVersion, ids: Sequence[int], size: int
+) -> Iterator[list[_Pending]]:
+    """The studies of a shard still pending, ``size`` at a time."""
+    with session_factory() as session:
+        shard = _load_pending(session, champion, ids)
+    yield from (shard[i : i + size] for i in range(0, len(shard), size))
+
+
+def _read_next(
+    session_factory: sessionmaker[Session], inputs: _Inputs, parts: Iterator[list[_Pending]]
+) -> _Chunk | None:
+    """The next chunk, read (None when ``parts`` ends). On the io thread only: ``parts`` queries
+    the database as it goes."""
+    part = next(parts, None)
+    return _read_chunk(session_factory, inputs, part) if part is not None else None
+
+
+def _score_parts(
     session_factory: sessionmaker[Session],
     scorer: _Scorer,
-    page: Sequence[_Pending],
+    parts: Iterator[list[_Pending]],
+    first: Future[_Chunk | None],
     io: ThreadPoolExecutor,
     report: ScoreReport,
-) -> None:
-    """Score a page of pending studies, a chunk at a time, the database work beside the network.
+) -> bool:
+    """Score ``parts`` (``first``: its first chunk, being read), a chunk at a time, the database
+    work beside the network; whether there was any chunk.
 
-    The network spends most of its time in PyTorch kernels, outside the GIL; meanwhile the
-    ``io`` thread reads the next chunk (rows, cached tensors) and writes the previous one's
-    predictions, in that order, one transaction per chunk (a failed write is raised here, at
-    the latest one chunk later; its studies stay pending for the next run).
+    The network spends most of its time outside the GIL (PyTorch kernels, an ONNX Runtime
+    call); meanwhile the ``io`` thread reads the next chunk (rows, cached tensors) and writes
+    the previous one's predictions, in that order, one transaction per chunk (a failed write is
+    raised here, at the latest one chunk later; its studies stay pending for the next run).
     """
-    # A volume segmentation holds a whole preprocessed series and its map per study: one study
-    # per chunk (the next one read ahead while this one is segmented).
-    volumes = scorer.task.segmentation and scorer.task.takes_series
-    size = 1 if volumes else scorer.batch_size * BATCHES_PER_TRANSACTION
-    parts = [page[i : i + size] for i in range(0, len(page), size)]
-    upcoming = io.submit(_read_chunk, session_factory, scorer, parts[0])
-    writing: Future[int] | None = None
-    for part in [*parts[1:], None]:
-        chunk = upcoming.result()
-        if part is not None:
-            upcoming = io.submit(_read_chunk, session_factory, scorer, part)
+    upcoming, writing = first, None
+    any_chunk = False
+    while (chunk := upcoming.result()) is not None:
+        any_chunk = True
+        upcoming = io.submit(_read_next, session_factory, scorer.inputs, parts)
         scored = _infer_chunk(scorer, chunk, report)
         if writing is not None:
             report.scored += writing.result()
         writing = io.submit(_write_chunk, session_factory, scorer, chunk, scored)
     if writing is not None:
         report.scored += writing.result()
+    return any_chunk
 
 
 @contextlib.contextmanager
@@ -391,7 +471,7 @@ class _Chunk:
 
 
 def _read_chunk(
-    session_factory: sessionmaker[Session], scorer: _Scorer, pending: Sequence[_Pending]
+    session_factory: sessionmaker[Session], inputs: _Inputs, pending: Sequence[_Pending]
 ) -> _Chunk:
     """The studies of a chunk, routed, with their images.
 
@@ -404,9 +484,9 @@ def _read_chunk(
         routes = route_studies(
             session,
             [study.id for study in pending],
-            scorer.task,
-            scorer.rules,
-            max_voxels=scorer.max_voxels,
+            inputs.task,
+            inputs.rules,
+            max_voxels=inputs.max_voxels,
         )
     ended: list[_Ended] = []
     routable: list[tuple[_Pending, Image, CacheItem]] = []
@@ -417,12 +497,12 @@ def _read_chunk(
         else:
             image = routed.instance
             routable.append((study, image, cache_item(image.sha256, image.object_key, routed.plan)))
-    arrays, stats = scorer.cache.arrays(scorer.store, [item for _, _, item in routable])
+    arrays, stats = inputs.cache.arrays(inputs.store, [item for _, _, item in routable])
     failed, ok, images, items, sources = {}, [], [], [], []
     for (study, image, item), array in zip(routable, arrays, strict=True):
         if isinstance(array, NotAVolume):
             # What only the pixels show (a multi-frame instance's frames): not applicable.
-            reason = f"no series for {scorer.task.name} (loading the series: {array})"
+            reason = f"no series for {inputs.task.name} (loading the series: {array})"
             ended.append(_Ended(study.id, StudyStatus.NO_MODEL, reason))
         elif isinstance(array, Exception):
             # One undecodable image fails its own study, visibly, and not the chunk.
@@ -435,7 +515,7 @@ def _read_chunk(
             items.append(item)
             sources.append(image.object_key)
     no_model = sum(e.status == StudyStatus.NO_MODEL for e in ended)
-    batch = images if scorer.task.segmentation else scorer.cache.stack(images)
+    batch = images if inputs.task.segmentation else inputs.cache.stack(images)
     return _Chunk(started, ok, batch, items, sources, ended, no_model, failed, stats)
 
 
