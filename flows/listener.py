@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from sqlalchemy.orm import Session
 
 from flows.deliver import deliver_flow
@@ -152,8 +153,21 @@ class _Deliveries:
 
 
 def _thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """A daemon thread running ``target`` in a copy of the caller's context: Prefect keeps its
-    settings (a temporary API URL, say) in a context variable, which a new thread would not
-    see."""
+    """A daemon thread running ``target`` in a copy of the caller's context (Prefect keeps its
+    settings, a temporary API URL say, in a context variable, which a new thread would not see),
+    its flow runs without heartbeats.
+
+    A flow run's heartbeat thread is joined when the run ends, in steps of 1 s: up to a second
+    per run, here per study of a trickle. And the server's zombie automation keeps state per
+    run that sends them: under a trickle its SQLite database was locked for a minute. A run of
+    the listener that dies with its worker while holding a scoring lease is marked Crashed by
+    whoever takes the lease over (flows.launcher.crash_dead_run); between leases it stays
+    Running on the server, its work done or left for the next run.
+    """
     context = contextvars.copy_context()
-    return threading.Thread(target=context.run, args=(target,), name=name, daemon=True)
+
+    def run() -> None:
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            target()
+
+    return threading.Thread(target=context.run, args=(run,), name=name, daemon=True)
