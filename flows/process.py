@@ -41,8 +41,11 @@ from radflow.learning import scoring
 from radflow.runtime import Runtime
 from radflow.settings import Settings
 
-SCORING_LEASE = timedelta(seconds=15)
-"""Renewed every 5 s while a run scores; a run whose worker died blocks scoring at most this."""
+SCORING_LEASE = timedelta(seconds=6)
+"""Renewed every 2 s while a run scores; a run whose worker died blocks scoring at most this
+(15 s was most of the recovery from a worker killed while scoring in benchmarks/pipeline.py).
+A renewal late past it only lets a second run score beside the first: what both write is kept
+once by the database's uniqueness rules."""
 
 
 def scoring_lease(task_name: str) -> str:
