@@ -61,6 +61,16 @@ def _indexed(session_factory: sessionmaker[Session], expected: int, timeout: flo
         time.sleep(0.2)
 
 
+def _wait_for_spools(settings: Settings, n: int, supervisor: subprocess.Popen[bytes]) -> None:
+    """Until each of ``n`` workers has made its spool folder (it started receiving): on a busy
+    machine the port answers (the supervisor's socket) before the second worker has started."""
+    deadline = time.monotonic() + 60
+    while not all(worker_spool(settings.spool, k).is_dir() for k in range(n)):
+        assert supervisor.poll() is None, "the receiver exited"
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.2)
+
+
 def _workers_of(pid: int) -> set[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return {int(line) for line in found.stdout.split()}
@@ -74,7 +84,8 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(
     command = [sys.executable, "-m", "cli.main", "receive", "--port", str(port)]
     supervisor = subprocess.Popen(command, env=radflow_env(settings))
     try:
-        wait_for_port(port, supervisor)
+        wait_for_port(port, supervisor)  # the supervisor's socket: its workers may still start
+        _wait_for_spools(settings, 2, supervisor)
         _send_in_parallel(port, _series(tmp_path / "first"))
         assert _indexed(session_factory, SERIES * PER_SERIES) == SERIES * PER_SERIES
         workers = _workers_of(supervisor.pid)
