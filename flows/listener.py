@@ -93,18 +93,19 @@ class Listener:
 
     def _score_pending(self, rt: Runtime) -> bool:
         """Run the process flow here if a task has stable studies waiting and no run scores
-        them already (it looks again after letting go); whether anything was scored."""
+        them already (it looks again after letting go); whether any study came to an end."""
         with rt.session_factory() as session:
             due = [name for name in champion_tasks(session) if self._due(session, name)]
         if not due:
             return False
         result: dict[str, Any] = process_flow(announce=False)
-        if not result["scored"]:
-            # Pending yet nothing scored (each failed with its reason, or an outage): no new
+        if result["scored"]:
+            self._deliveries.request()
+        if not (result["scored"] or result["no_model"] or result["failed"]):
+            # Pending, yet no study came to an end (an outage, a run that took them): no new
             # flow run every poll for it; the next beat of the lease looks again.
             self._stop.wait(RETRY_SECONDS)
             return False
-        self._deliveries.request()
         return True
 
     @staticmethod
