@@ -14,7 +14,14 @@ from pydicom.sr.coding import Code
 
 from radflow.dicom.codes import ResultCoding
 from radflow.dicom.writer import ABDOMEN_WINDOW, window_range
-from radflow.learning.tasks.base import NetworkSpec, OperatingPoint, Route, Task, TrainingPlan
+from radflow.learning.tasks.base import (
+    NetworkSpec,
+    OperatingPoint,
+    Route,
+    Task,
+    TrainingPlan,
+    hounsfield_window,
+)
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -38,14 +45,7 @@ LABELS = ("normal", "mass")
 # series' affine: the volume arrives as a MONAI MetaTensor (radflow.dicom.volume).
 PREPROCESSING = (
     {"_target_": "Orientation", "axcodes": "SPL", "labels": None},
-    {
-        "_target_": "ScaleIntensityRange",
-        "a_min": WINDOW_HU[0],
-        "a_max": WINDOW_HU[1],
-        "b_min": 0.0,
-        "b_max": 1.0,
-        "clip": True,
-    },
+    hounsfield_window(WINDOW_HU),
     {"_target_": "Resize", "spatial_size": list(SPATIAL_SIZE), "mode": "area"},
 )
 

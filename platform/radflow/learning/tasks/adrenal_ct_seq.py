@@ -16,20 +16,13 @@ from radflow.learning.tasks.adrenal_ct_3d import (
     WINDOW_HU,
     augmentation,
 )
-from radflow.learning.tasks.base import NetworkSpec, Task, TrainingPlan
+from radflow.learning.tasks.base import NetworkSpec, Task, TrainingPlan, hounsfield_window
 
 # The stack as acquired (slices in order along their normal, or frames in time), not
 # reoriented: the order is the sequence the network reads. Windowed, then resized to 28 steps
 # of 28x28 images.
 PREPROCESSING = (
-    {
-        "_target_": "ScaleIntensityRange",
-        "a_min": WINDOW_HU[0],
-        "a_max": WINDOW_HU[1],
-        "b_min": 0.0,
-        "b_max": 1.0,
-        "clip": True,
-    },
+    hounsfield_window(WINDOW_HU),
     {"_target_": "Resize", "spatial_size": list(SPATIAL_SIZE), "mode": "area"},
 )
 

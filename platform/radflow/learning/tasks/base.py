@@ -150,6 +150,21 @@ def _qualified(target: str) -> str:
 
 TransformConfig = Mapping[str, Any]
 
+
+def hounsfield_window(window: tuple[float, float]) -> TransformConfig:
+    """The windowing step of a CT task: Hounsfield units from ``window`` (low, high) onto
+    0..1, clipped."""
+    low, high = window
+    return {
+        "_target_": "ScaleIntensityRange",
+        "a_min": low,
+        "a_max": high,
+        "b_min": 0.0,
+        "b_max": 1.0,
+        "clip": True,
+    }
+
+
 MASK_PREFIX = "mask:"
 """How a segmentation label's value starts: ``mask:<digest>`` names its stored mask
 (radflow.learning.masks)."""

@@ -22,6 +22,7 @@ from radflow.learning.tasks.base import (
     SlidingWindow,
     Task,
     TrainingPlan,
+    hounsfield_window,
 )
 
 if TYPE_CHECKING:
@@ -52,16 +53,7 @@ NETWORK = NetworkSpec(
 
 # Hounsfield units through the abdominal window, nothing spatial: the mask (and its SEG) maps
 # 1:1 onto the series' voxels in plan order, so no resampling back is needed.
-PREPROCESSING = (
-    {
-        "_target_": "ScaleIntensityRange",
-        "a_min": WINDOW_HU[0],
-        "a_max": WINDOW_HU[1],
-        "b_min": 0.0,
-        "b_max": 1.0,
-        "clip": True,
-    },
-)
+PREPROCESSING = (hounsfield_window(WINDOW_HU),)
 
 
 def _augmentation() -> Compose:
